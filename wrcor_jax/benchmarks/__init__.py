@@ -1,0 +1,21 @@
+"""Ground-truth benchmark tables and the rank correlations proxies are judged by."""
+
+from wrcor_jax.benchmarks.nb201 import (
+    ArchRecord,
+    BenchmarkError,
+    GroundTruth,
+    evaluate_scores,
+    load_ground_truth,
+    parse_score,
+    rank_correlations,
+)
+
+__all__ = [
+    "ArchRecord",
+    "BenchmarkError",
+    "GroundTruth",
+    "evaluate_scores",
+    "load_ground_truth",
+    "parse_score",
+    "rank_correlations",
+]
