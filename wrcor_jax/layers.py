@@ -1,0 +1,99 @@
+"""Pure functional layers shared by the Flax modules and the response engines.
+
+Conventions are Flax's (NHWC activations, HWIO kernels); the numerics are PyTorch's, because
+the published zero-shot numbers came from PyTorch networks: BatchNorm always normalises with
+the current batch's biased variance (training mode, eps 1e-5 unless given), average pools
+exclude padded cells, and weights start from PyTorch's default uniform initialisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BN_EPS = 1e-5
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+    """Convolution with PyTorch's symmetric padding of kernel_size // 2 and no bias."""
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+def batch_norm(y: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = BN_EPS) -> jax.Array:
+    """Training-mode BatchNorm over (N, H, W) with the biased variance, as torch computes it."""
+    axes = tuple(range(y.ndim - 1))
+    mean = jnp.mean(y, axis=axes)
+    var = jnp.mean(jnp.square(y - mean), axis=axes)
+    return (y - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def relu_conv_bn(x: jax.Array, p: Mapping[str, jax.Array], stride: int = 1) -> jax.Array:
+    """NAS-Bench-201's ReLUConvBN op: ReLU, bias-free conv, affine BatchNorm."""
+    return batch_norm(conv2d(jax.nn.relu(x), p["kernel"], stride), p["scale"], p["bias"])
+
+
+def _pool_counts(size: int) -> np.ndarray:
+    """How many unpadded cells each output of a 3-wide, stride-1, pad-1 window covers."""
+    counts = np.full(size, 3.0, np.float32)
+    counts[0] = counts[-1] = 2.0 if size > 1 else 1.0
+    return counts
+
+
+def avg_pool_3x3(x: jax.Array) -> jax.Array:
+    """3x3 average pool, stride 1, padding 1, padded cells not counted (count_include_pad=False).
+
+    The divisor is a NumPy constant built at trace time: pooling a constant array inside
+    jit would be constant-folded by XLA at great compile-time cost (FINDINGS.md).
+    """
+    sums = jax.lax.reduce_window(
+        x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+    )
+    _, h, w, _ = x.shape
+    counts = np.outer(_pool_counts(h), _pool_counts(w))[None, :, :, None]
+    return sums / counts
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 average pool with stride 2 (the reduction cell's shortcut)."""
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def torch_default_init(seed: int, shapes: Mapping) -> dict:
+    """Initialise a parameter tree as PyTorch's defaults would, on the host with NumPy.
+
+    Conv and linear weights (`kernel`, HWIO or in x out) and linear biases (`bias` beside a
+    `kernel` and no `scale`) ~ Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)); BatchNorm `scale`
+    is 1 and its `bias` 0. Leaves are drawn in sorted-path order from one PCG64 stream.
+    NumPy, not jax.random: a jitted initialiser of ~190 leaves took 9-130 s to compile on
+    XLA:CPU (threefry fused into every slice); NumPy draws the 1.7M NB201 values in ~10 ms.
+    """
+    rng = np.random.default_rng(seed)
+
+    def fill(node: Mapping) -> dict:
+        out = {}
+        for name in sorted(node):
+            child = node[name]
+            if isinstance(child, Mapping):
+                out[name] = fill(child)
+                continue
+            shape = tuple(child.shape)
+            is_weight = name == "kernel" or ("kernel" in node and "scale" not in node)
+            if is_weight:
+                bound = 1.0 / np.sqrt(np.prod(node["kernel"].shape[:-1]))
+                out[name] = rng.uniform(-bound, bound, shape).astype(np.float32)
+            else:
+                out[name] = np.full(shape, 1.0 if name == "scale" else 0.0, np.float32)
+        return out
+
+    return fill(shapes)
