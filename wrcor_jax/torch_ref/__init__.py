@@ -11,10 +11,26 @@ from wrcor_jax.torch_ref.nb201 import (
     load_flax_params,
     to_flax_params,
 )
+from wrcor_jax.torch_ref.wrcor import (
+    SITE_SETS,
+    WRCorResult,
+    act_cor,
+    act_grad_cor,
+    torch_scores,
+    torch_site_terms,
+    wrcor,
+)
 
 __all__ = [
+    "SITE_SETS",
     "NB201TorchNetwork",
+    "WRCorResult",
+    "act_cor",
+    "act_grad_cor",
     "build_network",
     "load_flax_params",
     "to_flax_params",
+    "torch_scores",
+    "torch_site_terms",
+    "wrcor",
 ]
