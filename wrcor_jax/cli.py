@@ -1,0 +1,140 @@
+"""`wrcor-jax`: score architectures and evaluate scores against NAS-Bench-201.
+
+    wrcor-jax score --space nb201 --dataset cifar10 --data PATH.npz --sample 1000 \\
+        --proxies wrcor,act_cor --seed 42 --batch-size 64 --out results.csv
+    wrcor-jax evaluate results.csv --ground-truth nb201.csv --dataset cifar10 [--json]
+
+Errors are one line on stderr with a non-zero exit code; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from wrcor_jax.proxies import parse_proxies
+
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+
+
+def _read_arch_file(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read --archs file {path}: {exc.strerror}") from None
+    archs = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not archs:
+        raise ValueError(f"--archs file {path} holds no architecture")
+    return archs
+
+
+def _select_archs(args: argparse.Namespace) -> list[str]:
+    from wrcor_jax.spaces import nb201
+
+    if args.archs:
+        return _read_arch_file(args.archs)
+    everything = nb201.all_archs()
+    if args.all:
+        chosen = everything
+    else:
+        if not 1 <= args.sample <= nb201.NUM_ARCHS:
+            raise ValueError(f"--sample must be in 1..{nb201.NUM_ARCHS}, got {args.sample}")
+        rng = np.random.default_rng(args.sample_seed)
+        chosen = everything[rng.choice(nb201.NUM_ARCHS, args.sample, replace=False)]
+    return [nb201.arch_string(ops) for ops in chosen]
+
+
+def _score(args: argparse.Namespace) -> None:
+    from wrcor_jax.scoring import ScoreConfig, score_archs
+
+    config = ScoreConfig(
+        dataset=args.dataset,
+        proxies=tuple(parse_proxies(args.proxies)),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        data=args.data,
+        data_dir=args.data_dir,
+        engine=args.engine,
+        chunk_size=args.chunk_size,
+    )
+    summary = score_archs(_select_archs(args), config, args.out, progress=not args.quiet)
+    print(summary.line(), file=sys.stderr)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from wrcor_jax.benchmarks.nb201 import evaluate_scores, load_ground_truth
+
+    try:
+        with open(args.results, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except OSError as exc:
+        raise ValueError(f"cannot read results {args.results}: {exc.strerror}") from None
+    columns = [c for c in reader.fieldnames or [] if c != "arch"]
+    if not rows:
+        raise ValueError(f"{args.results} holds no scored architecture")
+    report = evaluate_scores(rows, load_ground_truth(args.ground_truth), args.dataset, columns)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"{'proxy':<20} {'kendall':>8} {'spearman':>9} {'n':>6}   ({args.dataset})")
+    for name, r in report.items():
+        print(f"{name:<20} {r['kendall']:>8.3f} {r['spearman']:>9.3f} {r['n']:>6d}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `wrcor-jax` argument parser."""
+    parser = argparse.ArgumentParser(prog="wrcor-jax", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    score = commands.add_parser("score", help="score architectures with zero-shot proxies")
+    score.add_argument("--space", default="nb201", choices=["nb201"])
+    score.add_argument("--dataset", default="cifar10")
+    score.add_argument("--data", help="local .npz of training images (default: tfds)")
+    score.add_argument("--data-dir", help="tfds data_dir")
+    which = score.add_mutually_exclusive_group(required=True)
+    which.add_argument("--archs", help="file with one architecture string per line")
+    which.add_argument("--sample", type=int, help="score N distinct random architectures")
+    which.add_argument("--all", action="store_true", help="score all 15,625 architectures")
+    score.add_argument("--sample-seed", type=int, default=0)
+    score.add_argument("--proxies", default="wrcor", help="comma-separated proxy names")
+    score.add_argument("--seed", type=int, default=42, help="init and batch seed")
+    score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--engine", default="composed", choices=["composed", "vmap"])
+    score.add_argument("--chunk-size", type=int, default=8, help="archs per appended chunk")
+    score.add_argument("--out", required=True, help="results CSV (appended, resumable)")
+    score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.set_defaults(run=_score)
+
+    evaluate = commands.add_parser("evaluate", help="rank correlations against ground truth")
+    evaluate.add_argument("results")
+    evaluate.add_argument("--ground-truth", required=True, help="NAS-Bench-201 accuracy CSV")
+    evaluate.add_argument("--dataset", default="cifar10")
+    evaluate.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    evaluate.set_defaults(run=_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("wrcor-jax: interrupted; re-run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"wrcor-jax: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

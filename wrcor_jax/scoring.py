@@ -1,0 +1,170 @@
+"""The scoring engine: many architectures, one compilation, results that survive a crash.
+
+`NB201Scorer` holds what every architecture shares (the batch, the supernet weights, the
+compiled pieces) and turns chunks of architectures into proxy scores. Two engines:
+- `composed` (default): compiled pieces composed per architecture in Python; the fast path
+  on CPU, where vmap would run all five ops of every edge;
+- `vmap`: the traced-architecture Flax network vmapped over a chunk of architectures (fixed
+  chunk size, last chunk padded, so one compilation); meant for GPUs and TPUs.
+`score_archs` drives a run: validation first, then chunks appended to the results file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from wrcor_jax.data import get_dataset_info, load_batch
+from wrcor_jax.proxies import PROXIES
+from wrcor_jax.responses import SiteSums
+from wrcor_jax.results import ResultsFile
+from wrcor_jax.spaces import nb201
+from wrcor_jax.spaces.nb201_capture import vmapped_site_sums
+from wrcor_jax.spaces.nb201_engine import NB201Engine
+
+ENGINES = ("composed", "vmap")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """Everything that determines a score besides the architecture."""
+
+    dataset: str = "cifar10"
+    proxies: tuple[str, ...] = ("wrcor",)
+    seed: int = 42
+    batch_size: int = 64
+    data: str | None = None
+    data_dir: str | None = None
+    engine: str = "composed"
+    chunk_size: int = 8
+
+    def __post_init__(self):
+        unknown = [p for p in self.proxies if p not in PROXIES]
+        if unknown:
+            raise ValueError(f"unknown proxy {unknown[0]!r}; known: {', '.join(PROXIES)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; known: {', '.join(ENGINES)}")
+        if self.batch_size < 2 or self.chunk_size < 1:
+            raise ValueError("batch size must be >= 2 and chunk size >= 1")
+
+
+class CompileCounter:
+    """Counts XLA backend compilations in this process (every jit, eager op included)."""
+
+    _lock = threading.Lock()
+    count = 0
+    seconds = 0.0
+
+    @classmethod
+    def install(cls) -> None:
+        """Register the listener once per process."""
+        if getattr(cls, "_installed", False):
+            return
+        cls._installed = True
+
+        def listener(event: str, duration: float, **_: object) -> None:
+            if event == "/jax/core/compile/backend_compile_duration":
+                with cls._lock:
+                    cls.count += 1
+                    cls.seconds += duration
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+
+
+class NB201Scorer:
+    """Scores NB201 architectures on one batch with one set of (seeded) supernet weights."""
+
+    def __init__(self, config: ScoreConfig):
+        CompileCounter.install()
+        self.config = config
+        info = get_dataset_info(config.dataset)
+        images, labels = load_batch(
+            config.dataset, config.batch_size, config.seed, config.data, config.data_dir
+        )
+        self.num_classes = info.num_classes
+        self.images, self.labels = jnp.asarray(images), jnp.asarray(labels)
+        self.params = jax.device_put(nb201.init_params(config.seed, info.num_classes))
+        self.engine = NB201Engine()
+
+    def site_sums(self, ops: np.ndarray) -> list[SiteSums]:
+        """Reduced responses of a chunk of architectures, ops of shape (k, 6)."""
+        ops = nb201.validate_ops(np.atleast_2d(ops))
+        if self.config.engine == "composed":
+            return [self.engine.site_sums(o, self.params, self.images, self.labels) for o in ops]
+        size = self.config.chunk_size
+        out = []
+        for start in range(0, len(ops), size):
+            chunk = ops[start : start + size]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+            fn = vmapped_site_sums(self.num_classes)
+            sums, counts = jax.device_get(fn(self.params, padded, self.images, self.labels))
+            out += [SiteSums.from_stacked(sums[i], counts[i]) for i in range(len(chunk))]
+        return out
+
+    def score(self, ops: np.ndarray) -> list[list[float]]:
+        """One row of proxy scores (in config order) per architecture."""
+        return [
+            [PROXIES[name](sums) for name in self.config.proxies] for sums in self.site_sums(ops)
+        ]
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What a scoring run did."""
+
+    archs: int
+    skipped: int
+    seconds: float
+    compilations: int
+    compile_seconds: float
+
+    @property
+    def archs_per_second(self) -> float:
+        return self.archs / self.seconds if self.seconds > 0 else float("nan")
+
+    def line(self) -> str:
+        return (
+            f"scored {self.archs} archs ({self.skipped} already in the file) in "
+            f"{self.seconds:.1f} s, {self.archs_per_second:.2f} archs/s, "
+            f"{self.compilations} compilations ({self.compile_seconds:.1f} s)"
+        )
+
+
+def score_archs(
+    archs: Sequence[str], config: ScoreConfig, out: str | Path, progress: bool = True
+) -> RunSummary:
+    """Score architecture strings into `out`, resuming whatever the file already holds.
+
+    Everything is validated (architectures, file header, data) before the first row is
+    written; rows are appended one chunk at a time.
+    """
+    ops = [nb201.parse_arch(a) for a in archs]
+    unique = dict(zip(map(nb201.arch_string, ops), ops, strict=True))
+    results = ResultsFile(out, config.proxies)
+    done = results.done()
+    todo = [(arch, o) for arch, o in unique.items() if arch not in done]
+    start, compiles, compile_s = time.perf_counter(), CompileCounter.count, CompileCounter.seconds
+    scorer = NB201Scorer(config) if todo else None
+    bar = tqdm(total=len(todo), unit="arch", file=sys.stderr, disable=not progress)
+    for begin in range(0, len(todo), config.chunk_size):
+        chunk = todo[begin : begin + config.chunk_size]
+        scores = scorer.score(np.stack([o for _, o in chunk]))
+        results.append(zip([arch for arch, _ in chunk], scores, strict=True))
+        bar.update(len(chunk))
+    bar.close()
+    return RunSummary(
+        archs=len(todo),
+        skipped=len(unique) - len(todo),
+        seconds=time.perf_counter() - start,
+        compilations=CompileCounter.count - compiles,
+        compile_seconds=CompileCounter.seconds - compile_s,
+    )
