@@ -9,7 +9,7 @@ the path for accelerators, and an independent check of the composed engine.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +17,6 @@ import jax.numpy as jnp
 from wrcor_jax.responses import add_term, empty_block, stack_blocks
 from wrcor_jax.spaces.nb201 import CELL_PLAN, NUM_EDGES, OPS, NB201Network, cell_name, edge_name
 from wrcor_jax.spaces.nb201_engine import cross_entropy
-
-Site = tuple[int, str, jax.Array, jax.Array]
-"""(block, kind, active, response): one hooked response of one architecture."""
 
 
 @functools.cache
@@ -30,10 +27,51 @@ def _perturbation_shapes(num_classes: int, image_shape: tuple[int, ...]) -> dict
     return variables["perturbations"]
 
 
+Getter = Callable[[dict, dict], jax.Array]
+
+
+@functools.cache
+def _site_specs() -> tuple[tuple[int, str, int | None, Getter], ...]:
+    """(block, kind, edge whose op decides the site is used or None, response getter)."""
+    specs = []
+
+    def conv_sites(block: int, path: tuple[str, str], edge: int | None) -> None:
+        cell, name = path
+        specs.extend(
+            [
+                (block, "act", edge, lambda v, g: v[cell][name]["relu_in"][0]),
+                (block, "act_grad", edge, lambda v, g: g[cell][name]["relu_in"]),
+                (block, "bn_grad", edge, lambda v, g: g[cell][name]["bn_in"]),
+            ]
+        )
+
+    for index, (_, _, reduction) in enumerate(CELL_PLAN):
+        if reduction:
+            for name in ("conv_a", "conv_b"):
+                conv_sites(index, (cell_name(index), name), None)
+        else:
+            for e in range(NUM_EDGES):
+                conv_sites(index, (cell_name(index), edge_name(e)), e)
+    final = len(CELL_PLAN)
+    specs.extend(
+        [
+            (final, "act", None, lambda v, g: v["head"]["relu_in"][0]),
+            (final, "act_out", None, lambda v, g: v["head"]["relu_out"][0]),
+            (final, "act_grad", None, lambda v, g: g["head"]["relu_in"]),
+        ]
+    )
+    return tuple(specs)
+
+
+def site_keys() -> list[tuple[int, str]]:
+    """(block, kind) of every supernet site, in the order `capture_sites` returns them."""
+    return [(block, kind) for block, kind, _, _ in _site_specs()]
+
+
 def capture_sites(
     params: dict, ops: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int
-) -> list[Site]:
-    """Every response site of the supernet, with whether `ops` uses it (SPEC 3a)."""
+) -> list[tuple[jax.Array, jax.Array]]:
+    """(used by `ops`?, response) for every site of `site_keys()` (SPEC 3a)."""
     model = NB201Network(num_classes)
     shapes = _perturbation_shapes(num_classes, tuple(images.shape))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -44,28 +82,14 @@ def capture_sites(
         return cross_entropy(logits, labels), state["intermediates"]
 
     grads, values = jax.grad(loss, has_aux=True)(zeros)
-    return list(_sites(values, grads, ops))
-
-
-def _sites(values: dict, grads: dict, ops: jax.Array) -> Iterator[Site]:
-    conv_ops = (OPS.index("nor_conv_1x1"), OPS.index("nor_conv_3x3"))
-    for index, (_, _, reduction) in enumerate(CELL_PLAN):
-        cell = cell_name(index)
-        if reduction:
-            ops_here = [(name, jnp.bool_(True)) for name in ("conv_a", "conv_b")]
-        else:
-            ops_here = [
-                (edge_name(e), (ops[e] == conv_ops[0]) | (ops[e] == conv_ops[1]))
-                for e in range(NUM_EDGES)
-            ]
-        for name, active in ops_here:
-            yield index, "act", active, values[cell][name]["relu_in"][0]
-            yield index, "act_grad", active, grads[cell][name]["relu_in"]
-            yield index, "bn_grad", active, grads[cell][name]["bn_in"]
-    final = len(CELL_PLAN)
-    yield final, "act", jnp.bool_(True), values["head"]["relu_in"][0]
-    yield final, "act_out", jnp.bool_(True), values["head"]["relu_out"][0]
-    yield final, "act_grad", jnp.bool_(True), grads["head"]["relu_in"]
+    conv = (OPS.index("nor_conv_1x1"), OPS.index("nor_conv_3x3"))
+    return [
+        (
+            jnp.bool_(True) if edge is None else (ops[edge] == conv[0]) | (ops[edge] == conv[1]),
+            getter(values, grads),
+        )
+        for _, _, edge, getter in _site_specs()
+    ]
 
 
 def captured_site_sums(
@@ -73,7 +97,8 @@ def captured_site_sums(
 ) -> tuple[jax.Array, jax.Array]:
     """Stacked per-(block, kind) sums and counts of one architecture; vmap over `ops`."""
     blocks = [empty_block(images.shape[0]) for _ in range(len(CELL_PLAN) + 1)]
-    for block, kind, active, response in capture_sites(params, ops, images, labels, num_classes):
+    sites = capture_sites(params, ops, images, labels, num_classes)
+    for (block, kind), (active, response) in zip(site_keys(), sites, strict=True):
         blocks[block] = add_term(blocks[block], kind, response, active=active)
     return stack_blocks(blocks)
 
