@@ -62,6 +62,7 @@ def _score(args: argparse.Namespace) -> None:
         data_dir=args.data_dir,
         engine=args.engine,
         chunk_size=args.chunk_size,
+        workers=args.workers,
     )
     summary = score_archs(_select_archs(args), config, args.out, progress=not args.quiet)
     print(summary.line(), file=sys.stderr)
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=64)
     score.add_argument("--engine", default="composed", choices=["composed", "vmap"])
     score.add_argument("--chunk-size", type=int, default=8, help="archs per appended chunk")
+    score.add_argument("--workers", type=int, default=2, help="archs in flight (composed)")
     score.add_argument("--out", required=True, help="results CSV (appended, resumable)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(run=_score)
