@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import BEST_CIFAR10, GROUND_TRUTH, require
 
+from wrcor_jax import layers
 from wrcor_jax.spaces import nb201
 
 
@@ -129,3 +130,17 @@ def test_fast_init_has_the_flax_init_tree():
         jax.tree.leaves(shapes), jax.tree.leaves(nb201.init_params(0, 10)), strict=True
     ):
         assert a.shape == b.shape
+
+
+def test_pool_transpose_is_the_vjp_of_the_pool():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 7, 3))
+    cotangent = jax.random.normal(jax.random.key(1), x.shape)
+    (expected,) = jax.vjp(layers.avg_pool_3x3, x)[1](cotangent)
+    np.testing.assert_allclose(layers.avg_pool_3x3_transpose(cotangent), expected, rtol=1e-5)
+
+
+def test_pool_excludes_padded_cells():
+    x = np.arange(2 * 4 * 4 * 1, dtype=np.float32).reshape(2, 4, 4, 1)
+    pooled = np.asarray(layers.avg_pool_3x3(x))
+    assert pooled[0, 0, 0, 0] == x[0, :2, :2, 0].mean()
+    assert pooled[1, 2, 1, 0] == pytest.approx(x[1, 1:4, 0:3, 0].mean())

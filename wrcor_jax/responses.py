@@ -33,7 +33,9 @@ def abs_corrcoef(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     flat = x.reshape(x.shape[0], -1).astype(jnp.float32)
     centred = flat - flat.mean(axis=1, keepdims=True)
-    gram = jnp.matmul(centred, centred.T, precision=jax.lax.Precision.HIGHEST)
+    gram = jax.lax.dot_general(  # X X^T without materialising the transpose
+        centred, centred, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST
+    )
     norms = jnp.sqrt(jnp.diagonal(gram))
     valid = jnp.all(norms > 0)
     safe = jnp.where(norms > 0, norms, 1.0)

@@ -21,7 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wrcor_jax.layers import avg_pool_2x2, avg_pool_3x3, batch_norm, conv2d
+from wrcor_jax.layers import (
+    avg_pool_2x2,
+    avg_pool_3x3,
+    avg_pool_3x3_transpose,
+    batch_norm,
+    conv2d,
+)
 from wrcor_jax.responses import BlockSums, SiteSums, add_term, empty_block
 from wrcor_jax.spaces.nb201 import (
     CELL_PLAN,
@@ -56,11 +62,6 @@ def _conv_op_forward(w: dict, x: jax.Array, stride: int = 1) -> tuple[jax.Array,
     """ReLU-conv-BN forward, returning the output and the conv output kept for backward."""
     y = conv2d(jax.nn.relu(x), w["kernel"], stride)
     return batch_norm(y, w["scale"], w["bias"]), y
-
-
-def _pool_backward(dz: jax.Array) -> jax.Array:
-    """The pool is linear: its backward needs no saved input."""
-    return jax.vjp(avg_pool_3x3, dz)[1](dz)[0]
 
 
 def _stem(w: dict, images: jax.Array) -> jax.Array:
@@ -126,7 +127,7 @@ class NB201Engine:
         self._conv_forward = wrap(_conv_op_forward, static_argnames="stride")
         self._conv_backward = wrap(_conv_op_backward, static_argnames="stride")
         self._pool_forward = wrap(avg_pool_3x3)
-        self._pool_backward = wrap(_pool_backward)
+        self._pool_backward = wrap(avg_pool_3x3_transpose)
         self._add_act = wrap(_add_act)
         self._reduction_forward = wrap(_reduction_forward)
         self._reduction_backward = wrap(_reduction_backward)
