@@ -1,0 +1,211 @@
+"""Random search, regularized (aging) evolution and REINFORCE over NB201 (SPEC section 7).
+
+Each takes a fitness, a budget of evaluations, a seed and an output folder, and returns a
+`SearchResult` (also written to result.json); see `core` for the conventions shared by all
+three (budget, comparison, history and resume).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from wrcor_jax.search.core import Evaluations, Fitness, SearchResult, run_search
+from wrcor_jax.spaces import nb201
+from wrcor_jax.vote import zscores
+
+CHUNK = 8  # architectures per fitness call where the order of evaluation does not matter
+
+
+def _evaluate_in_chunks(evaluations: Evaluations, ops: np.ndarray) -> np.ndarray:
+    return np.concatenate(
+        [evaluations.evaluate(ops[i : i + CHUNK]) for i in range(0, len(ops), CHUNK)]
+    )
+
+
+def random_search(
+    fitness: Fitness,
+    budget: int,
+    seed: int,
+    out_dir: str | Path,
+    *,
+    vote: str = "hard",
+    ground_truth: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> SearchResult:
+    """`budget` architectures drawn uniformly (with replacement); the best is the result."""
+
+    def program(evaluations: Evaluations, rng: np.random.Generator) -> dict[str, Any]:
+        _evaluate_in_chunks(evaluations, nb201.sample_archs(rng, budget))
+        return {}
+
+    return run_search(
+        "random",
+        program,
+        fitness,
+        budget,
+        seed,
+        out_dir,
+        vote=vote,
+        ground_truth=ground_truth,
+        progress=progress,
+    )
+
+
+def regularized_evolution(
+    fitness: Fitness,
+    budget: int,
+    seed: int,
+    out_dir: str | Path,
+    *,
+    vote: str = "hard",
+    ground_truth: Mapping[str, Any] | None = None,
+    progress: bool = False,
+    population_size: int = 64,
+    tournament_size: int = 10,
+    children: int = 1,
+) -> SearchResult:
+    """Aging evolution: a random population, then generations of tournament, mutation, and
+    the oldest member replaced by the child.
+
+    With `children` = k > 1 (the batched variant) each generation runs k tournaments on the
+    same population and scores the k mutants in one fitness call, so a scorer can work on
+    them together; the k oldest then make way. k = 1 is the reference algorithm. The final
+    population (oldest first) is in the result's details.
+    """
+    if population_size < 1 or tournament_size < 1 or children < 1:
+        raise ValueError("population, tournament and children must each be at least 1")
+
+    def program(evaluations: Evaluations, rng: np.random.Generator) -> dict[str, Any]:
+        initial = nb201.sample_archs(rng, min(population_size, budget))
+        population = deque(zip(initial, _evaluate_in_chunks(evaluations, initial), strict=True))
+        while evaluations.remaining:
+            kids = []
+            for _ in range(min(children, evaluations.remaining)):
+                drawn = rng.choice(
+                    len(population), min(tournament_size, len(population)), replace=False
+                )
+                scores = np.stack([population[i][1] for i in drawn])
+                parent = drawn[evaluations.criterion.best(scores, evaluations.seen())]
+                kids.append(nb201.mutate_arch(rng, population[parent][0]))
+            for member in zip(kids, evaluations.evaluate(np.stack(kids)), strict=True):
+                population.append(member)
+                population.popleft()
+        return {"population": [nb201.arch_string(ops) for ops, _ in population]}
+
+    options = {"population": population_size, "tournament": tournament_size, "children": children}
+    return run_search(
+        "evolution",
+        program,
+        fitness,
+        budget,
+        seed,
+        out_dir,
+        vote=vote,
+        options=options,
+        ground_truth=ground_truth,
+        progress=progress,
+    )
+
+
+@functools.cache
+def _policy_step(learning_rate: float):
+    """One jitted REINFORCE update: Adam on -advantage * log pi(arch)."""
+    optimizer = optax.adam(learning_rate)
+
+    def loss(logits: jax.Array, ops: jax.Array, advantage: jax.Array) -> jax.Array:
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        return -advantage * jnp.take_along_axis(log_probs, ops[:, None], axis=-1).sum()
+
+    @jax.jit
+    def step(logits, state, ops, advantage):
+        updates, state = optimizer.update(jax.grad(loss)(logits, ops, advantage), state)
+        return optax.apply_updates(logits, updates), state
+
+    return optimizer, step
+
+
+def _softmax(logits: jax.Array) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def reinforce(
+    fitness: Fitness,
+    budget: int,
+    seed: int,
+    out_dir: str | Path,
+    *,
+    vote: str = "hard",
+    ground_truth: Mapping[str, Any] | None = None,
+    progress: bool = False,
+    warmup: int = 100,
+    learning_rate: float = 1e-3,
+    momentum: float = 0.9,
+) -> SearchResult:
+    """REINFORCE with a factorised categorical policy (6 edges x 5 ops, logits start at 0).
+
+    `warmup` random architectures (part of the budget) fix each proxy's mean and std; the
+    reward is the sum of the proxies' z-scores. A non-finite z-score (a -inf WRCor of a
+    disconnected cell, a NaN) would poison the update, so it is replaced by the lowest
+    (NaN, -inf) or highest (+inf) z-score seen in the warm-up. The baseline is an
+    exponential moving average of the rewards (bias-corrected, current reward included);
+    one Adam step per sampled architecture. `vote` only decides the best architecture.
+    The final policy's probabilities are in the result's details.
+    """
+    if warmup < 1 or learning_rate <= 0 or not 0 <= momentum < 1:
+        raise ValueError("warmup >= 1, learning rate > 0 and momentum in [0, 1) required")
+
+    def program(evaluations: Evaluations, rng: np.random.Generator) -> dict[str, Any]:
+        reference = _evaluate_in_chunks(evaluations, nb201.sample_archs(rng, min(warmup, budget)))
+        warm_z = zscores(reference)
+        finite = np.isfinite(warm_z)
+        low = np.where(finite, warm_z, np.inf).min(axis=0)
+        high = np.where(finite, warm_z, -np.inf).max(axis=0)
+        low, high = np.where(np.isfinite(low), low, 0.0), np.where(np.isfinite(high), high, 0.0)
+
+        optimizer, step = _policy_step(learning_rate)
+        logits = jnp.zeros((nb201.NUM_EDGES, len(nb201.OPS)), jnp.float32)
+        state = optimizer.init(logits)
+        ema, weight = 0.0, 0.0
+        while evaluations.remaining:
+            cdf = np.cumsum(_softmax(logits), axis=-1)
+            draws = rng.random(nb201.NUM_EDGES)
+            ops = np.minimum((cdf < draws[:, None]).sum(axis=-1), len(nb201.OPS) - 1)
+            z = zscores(evaluations.evaluate(ops), reference=reference)[0]
+            z = np.where(np.isnan(z) | (z == -np.inf), low, np.where(z == np.inf, high, z))
+            reward = float(z.sum())
+            ema, weight = momentum * ema + (1 - momentum) * reward, momentum * weight + 1 - momentum
+            advantage = reward - ema / weight
+            logits, state = step(logits, state, jnp.asarray(ops, jnp.int32), advantage)
+        return {"policy": _softmax(logits).round(6).tolist()}
+
+    options = {"warmup": warmup, "learning_rate": learning_rate, "momentum": momentum}
+    return run_search(
+        "reinforce",
+        program,
+        fitness,
+        budget,
+        seed,
+        out_dir,
+        vote=vote,
+        options=options,
+        ground_truth=ground_truth,
+        progress=progress,
+    )
+
+
+ALGORITHMS = {
+    "random": random_search,
+    "evolution": regularized_evolution,
+    "reinforce": reinforce,
+}

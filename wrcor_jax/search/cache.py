@@ -1,0 +1,180 @@
+"""Scores computed once: a cache keyed by architecture, proxy and scoring configuration.
+
+A score depends on the architecture, the proxy and the configuration (space, dataset, the
+data's content, the init/batch seed, the batch size). The configuration is hashed into a
+folder of the cache directory; inside it, one append-only `<proxy>.csv` (`arch,<proxy>`,
+a `ResultsFile`) per proxy, so searches with different proxy sets share what they have in
+common. `key.json` beside them says in words what the hash stands for. The engine is not
+part of the key: both engines compute the same quantity.
+
+Without a directory the cache lives in memory, which still saves rescoring an architecture
+a search meets twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from wrcor_jax.benchmarks.nb201 import parse_score
+from wrcor_jax.data import get_dataset_info
+from wrcor_jax.results import ResultsFile
+from wrcor_jax.scoring import NB201Scorer, ScoreConfig
+from wrcor_jax.spaces import nb201
+
+__all__ = ["CachedFitness", "ScoreCache", "nb201_fitness", "score_key"]
+
+
+class Scorer(Protocol):
+    """Anything that turns (k, 6) op indices into k rows of proxy scores (`NB201Scorer`)."""
+
+    def score(self, ops: np.ndarray) -> list[list[float]]: ...
+
+
+def _content_id(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise ValueError(f"cannot read data {path}: {exc.strerror}") from None
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def score_key(config: ScoreConfig, space: str = "nb201") -> dict[str, object]:
+    """What besides the architecture and the proxy determines a score of `config`.
+
+    A local .npz counts by its content (moving or renaming it keeps the cache valid); tfds
+    data by its data_dir.
+    """
+    get_dataset_info(config.dataset)  # an unknown dataset fails here, before any search
+    data = _content_id(config.data) if config.data else f"tfds:{config.data_dir or ''}"
+    return {
+        "space": space,
+        "dataset": config.dataset,
+        "data": data,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+    }
+
+
+class ScoreCache:
+    """Proxy scores by architecture for one configuration `key`; never forgets a score."""
+
+    def __init__(self, key: Mapping[str, object], directory: str | Path | None = None):
+        self.key = dict(key)
+        text = json.dumps(self.key, sort_keys=True)
+        self.digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        self.directory = Path(directory) / self.digest if directory is not None else None
+        self._tables: dict[str, dict[str, float]] = {}
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            key_file = self.directory / "key.json"
+            if not key_file.exists():
+                key_file.write_text(json.dumps(self.key, indent=1, sort_keys=True) + "\n")
+
+    def _file(self, proxy: str) -> ResultsFile:
+        return ResultsFile(self.directory / f"{proxy}.csv", [proxy])
+
+    def _table(self, proxy: str) -> dict[str, float]:
+        if not proxy.isidentifier():
+            raise ValueError(f"proxy name {proxy!r} cannot name a cache file")
+        if proxy not in self._tables:
+            table = {}
+            if self.directory is not None and self._file(proxy).done():  # drops a cut row
+                with self._file(proxy).path.open(newline="") as f:
+                    table = {row["arch"]: parse_score(row[proxy]) for row in csv.DictReader(f)}
+            self._tables[proxy] = table
+        return self._tables[proxy]
+
+    def get(self, arch: str, proxies: Sequence[str]) -> list[float] | None:
+        """The scores of `arch` for `proxies`, or None unless all of them are known."""
+        row = [self._table(proxy).get(arch) for proxy in proxies]
+        return None if any(value is None for value in row) else row
+
+    def put(self, rows: Iterable[tuple[str, Sequence[float]]], proxies: Sequence[str]) -> int:
+        """Record scores (arch, one value per proxy); known ones are kept. Returns how many
+        (arch, proxy) scores were new."""
+        rows = list(rows)
+        added = 0
+        for column, proxy in enumerate(proxies):
+            table = self._table(proxy)
+            new = {arch: float(scores[column]) for arch, scores in rows if arch not in table}
+            if self.directory is not None and new:
+                self._file(proxy).append((arch, [value]) for arch, value in new.items())
+            table.update(new)
+            added += len(new)
+        return added
+
+    def preload(self, path: str | Path) -> int:
+        """Add the scores of a `wrcor-jax score` results file made with this configuration.
+
+        The file cannot prove which configuration made it: that is the caller's word.
+        Every column but `arch` is a proxy. Returns how many scores were new.
+        """
+        try:
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+        except OSError as exc:
+            raise ValueError(f"cannot read scores {path}: {exc.strerror}") from None
+        columns = reader.fieldnames or []
+        proxies = [c for c in columns if c != "arch"]
+        if "arch" not in columns or not proxies:
+            raise ValueError(f"{path} needs an 'arch' column and at least one proxy column")
+        return self.put(
+            (
+                (
+                    nb201.arch_string(nb201.parse_arch(row["arch"])),
+                    [parse_score(row[p]) for p in proxies],
+                )
+                for row in rows
+            ),
+            proxies,
+        )
+
+
+class CachedFitness:
+    """A search's fitness: scores from the cache, the scorer (built on first need) for the
+    rest, which then go into the cache."""
+
+    def __init__(
+        self, cache: ScoreCache, proxies: Sequence[str], make_scorer: Callable[[], Scorer]
+    ):
+        self.cache = cache
+        self.proxies = tuple(proxies)
+        self.identity = cache.digest
+        self._make_scorer = make_scorer
+        self._scorer: Scorer | None = None
+        self.scored = 0
+        self.hits = 0
+
+    def score(self, ops: np.ndarray) -> list[list[float]]:
+        """One row of scores (in `proxies` order) per architecture of `ops` (k, 6)."""
+        ops = nb201.validate_ops(np.atleast_2d(ops))
+        archs = [nb201.arch_string(o) for o in ops]
+        known = {arch: self.cache.get(arch, self.proxies) for arch in archs}
+        missing = {arch: i for i, arch in enumerate(archs) if known[arch] is None}
+        self.hits += len(archs) - len(missing)
+        if missing:
+            if self._scorer is None:
+                self._scorer = self._make_scorer()
+            fresh = self._scorer.score(ops[list(missing.values())])
+            self.cache.put(zip(missing, fresh, strict=True), self.proxies)
+            known.update(zip(missing, fresh, strict=True))
+            self.scored += len(missing)
+        return [list(map(float, known[arch])) for arch in archs]
+
+
+def nb201_fitness(config: ScoreConfig, cache_dir: str | Path | None = None) -> CachedFitness:
+    """The cached NB201 fitness of `config`; the scorer (data, weights, compilation) is only
+    built when an architecture is missing from the cache."""
+    cache = ScoreCache(score_key(config), cache_dir)
+    return CachedFitness(cache, config.proxies, lambda: NB201Scorer(config))

@@ -1,0 +1,324 @@
+"""What every search shares: the fitness, the comparison, the budget and the history.
+
+A search is a seeded program that asks `Evaluations.evaluate` for scores. Each evaluation
+is appended to `history.csv` (`step, arch, <proxy>..., best_arch, seconds`) as it happens.
+Re-running the same search in the same folder runs the program again from the seed; the
+first evaluations are answered from the history instead of the fitness, which is exact
+because the program consumes its RNG the same way whatever the scores' source, so the run
+continues where the other stopped and ends as an uninterrupted one would. Every replayed
+architecture is checked against the recorded one.
+
+Conventions:
+- the budget counts evaluations, every one of them: the initial population of evolution,
+  REINFORCE's warm-up, an architecture drawn again (the fitness cache makes a repeat free);
+- candidates compare by their single proxy, or with several proxies by the hard vote's
+  pairwise majority, or by the soft vote with z-scores over all evaluations so far;
+- the best architecture is kept as it goes: a new evaluation replaces it only when it wins
+  the comparison (ties keep the incumbent);
+- `seconds` is the search time up to each evaluation, summed over interrupted runs
+  (scorer set-up and compilation included).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from wrcor_jax.benchmarks.nb201 import DATASETS, parse_score
+from wrcor_jax.results import format_score
+from wrcor_jax.spaces import nb201
+from wrcor_jax.vote import hard_vote_compare, soft_vote
+
+VOTES = ("hard", "soft")
+
+
+class Fitness(Protocol):
+    """Scores a batch of architectures: one row per architecture, in `proxies` order,
+    higher is better. `identity` names what determines the scores besides the architecture
+    (for the cached NB201 fitness, the configuration hash)."""
+
+    proxies: tuple[str, ...]
+    identity: str
+
+    def score(self, ops: np.ndarray) -> list[list[float]]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """How candidates compare: one proxy directly, several by the hard or the soft vote."""
+
+    num_proxies: int
+    vote: str = "hard"
+
+    def __post_init__(self):
+        if self.vote not in VOTES:
+            raise ValueError(f"unknown vote {self.vote!r}; known: {', '.join(VOTES)}")
+
+    def best(self, rows: np.ndarray, seen: np.ndarray) -> int:
+        """Index of the best of `rows` (the first on ties); `seen` holds every evaluation so
+        far, the population the soft vote's z-scores are computed against."""
+        keys = np.asarray(rows, np.float64)
+        if self.num_proxies > 1 and self.vote == "soft":
+            keys = soft_vote(keys, reference=seen)[:, None]
+        best = 0
+        for i in range(1, len(keys)):
+            if hard_vote_compare(keys[i], keys[best]) > 0:
+                best = i
+        return best
+
+
+class Record(NamedTuple):
+    """One row of history.csv."""
+
+    step: int
+    arch: str
+    scores: tuple[float, ...]
+    best_arch: str
+    seconds: float
+
+
+class History:
+    """history.csv: one row per evaluation, flushed to disk before the search goes on."""
+
+    def __init__(self, path: str | Path, proxies: Sequence[str]):
+        self.path = Path(path)
+        self.header = ["step", "arch", *proxies, "best_arch", "seconds"]
+
+    def read(self) -> list[Record]:
+        """The recorded evaluations; a row cut by a kill is dropped from the file."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return []
+        with self.path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        if rows[0] != self.header:
+            raise ValueError(
+                f"{self.path} has columns {rows[0]}, this search writes {self.header}: "
+                "choose another --out"
+            )
+        complete = [row for row in rows[1:] if len(row) == len(self.header)]
+        if len(complete) != len(rows) - 1:
+            with self.path.open("w", newline="") as f:
+                csv.writer(f).writerows([self.header, *complete])
+        records = [
+            Record(int(r[0]), r[1], tuple(map(parse_score, r[2:-2])), r[-2], float(r[-1]))
+            for r in complete
+        ]
+        if [r.step for r in records] != list(range(len(records))):
+            raise ValueError(f"{self.path}: steps are not 0, 1, 2, ...")
+        return records
+
+    def append(self, records: Sequence[Record]) -> None:
+        """Write records and flush them to disk."""
+        if not records:
+            return
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        with self.path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(self.header)
+            for r in records:
+                scores = map(format_score, r.scores)
+                writer.writerow([r.step, r.arch, *scores, r.best_arch, f"{r.seconds:.3f}"])
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class Evaluations:
+    """The budgeted evaluations of one search: fitness or replayed history, best so far."""
+
+    def __init__(
+        self,
+        fitness: Fitness,
+        budget: int,
+        criterion: Criterion,
+        history: History,
+        progress: bool = False,
+    ):
+        self.fitness, self.budget, self.criterion = fitness, budget, criterion
+        self._history = history
+        self._recorded = history.read()
+        if len(self._recorded) > budget:
+            raise ValueError(
+                f"{history.path} holds {len(self._recorded)} evaluations, more than the "
+                f"budget of {budget}"
+            )
+        self.archs: list[str] = []
+        self._scores = np.full((budget, len(fitness.proxies)), np.nan)
+        self.best: int | None = None
+        self.seconds = 0.0
+        self._offset = self._recorded[-1].seconds if self._recorded else 0.0
+        self._start = time.perf_counter()
+        self._bar = tqdm(total=budget, unit="arch", file=sys.stderr, disable=not progress)
+
+    @property
+    def count(self) -> int:
+        """Evaluations done so far (replayed ones included)."""
+        return len(self.archs)
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.count
+
+    def seen(self) -> np.ndarray:
+        """Scores of every evaluation so far, (count, proxies)."""
+        return self._scores[: self.count]
+
+    def evaluate(self, ops: np.ndarray) -> np.ndarray:
+        """Scores (k, proxies) of k architectures, counted against the budget."""
+        ops = nb201.validate_ops(np.atleast_2d(ops))
+        if len(ops) > self.remaining:
+            raise ValueError(f"{len(ops)} evaluations asked, {self.remaining} left in the budget")
+        archs = [nb201.arch_string(o) for o in ops]
+        replay = self._recorded[self.count : self.count + len(ops)]
+        for record, arch in zip(replay, archs, strict=False):
+            if record.arch != arch:
+                raise ValueError(
+                    f"{self._history.path} step {record.step} is {record.arch} but this search "
+                    f"evaluates {arch} there: it is another search's history; choose another --out"
+                )
+        rows = [r.scores for r in replay]
+        if len(replay) < len(ops):
+            rows += self.fitness.score(ops[len(replay) :])
+        fresh = []
+        for i, (arch, row) in enumerate(zip(archs, rows, strict=True)):
+            step = self.count
+            self._scores[step] = row
+            self.archs.append(arch)
+            incumbent = [] if self.best is None else [self.best]  # the newcomer must beat it
+            if self.criterion.best(self._scores[[*incumbent, step]], self.seen()) == len(incumbent):
+                self.best = step
+            if i < len(replay):
+                self.seconds = replay[i].seconds
+            else:
+                self.seconds = self._offset + time.perf_counter() - self._start
+                fresh.append(Record(step, arch, tuple(row), self.archs[self.best], self.seconds))
+        self._history.append(fresh)
+        self._bar.update(len(ops))
+        return self._scores[self.count - len(ops) : self.count].copy()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """What a search found; `as_dict()` is result.json."""
+
+    algo: str
+    seed: int
+    budget: int
+    proxies: tuple[str, ...]
+    vote: str
+    best_arch: str
+    best_scores: tuple[float, ...]
+    evaluations: int
+    seconds: float
+    best_test_accuracy: dict[str, float] | None = None
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["proxies"], out["best_scores"] = list(self.proxies), list(self.best_scores)
+        details = out.pop("details")
+        if self.best_test_accuracy is None:
+            del out["best_test_accuracy"]
+        return out | details
+
+
+def _check_identity(path: Path, identity: Mapping[str, Any]) -> None:
+    """The folder's search.json names the search its history belongs to."""
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded != identity:
+            changed = sorted(
+                k for k in identity.keys() | recorded.keys() if recorded.get(k) != identity.get(k)
+            )
+            raise ValueError(
+                f"{path.parent} holds another search (different {', '.join(changed)}): "
+                "choose another --out"
+            )
+    elif path.with_name("history.csv").exists():
+        raise ValueError(
+            f"{path.parent} has a history.csv but no search.json: choose another --out"
+        )
+    else:
+        path.write_text(json.dumps(identity, indent=1) + "\n")
+
+
+def run_search(
+    algo: str,
+    program: Callable[[Evaluations, np.random.Generator], dict[str, Any]],
+    fitness: Fitness,
+    budget: int,
+    seed: int,
+    out_dir: str | Path,
+    *,
+    vote: str = "hard",
+    options: Mapping[str, Any] | None = None,
+    ground_truth: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> SearchResult:
+    """Run (or resume) `program` with `budget` evaluations; write result.json in `out_dir`.
+
+    `options` are the algorithm's settings that change its course (they join algo, seed,
+    proxies, vote and the fitness identity in search.json, which a resume must match);
+    the budget may grow between runs. `ground_truth` maps arch -> record with the three
+    datasets' test accuracies.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"the budget must be a positive number of evaluations, got {budget!r}")
+    criterion = Criterion(len(fitness.proxies), vote)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = {
+        "algo": algo,
+        "seed": seed,
+        "proxies": list(fitness.proxies),
+        "vote": vote,
+        "fitness": fitness.identity,
+        "options": dict(options or {}),
+    }
+    _check_identity(out / "search.json", identity)
+    evaluations = Evaluations(
+        fitness, budget, criterion, History(out / "history.csv", fitness.proxies), progress
+    )
+    try:
+        details = program(evaluations, np.random.default_rng(seed))
+    finally:
+        evaluations.close()
+    if evaluations.remaining:
+        raise RuntimeError(f"{algo} stopped with {evaluations.remaining} evaluations unspent")
+    best = evaluations.archs[evaluations.best]
+    accuracy = None
+    if ground_truth is not None:
+        if best not in ground_truth:
+            raise ValueError(f"{best} is not in the ground truth")
+        record = ground_truth[best]
+        accuracy = {dataset: float(record[dataset]) for dataset in DATASETS}
+    result = SearchResult(
+        algo=algo,
+        seed=seed,
+        budget=budget,
+        proxies=tuple(fitness.proxies),
+        vote=vote,
+        best_arch=best,
+        best_scores=tuple(float(v) for v in evaluations.seen()[evaluations.best]),
+        evaluations=evaluations.count,
+        seconds=round(evaluations.seconds, 3),
+        best_test_accuracy=accuracy,
+        details=details,
+    )
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(result.as_dict(), indent=1) + "\n")
+    tmp.replace(out / "result.json")
+    return result
