@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, require
+from conftest import GROUND_TRUTH, SAMPLE, require
 
+from wrcor_jax.cli import main
 from wrcor_jax.results import ResultsFile
 from wrcor_jax.search import (
     ALGORITHMS,
@@ -269,6 +270,43 @@ def test_cache_preloads_a_score_file(tmp_path):
     (tmp_path / "bad.csv").write_text("name,wrcor\n")
     with pytest.raises(ValueError, match="'arch' column"):
         cache.preload(tmp_path / "bad.csv")
+
+
+def toy_score_file(path) -> None:
+    """Every architecture's toy scores under real proxy names, as `wrcor-jax score` writes."""
+    everything = nb201.all_archs()
+    scores = [[r[0] + 0.1 * r[1], r[1]] for r in Toy().score(everything)]
+    archs = map(nb201.arch_string, everything)
+    ResultsFile(path, ["wrcor", "act_cor"]).append(zip(archs, scores, strict=True))
+
+
+def test_cli_search_from_a_preloaded_cache(tmp_path, capsys):
+    """The whole CLI path without scoring: every architecture is in the preloaded cache."""
+    truth = require(GROUND_TRUTH)
+    toy_score_file(tmp_path / "scores.csv")
+    np.savez(tmp_path / "data.npz", x=np.zeros(3))  # only hashed: the scorer is never built
+    base = ["search", "--algo", "evolution", "--proxies", "wrcor,act_cor", "--budget", "80"]
+    base += ["--data", str(tmp_path / "data.npz"), "--cache-dir", str(tmp_path / "cache")]
+    base += ["--ground-truth", str(truth), "--quiet"]
+    args = [*base, "--out", str(tmp_path / "out")]
+    assert main([*args, "--cache-preload", str(tmp_path / "scores.csv")]) == 0
+    out, err = capsys.readouterr()
+    found = json.loads(out)
+    assert found == json.loads((tmp_path / "out" / "result.json").read_text())
+    assert found["evaluations"] == 80 and found["algo"] == "evolution"
+    assert found["proxies"] == ["wrcor", "act_cor"] and found["vote"] == "hard"
+    assert set(found["best_test_accuracy"]) == {"cifar10", "cifar100", "imagenet16_120"}
+    assert "0 scored, 80 from the cache" in err
+
+    for extra, message in [
+        (["--out", str(tmp_path / "out"), "--seed", "1"], "another search"),
+        (["--out", str(tmp_path / "o2"), "--budget", "0"], "positive"),
+        (["--out", str(tmp_path / "o3"), "--algo", "random", "--children", "2"], "--children"),
+        (["--out", str(tmp_path / "o4"), "--proxies", "nope"], "unknown proxy"),
+    ]:
+        assert main([*base, *extra]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -3,6 +3,9 @@
     wrcor-jax score --space nb201 --dataset cifar10 --data PATH.npz --sample 1000 \\
         --proxies wrcor,act_cor --seed 42 --batch-size 64 --out results.csv
     wrcor-jax evaluate results.csv --ground-truth nb201.csv --dataset cifar10 [--json]
+    wrcor-jax search --space nb201 --algo evolution --proxies wrcor,act_cor --vote hard \
+        --budget 1000 --seed 0 --dataset cifar10 --data PATH.npz --out DIR \
+        [--ground-truth nb201.csv] [--cache-dir DIR] [--cache-preload results.csv]
 
 Errors are one line on stderr with a non-zero exit code; progress goes to stderr.
 """
@@ -89,6 +92,49 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(f"{name:<20} {r['kendall']:>8.3f} {r['spearman']:>9.3f} {r['n']:>6d}")
 
 
+def _search(args: argparse.Namespace) -> None:
+    from wrcor_jax.benchmarks.nb201 import load_ground_truth
+    from wrcor_jax.scoring import ScoreConfig
+    from wrcor_jax.search import ALGORITHMS, nb201_fitness
+
+    config = ScoreConfig(
+        dataset=args.dataset,
+        proxies=tuple(parse_proxies(args.proxies)),
+        seed=args.score_seed,
+        batch_size=args.batch_size,
+        data=args.data,
+        data_dir=args.data_dir,
+        engine=args.engine,
+        workers=args.workers,
+    )
+    truth = load_ground_truth(args.ground_truth) if args.ground_truth else None
+    fitness = nb201_fitness(config, args.cache_dir)
+    if args.cache_preload:
+        added = fitness.cache.preload(args.cache_preload)
+        print(f"preloaded {added} scores from {args.cache_preload}", file=sys.stderr)
+    options = {}
+    if args.children is not None:
+        if args.algo != "evolution":
+            raise ValueError("--children applies to --algo evolution only")
+        options["children"] = args.children
+    result = ALGORITHMS[args.algo](
+        fitness,
+        args.budget,
+        args.seed,
+        args.out,
+        vote=args.vote,
+        ground_truth=truth,
+        progress=not args.quiet,
+        **options,
+    )
+    print(
+        f"best {result.best_arch} after {result.evaluations} evaluations in "
+        f"{result.seconds:.1f} s ({fitness.scored} scored, {fitness.hits} from the cache)",
+        file=sys.stderr,
+    )
+    print(json.dumps(result.as_dict()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `wrcor-jax` argument parser."""
     parser = argparse.ArgumentParser(prog="wrcor-jax", description=__doc__.splitlines()[0])
@@ -120,6 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", default="cifar10")
     evaluate.add_argument("--json", action="store_true", help="one JSON object on stdout")
     evaluate.set_defaults(run=_evaluate)
+
+    search = commands.add_parser("search", help="search the space with a proxy or a vote")
+    search.add_argument("--space", default="nb201", choices=["nb201"])
+    search.add_argument("--algo", required=True, choices=["random", "evolution", "reinforce"])
+    search.add_argument("--proxies", default="wrcor", help="comma-separated proxy names")
+    search.add_argument("--vote", default="hard", choices=["hard", "soft"])
+    search.add_argument("--budget", type=int, required=True, help="evaluations, all counted")
+    search.add_argument("--seed", type=int, default=0, help="search seed")
+    search.add_argument("--score-seed", type=int, default=42, help="init and batch seed")
+    search.add_argument("--dataset", default="cifar10")
+    search.add_argument("--data", help="local .npz of training images (default: tfds)")
+    search.add_argument("--data-dir", help="tfds data_dir")
+    search.add_argument("--batch-size", type=int, default=64)
+    search.add_argument("--engine", default="composed", choices=["composed", "vmap"])
+    search.add_argument("--workers", type=int, default=2, help="archs in flight (composed)")
+    search.add_argument("--children", type=int, help="evolution: mutants per generation (1)")
+    search.add_argument("--out", required=True, help="folder: history.csv, result.json")
+    search.add_argument("--ground-truth", help="NAS-Bench-201 accuracy CSV")
+    search.add_argument("--cache-dir", help="score cache shared between searches")
+    search.add_argument("--cache-preload", help="a `wrcor-jax score` file of this config")
+    search.add_argument("--quiet", action="store_true", help="no progress bar")
+    search.set_defaults(run=_search)
     return parser
 
 
