@@ -45,7 +45,8 @@ def machine() -> str:
 
 
 def time_side_by_side(scorer: NB201Scorer, archs: np.ndarray) -> dict:
-    """Steady per-arch seconds of the composed engine and of a static jit, same archs."""
+    """Steady per-arch seconds of the composed engine and of a static jit, same archs, then
+    the composed engine's throughput with the scorer's worker threads."""
     static, composed_s, static_s, static_compile_s = NB201Engine(static_per_arch=True), [], [], []
     args = (scorer.params, scorer.images, scorer.labels)
     for ops in archs:
@@ -59,8 +60,14 @@ def time_side_by_side(scorer: NB201Scorer, archs: np.ndarray) -> dict:
         static_compile_s.append((t1 - t0) - (t2 - t1))
         static_s.append(t2 - t1)
         composed_s.append(t3 - t2)
+    t0 = time.perf_counter()
+    scorer.site_sums(archs)  # the scorer's threads: `workers` architectures in flight
+    threaded_s = (time.perf_counter() - t0) / len(archs)
     return {
         "archs": len(archs),
+        "workers": scorer.config.workers,
+        "threaded_s_per_arch": threaded_s,
+        "threaded_speedup_vs_sequential": float(np.mean(composed_s) / threaded_s),
         "composed_median_s": float(np.median(composed_s)),
         "static_median_s": float(np.median(static_s)),
         "ratio_composed_over_static": float(np.median(composed_s) / np.median(static_s)),
