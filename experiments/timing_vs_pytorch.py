@@ -330,18 +330,14 @@ def _piece_breakdown(calls: list, batch_size: int, add_term: Callable, empty_blo
 
 
 def _machine(args: argparse.Namespace) -> dict:
-    models = [
-        line.split(":", 1)[1].strip()
-        for line in Path("/proc/cpuinfo").read_text().splitlines()
-        if line.startswith("model name")
-    ]
-    flags = next(
-        (ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")),
-        "",
-    )
+    cpuinfo = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        cpuinfo.setdefault(key.strip(), value.strip())  # the first processor's entries
     return {
-        "cpu": models[0] if models else platform.processor(),
-        "avx512": "avx512f" in flags,
+        "cpu": cpuinfo.get("model name", platform.processor()),
+        "cpu_family_model": f"{cpuinfo.get('cpu family')}/{cpuinfo.get('model')}",
+        "avx512": "avx512f" in cpuinfo.get("flags", "").split(),
         "cores": os.cpu_count(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
@@ -358,7 +354,7 @@ def _spawn(args: argparse.Namespace, name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, __file__, *args.argv, "--worker", name, "--worker-out", str(out)]
-        start = time.perf_counter()
+        start, load = time.perf_counter(), os.getloadavg()[0]
         try:
             subprocess.run(command, check=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -367,6 +363,8 @@ def _spawn(args: argparse.Namespace, name: str) -> dict:
             return {"name": name, "status": f"failed: exit status {exc.returncode}"}
         result = json.loads(out.read_text())
         result["process_s"] = time.perf_counter() - start
+        # The 1-minute load average around the run: the machine is shared, so say how busy.
+        result["extra"]["load_1min_before_after"] = [load, os.getloadavg()[0]]
         return result
 
 
