@@ -195,12 +195,12 @@ def _open_tfds_source(info: DatasetInfo, data_dir: str | None, download: bool) -
         raise DataError(
             "tensorflow-datasets is not installed: pass --data PATH.npz for local images"
         ) from exc
-    where = data_dir if data_dir is not None else "the tfds default data_dir"
+    where = f"data_dir {data_dir}" if data_dir is not None else "the tfds default data_dir"
     try:
         return tfds.data_source(info.tfds_name, split="train", data_dir=data_dir, download=download)
     except Exception as exc:  # tfds raises many kinds here: not found, network, formats
         raise DataError(
-            f"dataset {info.tfds_name} not found in data_dir {where} and could not be "
+            f"dataset {info.tfds_name} not found in {where} and could not be "
             f"downloaded: pass --data PATH.npz for local images ({_one_line(exc)})"
         ) from exc
 
