@@ -37,11 +37,6 @@ def batch_norm(y: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = BN_
     return (y - mean) * jax.lax.rsqrt(var + eps) * scale + bias
 
 
-def relu_conv_bn(x: jax.Array, p: Mapping[str, jax.Array], stride: int = 1) -> jax.Array:
-    """NAS-Bench-201's ReLUConvBN op: ReLU, bias-free conv, affine BatchNorm."""
-    return batch_norm(conv2d(jax.nn.relu(x), p["kernel"], stride), p["scale"], p["bias"])
-
-
 def _pool_counts(size: int) -> np.ndarray:
     """How many unpadded cells each output of a 3-wide, stride-1, pad-1 window covers."""
     counts = np.full(size, 3.0, np.float32)
