@@ -140,3 +140,57 @@ def test_cli_score_then_evaluate(tmp_path, capsys):
     report = json.loads(out)
     assert code == 0 and set(report) == {"wrcor", "act_cor"}
     assert report["wrcor"]["n"] == 6 and -1 <= report["wrcor"]["kendall"] <= 1
+
+
+VOTES = "wrcor,vote(wrcor,act_cor,act_grad_cor),softvote(wrcor_clean,act_cor)"
+
+
+def test_vote_columns_are_filled_when_the_run_completes(tmp_path, capsys, monkeypatch):
+    """4 archs in chunks of 2, killed after the first chunk: the file holds base scores and
+    empty vote cells; the resumed run scores the rest and fills the votes over all rows."""
+    from wrcor_jax.results import read_meta
+    from wrcor_jax.vote import parse_columns, vote_scores
+
+    archs = tmp_path / "archs.txt"
+    archs.write_text("\n".join(random_archs(5, 4)) + "\n")
+    args = score_args(tmp_path, "--archs", archs, "--proxies", VOTES, "--chunk-size", 2)
+    real_score, calls = NB201Scorer.score, []
+
+    def dies_on_second_chunk(self, ops):
+        calls.append(len(ops))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_score(self, ops)
+
+    monkeypatch.setattr(NB201Scorer, "score", dies_on_second_chunk)
+    code, _, err = run_cli(capsys, *args)
+    assert code == cli.EXIT_INTERRUPTED and "re-run" in err
+    base = ["wrcor", "act_cor", "act_grad_cor", "wrcor_clean"]
+    header = ["arch", *base, "vote(wrcor,act_cor,act_grad_cor)", "softvote(wrcor_clean,act_cor)"]
+    rows = read(tmp_path / "r.csv")
+    assert rows[0] == header and len(rows) == 3
+    assert all(row[-2:] == ["", ""] and all(row[1:5]) for row in rows[1:])
+
+    monkeypatch.setattr(NB201Scorer, "score", real_score)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and "scored 2 archs (2 already" in err
+    assert "2 vote column(s) filled over 4 rows" in err
+    rows = read(tmp_path / "r.csv")
+    table = np.array([[float(c) for c in row[1:5]] for row in rows[1:]])
+    expected = vote_scores(parse_columns(VOTES, base)[1], base, table)
+    np.testing.assert_array_equal([float(row[5]) for row in rows[1:]], expected[header[5]])
+    np.testing.assert_allclose([float(row[6]) for row in rows[1:]], expected[header[6]])
+    assert sorted(float(row[5]) for row in rows[1:]) == [0, 1, 2, 3]  # positions
+    assert read_meta(tmp_path / "r.csv")["dataset"] == "cifar10"
+
+    code, _, err = run_cli(capsys, *args)  # nothing left: the votes come out the same
+    assert code == 0 and "scored 0 archs" in err and read(tmp_path / "r.csv") == rows
+    code, _, err = run_cli(capsys, *args[:-2], "--seed", 7)
+    assert code == 1 and "was scored with seed 42" in err and read(tmp_path / "r.csv") == rows
+
+
+def test_unknown_proxy_in_a_vote_fails_in_one_line(tmp_path, capsys):
+    proxies = "wrcor,vote(wrcor,zz)"
+    code, _, err = run_cli(capsys, *score_args(tmp_path, "--sample", 3, "--proxies", proxies))
+    assert code != 0 and "unknown proxy 'zz' in 'vote(wrcor,zz)'" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r.csv").exists()

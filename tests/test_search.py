@@ -272,6 +272,19 @@ def test_cache_preloads_a_score_file(tmp_path):
         cache.preload(tmp_path / "bad.csv")
 
 
+def test_cache_preload_skips_vote_columns(tmp_path):
+    archs = [nb201.arch_string(o) for o in nb201.sample_archs(np.random.default_rng(2), 3)]
+    results = ResultsFile(tmp_path / "scores.csv", ["wrcor", "act_cor"], ["vote(wrcor,act_cor)"])
+    results.append((arch, [k, -k]) for k, arch in enumerate(archs))
+    results.fill_derived(lambda table: {"vote(wrcor,act_cor)": table[:, 0]})
+    cache = ScoreCache({"k": 1}, tmp_path / "cache")
+    assert cache.preload(tmp_path / "scores.csv") == 2 * 3
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*.csv")) == [
+        "act_cor.csv",
+        "wrcor.csv",
+    ]
+
+
 def toy_score_file(path) -> None:
     """Every architecture's toy scores under real proxy names, as `wrcor-jax score` writes."""
     everything = nb201.all_archs()

@@ -1,8 +1,10 @@
 """`wrcor-jax`: score architectures and evaluate scores against NAS-Bench-201.
 
     wrcor-jax score --space nb201 --dataset cifar10 --data PATH.npz --sample 1000 \\
-        --proxies wrcor,act_cor --seed 42 --batch-size 64 --out results.csv
-    wrcor-jax evaluate results.csv --ground-truth nb201.csv --dataset cifar10 [--json]
+        --proxies 'wrcor,act_cor,vote(wrcor,act_cor,act_grad_cor)' --seed 42 \\
+        --batch-size 64 --out results.csv
+    wrcor-jax evaluate results.csv --ground-truth nb201.csv --dataset cifar10 [--json] \\
+        [--bootstrap 1000] [--plot ranks.png] [--scored-on cifar10]
     wrcor-jax search --space nb201 --algo evolution --proxies wrcor,act_cor --vote hard \
         --budget 1000 --seed 0 --dataset cifar10 --data PATH.npz --out DIR \
         [--ground-truth nb201.csv] [--cache-dir DIR] [--cache-preload results.csv]
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wrcor_jax.proxies import parse_proxies
+from wrcor_jax.proxies import PROXIES, parse_proxies
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
@@ -55,10 +57,12 @@ def _select_archs(args: argparse.Namespace) -> list[str]:
 
 def _score(args: argparse.Namespace) -> None:
     from wrcor_jax.scoring import ScoreConfig, score_archs
+    from wrcor_jax.vote import parse_columns
 
+    proxies, votes = parse_columns(args.proxies, PROXIES)
     config = ScoreConfig(
         dataset=args.dataset,
-        proxies=tuple(parse_proxies(args.proxies)),
+        proxies=tuple(proxies),
         seed=args.seed,
         batch_size=args.batch_size,
         data=args.data,
@@ -67,13 +71,43 @@ def _score(args: argparse.Namespace) -> None:
         chunk_size=args.chunk_size,
         workers=args.workers,
     )
-    summary = score_archs(_select_archs(args), config, args.out, progress=not args.quiet)
+    summary = score_archs(
+        _select_archs(args), config, args.out, progress=not args.quiet, votes=votes
+    )
     print(summary.line(), file=sys.stderr)
 
 
-def _evaluate(args: argparse.Namespace) -> None:
-    from wrcor_jax.benchmarks.nb201 import evaluate_scores, load_ground_truth
+def _batch_note(args: argparse.Namespace) -> str:
+    """Which batch the scores were computed on, from --scored-on or the file's sidecar."""
+    from wrcor_jax.benchmarks.nb201 import BenchmarkError, dataset_column
+    from wrcor_jax.results import meta_path, read_meta
 
+    def canonical(name: str) -> str:
+        try:
+            return dataset_column(name)
+        except BenchmarkError:
+            return name.strip().lower()
+
+    meta = read_meta(args.results) or {}
+    scored_on = args.scored_on or meta.get("dataset")
+    if scored_on is None:
+        return (
+            f"the batch the scores were computed on is not recorded (no "
+            f"{meta_path(args.results).name}); pass --scored-on DATASET"
+        )
+    batch = f"scores computed on the {canonical(scored_on)} batch"
+    if not args.scored_on and "seed" in meta and "batch_size" in meta:
+        batch += f" (seed {meta['seed']}, {meta['batch_size']} images)"
+    if canonical(scored_on) != canonical(args.dataset):
+        batch += f", evaluated against {canonical(args.dataset)} accuracy"
+    return batch
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from wrcor_jax.benchmarks.nb201 import evaluate_table, load_ground_truth, score_table
+
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     try:
         with open(args.results, newline="") as f:
             reader = csv.DictReader(f)
@@ -83,13 +117,40 @@ def _evaluate(args: argparse.Namespace) -> None:
     columns = [c for c in reader.fieldnames or [] if c != "arch"]
     if not rows:
         raise ValueError(f"{args.results} holds no scored architecture")
-    report = evaluate_scores(rows, load_ground_truth(args.ground_truth), args.dataset, columns)
+    truth = load_ground_truth(args.ground_truth)
+    accuracies, scores = score_table(rows, truth, args.dataset, columns)
+    report = evaluate_table(accuracies, scores, args.bootstrap, args.bootstrap_seed)
+    note = _batch_note(args)
+    unfilled = [c for c, r in report.items() if r["n"] == 0 and "(" in c]
+    if unfilled:
+        note += f"; {', '.join(unfilled)} not filled yet (votes are, when a score run completes)"
+    if args.plot:
+        from wrcor_jax.plots import rank_scatter_grid
+
+        title = f"{Path(args.results).name} vs {args.dataset} test accuracy\n{note}"
+        rank_scatter_grid(accuracies, scores, report, args.plot, title=title)
     if args.json:
+        print(note, file=sys.stderr)
         print(json.dumps(report))
         return
-    print(f"{'proxy':<20} {'kendall':>8} {'spearman':>9} {'n':>6}   ({args.dataset})")
+    print(f"{args.dataset} test accuracy; {note}")
+    if args.bootstrap:
+        print(f"95% CIs: percentile bootstrap over architectures, {args.bootstrap} resamples")
+    width = max(20, *map(len, report))
+    print(
+        f"{'column':<{width}} {'kendall':>8} {'95% CI':<16} {'spearman':>9} {'95% CI':<16} {'n':>6}"
+    )
     for name, r in report.items():
-        print(f"{name:<20} {r['kendall']:>8.3f} {r['spearman']:>9.3f} {r['n']:>6d}")
+        kendall_ci = _interval(r.get("kendall_ci"))
+        spearman_ci = _interval(r.get("spearman_ci"))
+        print(
+            f"{name:<{width}} {r['kendall']:>8.3f} {kendall_ci:<16} "
+            f"{r['spearman']:>9.3f} {spearman_ci:<16} {r['n']:>6d}"
+        )
+
+
+def _interval(ci: Sequence[float] | None) -> str:
+    return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _search(args: argparse.Namespace) -> None:
@@ -150,7 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--sample", type=int, help="score N distinct random architectures")
     which.add_argument("--all", action="store_true", help="score all 15,625 architectures")
     score.add_argument("--sample-seed", type=int, default=0)
-    score.add_argument("--proxies", default="wrcor", help="comma-separated proxy names")
+    score.add_argument(
+        "--proxies",
+        default="wrcor",
+        help="comma-separated proxy names and votes, e.g. wrcor,act_cor,vote(a,b,c),softvote(a,b)",
+    )
     score.add_argument("--seed", type=int, default=42, help="init and batch seed")
     score.add_argument("--batch-size", type=int, default=64)
     score.add_argument("--engine", default="composed", choices=["composed", "vmap"])
@@ -165,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ground-truth", required=True, help="NAS-Bench-201 accuracy CSV")
     evaluate.add_argument("--dataset", default="cifar10")
     evaluate.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    evaluate.add_argument(
+        "--bootstrap", type=int, default=1000, help="resamples for the 95%% CIs (0: none)"
+    )
+    evaluate.add_argument("--bootstrap-seed", type=int, default=0)
+    evaluate.add_argument("--plot", help="write rank-vs-rank scatter plots here (.png)")
+    evaluate.add_argument(
+        "--scored-on", help="dataset whose batch the scores were computed on (default: sidecar)"
+    )
     evaluate.set_defaults(run=_evaluate)
 
     search = commands.add_parser("search", help="search the space with a proxy or a vote")

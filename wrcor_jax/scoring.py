@@ -30,10 +30,11 @@ from tqdm import tqdm
 from wrcor_jax.data import get_dataset_info, load_batch
 from wrcor_jax.proxies import PROXIES
 from wrcor_jax.responses import SiteSums
-from wrcor_jax.results import ResultsFile
+from wrcor_jax.results import ResultsError, ResultsFile, meta_path, read_meta, write_meta
 from wrcor_jax.spaces import nb201
 from wrcor_jax.spaces.nb201_capture import vmapped_site_sums
 from wrcor_jax.spaces.nb201_engine import NB201Engine
+from wrcor_jax.vote import VoteColumn, vote_scores
 
 ENGINES = ("composed", "vmap")
 
@@ -135,34 +136,84 @@ class RunSummary:
     seconds: float
     compilations: int
     compile_seconds: float
+    votes: tuple[str, ...] = ()  # vote columns filled at the end, over `rows` rows
+    rows: int = 0
 
     @property
     def archs_per_second(self) -> float:
         return self.archs / self.seconds if self.seconds > 0 else float("nan")
 
     def line(self) -> str:
-        return (
+        text = (
             f"scored {self.archs} archs ({self.skipped} already in the file) in "
             f"{self.seconds:.1f} s, {self.archs_per_second:.2f} archs/s, "
             f"{self.compilations} compilations ({self.compile_seconds:.1f} s)"
         )
+        if self.votes:
+            text += f"; {len(self.votes)} vote column(s) filled over {self.rows} rows"
+        return text
+
+
+# What a resumed run must share with the file's sidecar: scores of another batch do not mix.
+_SAME_BATCH = ("space", "dataset", "seed", "batch_size")
+
+
+def _batch_meta(config: ScoreConfig) -> dict:
+    """The sidecar of a results file: the batch its scores were computed on."""
+    return {
+        "space": "nb201",
+        "dataset": config.dataset,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "data": None if config.data is None else str(config.data),
+        "data_dir": None if config.data_dir is None else str(config.data_dir),
+        "proxies": list(config.proxies),
+    }
+
+
+def _check_meta(out: str | Path, config: ScoreConfig, has_rows: bool) -> None:
+    meta = read_meta(out)
+    if not has_rows or meta is None:
+        return
+    ours = _batch_meta(config)
+    differs = [k for k in _SAME_BATCH if k in meta and meta[k] != ours[k]]
+    if differs:
+        theirs = ", ".join(f"{k} {meta[k]}" for k in differs)
+        raise ResultsError(
+            f"{out} was scored with {theirs} ({meta_path(out).name}), this run uses "
+            + ", ".join(f"{k} {ours[k]}" for k in differs)
+            + ": choose another --out"
+        )
 
 
 def score_archs(
-    archs: Sequence[str], config: ScoreConfig, out: str | Path, progress: bool = True
+    archs: Sequence[str],
+    config: ScoreConfig,
+    out: str | Path,
+    progress: bool = True,
+    votes: Sequence[VoteColumn] = (),
 ) -> RunSummary:
     """Score architecture strings into `out`, resuming whatever the file already holds.
 
     Everything is validated (architectures, file header, data) before the first row is
-    written; rows are appended one chunk at a time.
+    written; rows are appended one chunk at a time. Vote columns rank an architecture
+    against all the others, so they are computed only once every row is scored, over all
+    rows of the file, and written by one atomic rewrite; until then their cells are empty.
+    Their proxies must be among `config.proxies`.
     """
     ops = [nb201.parse_arch(a) for a in archs]
     unique = dict(zip(map(nb201.arch_string, ops), ops, strict=True))
-    results = ResultsFile(out, config.proxies)
+    missing = [p for v in votes for p in v.proxies if p not in config.proxies]
+    if missing:
+        raise ValueError(f"vote needs proxy {missing[0]!r}; add it to the proxies scored")
+    results = ResultsFile(out, config.proxies, [v.name for v in votes])
     done = results.done()
+    _check_meta(out, config, bool(done))
     todo = [(arch, o) for arch, o in unique.items() if arch not in done]
     start, compiles, compile_s = time.perf_counter(), CompileCounter.count, CompileCounter.seconds
     scorer = NB201Scorer(config) if todo else None
+    if todo:
+        write_meta(out, _batch_meta(config))
     bar = tqdm(total=len(todo), unit="arch", file=sys.stderr, disable=not progress)
     for begin in range(0, len(todo), config.chunk_size):
         chunk = todo[begin : begin + config.chunk_size]
@@ -170,10 +221,15 @@ def score_archs(
         results.append(zip([arch for arch, _ in chunk], scores, strict=True))
         bar.update(len(chunk))
     bar.close()
+    rows = 0
+    if votes:
+        rows = results.fill_derived(lambda table: vote_scores(votes, config.proxies, table))
     return RunSummary(
         archs=len(todo),
         skipped=len(unique) - len(todo),
         seconds=time.perf_counter() - start,
         compilations=CompileCounter.count - compiles,
         compile_seconds=CompileCounter.seconds - compile_s,
+        votes=tuple(v.name for v in votes),
+        rows=rows,
     )

@@ -5,9 +5,11 @@ from wrcor_jax.benchmarks.nb201 import (
     BenchmarkError,
     GroundTruth,
     evaluate_scores,
+    evaluate_table,
     load_ground_truth,
     parse_score,
     rank_correlations,
+    score_table,
 )
 
 __all__ = [
@@ -15,7 +17,9 @@ __all__ = [
     "BenchmarkError",
     "GroundTruth",
     "evaluate_scores",
+    "evaluate_table",
     "load_ground_truth",
     "parse_score",
     "rank_correlations",
+    "score_table",
 ]

@@ -9,6 +9,7 @@ or accuracy omitted, -inf kept as the lowest rank (+inf as the highest). Both st
 depend only on the order of the values, so they are computed on the ranks
 (`scipy.stats.rankdata`, ties averaged), which orders infinities correctly; scipy fed the
 raw values can turn an infinity into NaN (inf - inf) inside Spearman's Pearson step.
+`evaluate_table` adds percentile-bootstrap confidence intervals (`bootstrap.bootstrap_ci`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
+
+from wrcor_jax.benchmarks.bootstrap import bootstrap_ci
 
 __all__ = [
     "DATASETS",
@@ -31,9 +35,11 @@ __all__ = [
     "GroundTruth",
     "dataset_column",
     "evaluate_scores",
+    "evaluate_table",
     "load_ground_truth",
     "parse_score",
     "rank_correlations",
+    "score_table",
 ]
 
 # The three accuracy columns of the ground truth, named like wrcor_jax.data's datasets.
@@ -190,17 +196,16 @@ def rank_correlations(scores: Sequence[float], accuracies: Sequence[float]) -> d
     return result
 
 
-def evaluate_scores(
+def score_table(
     rows: Iterable[Mapping[str, Any]],
     ground_truth: Mapping[str, ArchRecord],
     dataset: str,
     columns: Sequence[str],
-) -> dict[str, dict[str, Any]]:
-    """Correlate each score column of `rows` with the ground truth on `dataset`.
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The accuracies on `dataset` and each score column of `rows`, aligned row by row.
 
     `rows` are dicts (e.g. from csv.DictReader) with an 'arch' key and one cell per score
-    column; cells may be numbers or strings such as "nan", "-inf", "inf". Returns
-    ``{column: {"kendall", "spearman", "n"}}``.
+    column; cells may be numbers or strings such as "nan", "-inf", "inf" ("" is NaN).
     """
     column_name = dataset_column(dataset)
     columns = list(columns)
@@ -226,4 +231,41 @@ def evaluate_scores(
                 scores[column].append(parse_score(row[column]))
             except BenchmarkError as exc:
                 raise BenchmarkError(f"score row {number}, column {column!r}: {exc}") from None
-    return {c: rank_correlations(scores[c], accuracies) for c in columns}
+    return (
+        np.asarray(accuracies, dtype=np.float64),
+        {c: np.asarray(v, dtype=np.float64) for c, v in scores.items()},
+    )
+
+
+def evaluate_table(
+    accuracies: ArrayLike,
+    scores: Mapping[str, ArrayLike],
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """`rank_correlations` of each score column; with `bootstrap` resamples (> 0) also
+    ``"kendall_ci"`` and ``"spearman_ci"``, 95% percentile-bootstrap intervals (`seed`)."""
+    report = {}
+    for column, values in scores.items():
+        report[column] = rank_correlations(values, accuracies)
+        if bootstrap > 0:
+            cis = bootstrap_ci(values, accuracies, resamples=bootstrap, seed=seed)
+            report[column].update({key: list(ci) for key, ci in cis.items()})
+    return report
+
+
+def evaluate_scores(
+    rows: Iterable[Mapping[str, Any]],
+    ground_truth: Mapping[str, ArchRecord],
+    dataset: str,
+    columns: Sequence[str],
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Correlate each score column of `rows` with the ground truth on `dataset`.
+
+    Returns ``{column: {"kendall", "spearman", "n"}}``, plus ``"kendall_ci"`` and
+    ``"spearman_ci"`` ([lo, hi]) when `bootstrap` > 0 (see `evaluate_table`).
+    """
+    accuracies, scores = score_table(rows, ground_truth, dataset, columns)
+    return evaluate_table(accuracies, scores, bootstrap, seed)

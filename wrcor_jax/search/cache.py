@@ -117,7 +117,7 @@ class ScoreCache:
         """Add the scores of a `wrcor-jax score` results file made with this configuration.
 
         The file cannot prove which configuration made it: that is the caller's word.
-        Every column but `arch` is a proxy. Returns how many scores were new.
+        Every column but `arch` and the votes is a proxy. Returns how many scores were new.
         """
         try:
             with open(path, newline="") as f:
@@ -126,7 +126,8 @@ class ScoreCache:
         except OSError as exc:
             raise ValueError(f"cannot read scores {path}: {exc.strerror}") from None
         columns = reader.fieldnames or []
-        proxies = [c for c in columns if c != "arch"]
+        # Vote columns (e.g. "vote(a,b,c)") rank a whole file's set: no per-arch score to cache.
+        proxies = [c for c in columns if c != "arch" and "(" not in c]
         if "arch" not in columns or not proxies:
             raise ValueError(f"{path} needs an 'arch' column and at least one proxy column")
         return self.put(
