@@ -1,7 +1,9 @@
-"""An independent PyTorch implementation of the NB201 network and WRCor, for parity and timing.
+"""An independent PyTorch implementation of the NB201 network, WRCor and the other proxies,
+for parity and timing.
 
 It reproduces the reference's module structure and hook semantics (SPEC sections 1 and 3a)
-so that JAX scores can be checked number for number. Needs the optional `torch` extra;
+and the other proxies' reference conventions (SPEC 4, `torch_ref.proxies`) so that JAX
+scores can be checked number for number. Needs the optional `torch` extra;
 importing `wrcor_jax` itself never imports torch.
 """
 
@@ -11,6 +13,7 @@ from wrcor_jax.torch_ref.nb201 import (
     load_flax_params,
     to_flax_params,
 )
+from wrcor_jax.torch_ref.proxies import PROXY_NAMES, torch_proxy_scores
 from wrcor_jax.torch_ref.wrcor import (
     SITE_SETS,
     WRCorResult,
@@ -22,6 +25,7 @@ from wrcor_jax.torch_ref.wrcor import (
 )
 
 __all__ = [
+    "PROXY_NAMES",
     "SITE_SETS",
     "NB201TorchNetwork",
     "WRCorResult",
@@ -30,6 +34,7 @@ __all__ = [
     "build_network",
     "load_flax_params",
     "to_flax_params",
+    "torch_proxy_scores",
     "torch_scores",
     "torch_site_terms",
     "wrcor",

@@ -1,0 +1,110 @@
+"""The JAX proxies (`NB201Scorer`) against the PyTorch ones (`torch_ref.proxies`) on the very
+same weights, batch and, for Zen-score, the same Gaussian weights and inputs.
+
+Architectures: the CIFAR-10 best one, convs fed by `none` edges (connected and disconnected
+cells), all-skip, all-pool and random ones. NaN or infinite scores must match exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="parity with the PyTorch reference needs the optional torch extra"
+)
+
+from conftest import BEST_CIFAR10, SAMPLE, SMALL_BATCH, require  # noqa: E402
+
+from wrcor_jax.spaces.nb201 import arch_string, parse_arch, sample_archs  # noqa: E402
+from wrcor_jax.torch_ref.proxies import PROXY_NAMES, torch_proxy_scores  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+NAMES = list(PROXY_NAMES)
+ARCHS = [
+    BEST_CIFAR10,
+    # Node 1 is fed by a none edge only, so the convs reading it see zeros, while the cell
+    # stays connected through B and D: zero-variance BN inputs, zero gradients, zero maps.
+    "|none~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_1x1~1|avg_pool_3x3~2|",
+    # Disconnected: the only conv reads zeros and node 3 gets only none edges.
+    "|none~0|+|none~0|nor_conv_3x3~1|+|none~0|none~1|none~2|",
+    "|skip_connect~0|+|skip_connect~0|skip_connect~1|+|skip_connect~0|skip_connect~1|skip_connect~2|",
+    "|avg_pool_3x3~0|+|avg_pool_3x3~0|avg_pool_3x3~1|+|avg_pool_3x3~0|avg_pool_3x3~1|avg_pool_3x3~2|",
+] + [arch_string(ops) for ops in sample_archs(np.random.default_rng(2026), 3)]
+
+# float32 JAX against float64 reductions of float32 torch; exact for the counts.
+RTOL = {name: 1e-4 for name in NAMES} | {"synflow": 1e-5, "params": 0.0, "flops": 0.0}
+ATOL = 1e-9  # for scores that are 0 on one side (disconnected cells)
+
+
+def relative_difference(ours: float, theirs: float) -> float:
+    """|ours - theirs| / |theirs|; 0 when both are the same non-finite value or both 0."""
+    if not (np.isfinite(ours) and np.isfinite(theirs)):
+        same = (np.isnan(ours) and np.isnan(theirs)) or ours == theirs
+        return 0.0 if same else np.inf
+    if abs(ours - theirs) <= ATOL:
+        return 0.0
+    return abs(ours - theirs) / abs(theirs)
+
+
+@pytest.fixture(scope="module")
+def scores() -> dict[str, tuple[dict, dict]]:
+    """arch -> ({name: JAX score}, {name: torch score})."""
+    from wrcor_jax.proxies import PROXIES
+    from wrcor_jax.proxies.zen import zen_inputs, zen_params
+    from wrcor_jax.scoring import NB201Scorer, ScoreConfig
+
+    missing = [name for name in NAMES if name not in PROXIES]
+    if missing:
+        pytest.skip(f"the JAX side lacks {', '.join(missing)}")
+    require(SAMPLE)
+    config = ScoreConfig(proxies=tuple(NAMES), data=str(SAMPLE), batch_size=SMALL_BATCH, workers=1)
+    scorer = NB201Scorer(config)
+    images, labels = np.asarray(scorer.images), np.asarray(scorer.labels)
+    gaussian = zen_params(config.seed, scorer.num_classes)
+    inputs = zen_inputs(config.seed, images.shape)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the 2 CPUs are shared
+    try:
+        out = {}
+        for arch in ARCHS:
+            (row,) = scorer.score(parse_arch(arch)[None])
+            ours = dict(zip(NAMES, map(float, row), strict=True))
+            theirs = torch_proxy_scores(
+                arch,
+                scorer.params,
+                images,
+                labels,
+                NAMES,
+                scorer.num_classes,
+                zen_params=gaussian,
+                zen_inputs=inputs,
+            )
+            out[arch] = ours, theirs
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", NAMES)
+def test_proxy_matches_torch(name, arch, scores):
+    ours, theirs = scores[arch]
+    assert relative_difference(ours[name], theirs[name]) <= RTOL[name], (
+        f"{name}: JAX {ours[name]!r} vs torch {theirs[name]!r}"
+    )
+
+
+def test_parity_summary(scores, capsys):
+    """Largest relative difference per proxy over every architecture, printed for the log."""
+    pairs = list(scores.values())
+    worst = {
+        name: max(relative_difference(ours[name], theirs[name]) for ours, theirs in pairs)
+        for name in NAMES
+    }
+    with capsys.disabled():
+        print(f"\nJAX vs torch proxies over {len(ARCHS)} archs, batch {SMALL_BATCH}")
+        for name, value in worst.items():
+            print(f"  {name:10s} max rel diff {value:.2e} (tolerance {RTOL[name]:.0e})")
+    assert all(worst[name] <= RTOL[name] for name in NAMES)
