@@ -105,7 +105,7 @@ def _jax_worker(args: argparse.Namespace, name: str, result: dict) -> None:
     import jax
     import jax.numpy as jnp
 
-    from wrcor_jax.proxies import PROXIES
+    from wrcor_jax.proxies import RESPONSE_PROXIES
     from wrcor_jax.responses import SiteSums
     from wrcor_jax.scoring import CompileCounter
     from wrcor_jax.spaces.nb201 import init_params
@@ -117,7 +117,7 @@ def _jax_worker(args: argparse.Namespace, name: str, result: dict) -> None:
     x, y = jnp.asarray(images), jnp.asarray(labels)
     params = jax.device_put(init_params(WEIGHT_SEED, NUM_CLASSES))
     ops = [parse_arch(a) for a in _archs(args, name)]
-    wrcor = PROXIES["wrcor"]
+    wrcor = RESPONSE_PROXIES["wrcor"]
     compiles = CompileCounter.count
 
     if name == "jax_vmap":
@@ -232,7 +232,7 @@ def _profile(args: argparse.Namespace, name: str, result: dict) -> None:
     import jax
     import jax.numpy as jnp
 
-    from wrcor_jax.proxies import PROXIES
+    from wrcor_jax.proxies import RESPONSE_PROXIES
     from wrcor_jax.responses import SiteSums, add_term, empty_block
     from wrcor_jax.spaces.nb201 import init_params
     from wrcor_jax.spaces.nb201_engine import NB201Engine
@@ -277,9 +277,9 @@ def _profile(args: argparse.Namespace, name: str, result: dict) -> None:
             sums = engine.site_sums(ops, params, x, y)
             entry["piece_calls"] = len(calls)
             entry[f"wall_s_batch_{batch_size}"] = median_time(
-                lambda o=ops, x=x, y=y: PROXIES["wrcor"](engine.site_sums(o, params, x, y))
+                lambda o=ops, x=x, y=y: RESPONSE_PROXIES["wrcor"](engine.site_sums(o, params, x, y))
             )
-        entry["host_scoring_s"] = median_time(lambda s=sums: PROXIES["wrcor"](s), reps=20)
+        entry["host_scoring_s"] = median_time(lambda s=sums: RESPONSE_PROXIES["wrcor"](s), reps=20)
         blocks = engine._blocks(tuple(int(o) for o in ops), params, x, y)
         entry["gather_sums_s"] = median_time(lambda b=blocks: SiteSums.from_blocks(b))
         timing["enabled"] = True

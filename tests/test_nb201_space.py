@@ -124,7 +124,7 @@ def test_flax_initialisers_use_the_same_bound():
 
 
 def test_fast_init_has_the_flax_init_tree():
-    shapes = nb201._param_shapes(10)
+    shapes = nb201.param_shapes(10)
     assert jax.tree.structure(shapes) == jax.tree.structure(nb201.init_params(0, 10))
     for a, b in zip(
         jax.tree.leaves(shapes), jax.tree.leaves(nb201.init_params(0, 10)), strict=True

@@ -20,7 +20,7 @@ torch = pytest.importorskip(
 )
 
 from wrcor_jax.data import load_batch  # noqa: E402
-from wrcor_jax.proxies import PROXIES  # noqa: E402
+from wrcor_jax.proxies import RESPONSE_PROXIES  # noqa: E402
 from wrcor_jax.proxies.wrcor import response_kernel  # noqa: E402
 from wrcor_jax.spaces.nb201 import arch_string, init_params, parse_arch, sample_archs  # noqa: E402
 from wrcor_jax.spaces.nb201_engine import NB201Engine  # noqa: E402
@@ -88,7 +88,7 @@ def scores() -> dict[str, tuple[dict, dict]]:
         out = {}
         for arch in ARCHS:
             sums = engine.site_sums(parse_arch(arch), on_device, images_jnp, labels_jnp)
-            ours = {name: PROXIES[name](sums) for name in SCORES}
+            ours = {name: RESPONSE_PROXIES[name](sums) for name in SCORES}
             ours["terms"] = response_kernel(sums, "reference", True)[1]
             ours["terms_clean"] = response_kernel(sums, "clean", True)[1]
             out[arch] = ours, torch_scores(arch, params, images, labels, NUM_CLASSES)

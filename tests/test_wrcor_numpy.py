@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import BEST_CIFAR10
 
-from wrcor_jax.proxies import PROXIES
+from wrcor_jax.proxies import RESPONSE_PROXIES
 from wrcor_jax.proxies.wrcor import response_kernel
 from wrcor_jax.spaces import nb201
 from wrcor_jax.spaces.nb201_capture import capture_sites, site_keys
@@ -78,7 +78,7 @@ def test_engine_matches_float64_numpy_recomputation(arch, params, small_batch, e
     }
     sums = engine.site_sums(ops, params, images, labels)
     for name, (score, _) in expected.items():
-        got = PROXIES[name](sums)
+        got = RESPONSE_PROXIES[name](sums)
         if np.isneginf(score):
             assert np.isneginf(got), (name, got)
         else:
@@ -101,4 +101,4 @@ def test_site_counts_of_the_best_arch(params, small_batch, engine):
 def test_disconnected_arch_scores_minus_infinity(params, small_batch, engine):
     sums = engine.site_sums(nb201.parse_arch(ARCHS[2]), params, *small_batch)
     assert response_kernel(sums, "reference", True)[1] == 0
-    assert all(np.isneginf(PROXIES[name](sums)) for name in PROXIES)
+    assert all(np.isneginf(RESPONSE_PROXIES[name](sums)) for name in RESPONSE_PROXIES)

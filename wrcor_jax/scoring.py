@@ -29,14 +29,17 @@ from tqdm import tqdm
 
 from wrcor_jax.data import get_dataset_info, load_batch
 from wrcor_jax.proxies import PROXIES
+from wrcor_jax.proxies.zen import zen_inputs, zen_params
 from wrcor_jax.responses import SiteSums
 from wrcor_jax.results import ResultsError, ResultsFile, meta_path, read_meta, write_meta
 from wrcor_jax.spaces import nb201
 from wrcor_jax.spaces.nb201_capture import vmapped_site_sums
 from wrcor_jax.spaces.nb201_engine import NB201Engine
+from wrcor_jax.spaces.nb201_measures import NB201Measurer
 from wrcor_jax.vote import VoteColumn, vote_scores
 
 ENGINES = ("composed", "vmap")
+GRADIENT_MEASUREMENTS = frozenset({"loss_grads", "half_batch_grads", "synflow_grads"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +90,11 @@ class CompileCounter:
 
 
 class NB201Scorer:
-    """Scores NB201 architectures on one batch with one set of (seeded) supernet weights."""
+    """Scores NB201 architectures on one batch with one set of (seeded) supernet weights.
+
+    Per architecture, each measurement the requested proxies read is taken once and shared
+    (`wrcor_jax.proxies`); the WRCor family comes from the chosen engine's site sums.
+    """
 
     def __init__(self, config: ScoreConfig):
         CompileCounter.install()
@@ -98,9 +105,24 @@ class NB201Scorer:
         )
         self.num_classes = info.num_classes
         self.images, self.labels = jnp.asarray(images), jnp.asarray(labels)
-        self.params = jax.device_put(nb201.init_params(config.seed, info.num_classes))
+        self.host_params = nb201.init_params(config.seed, info.num_classes)
+        self.params = jax.device_put(self.host_params)
+        self.measurements = {PROXIES[name].measurement for name in config.proxies}
         self.engine = NB201Engine()
+        self.measurer = NB201Measurer(
+            self.params,
+            self.images,
+            self.labels,
+            *self._zen_setup(images.shape) if "zen" in self.measurements else (),
+        )
         self._pool = ThreadPoolExecutor(config.workers) if config.workers > 1 else None
+
+    def _zen_setup(self, images_shape: tuple[int, ...]) -> tuple[dict, tuple]:
+        params = jax.device_put(zen_params(self.config.seed, self.num_classes))
+        return params, tuple(map(jnp.asarray, zen_inputs(self.config.seed, images_shape)))
+
+    def _map(self, fn, items) -> list:
+        return list(self._pool.map(fn, items) if self._pool else map(fn, items))
 
     def site_sums(self, ops: np.ndarray) -> list[SiteSums]:
         """Reduced responses of a chunk of architectures, ops of shape (k, 6)."""
@@ -109,7 +131,7 @@ class NB201Scorer:
             one = functools.partial(
                 self.engine.site_sums, params=self.params, images=self.images, labels=self.labels
             )
-            return list(self._pool.map(one, ops) if self._pool else map(one, ops))
+            return self._map(one, ops)
         size = self.config.chunk_size
         out = []
         for start in range(0, len(ops), size):
@@ -120,11 +142,32 @@ class NB201Scorer:
             out += [SiteSums.from_stacked(sums[i], counts[i]) for i in range(len(chunk))]
         return out
 
+    def measure(self, name: str | None, ops: np.ndarray):
+        """One non-engine measurement of one architecture (gradient trees cut to its ops)."""
+        if name is None:
+            return None
+        if name == "macs":
+            return nb201.count_macs(ops, tuple(self.images.shape), self.num_classes)
+        value = self.measurer.measure(name, ops)
+        return nb201.used_params(value, ops) if name in GRADIENT_MEASUREMENTS else value
+
     def score(self, ops: np.ndarray) -> list[list[float]]:
         """One row of proxy scores (in config order) per architecture."""
-        return [
-            [PROXIES[name](sums) for name in self.config.proxies] for sums in self.site_sums(ops)
-        ]
+        ops = nb201.validate_ops(np.atleast_2d(ops))
+        sums = self.site_sums(ops) if "site_sums" in self.measurements else [None] * len(ops)
+
+        def row(item: tuple[np.ndarray, SiteSums | None]) -> list[float]:
+            arch, arch_sums = item
+            measured = {"site_sums": arch_sums} | {
+                name: self.measure(name, arch) for name in self.measurements - {"site_sums"}
+            }
+            used = nb201.used_params(self.host_params, arch)
+            return [
+                PROXIES[name].score(measured[PROXIES[name].measurement], used)
+                for name in self.config.proxies
+            ]
+
+        return self._map(row, list(zip(ops, sums, strict=True)))
 
 
 @dataclasses.dataclass

@@ -334,7 +334,8 @@ class NB201Network(nn.Module):
 
 
 @functools.cache
-def _param_shapes(num_classes: int) -> dict:
+def param_shapes(num_classes: int) -> dict:
+    """Shapes and dtypes of the supernet's parameter tree."""
     model = NB201Network(num_classes)
     images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     ops = jax.ShapeDtypeStruct((NUM_EDGES,), jnp.int32)
@@ -347,7 +348,7 @@ def init_params(seed: int = 42, num_classes: int = 10) -> dict:
     Same tree and distribution as `NB201Network(num_classes).init(...)["params"]`. With a
     fixed seed every architecture sees the same weights on the edges it uses.
     """
-    return torch_default_init(seed, _param_shapes(num_classes))
+    return torch_default_init(seed, param_shapes(num_classes))
 
 
 def used_params(params: dict, ops: np.ndarray) -> dict:
@@ -369,3 +370,20 @@ def used_params(params: dict, ops: np.ndarray) -> dict:
 def count_params(params: dict, ops: np.ndarray) -> int:
     """Trainable parameters of one architecture (BN scale and bias included, as torch counts)."""
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(used_params(params, ops)))
+
+
+def count_macs(ops: np.ndarray, image_shape: tuple[int, ...], num_classes: int) -> int:
+    """Multiply-accumulates per image of the convs and the classifier of one architecture
+    (BatchNorm, pools and additions not counted), for NHWC `image_shape`."""
+    ops = validate_ops(ops)
+    _, h, w, c_in = image_shape
+    macs = h * w * STEM_CHANNELS * c_in * 9
+    for c_in, c_out, reduction in CELL_PLAN:
+        if reduction:
+            h, w = h // 2, w // 2
+            macs += h * w * c_out * (c_in * 9 + c_out * 9 + c_in)  # conv_a, conv_b, shortcut
+        else:
+            macs += sum(
+                h * w * c_out * c_in * CONV_KERNEL[op] ** 2 for op in ops if op in CONV_KERNEL
+            )
+    return int(macs + CELL_PLAN[-1][1] * num_classes)
