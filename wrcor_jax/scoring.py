@@ -35,7 +35,7 @@ from wrcor_jax.results import ResultsError, ResultsFile, meta_path, read_meta, w
 from wrcor_jax.spaces import nb201
 from wrcor_jax.spaces.nb201_capture import vmapped_site_sums
 from wrcor_jax.spaces.nb201_engine import NB201Engine
-from wrcor_jax.spaces.nb201_measures import NB201Measurer
+from wrcor_jax.spaces.nb201_measures import MEASUREMENTS, NB201Measurer
 from wrcor_jax.vote import VoteColumn, vote_scores
 
 ENGINES = ("composed", "vmap")
@@ -142,14 +142,16 @@ class NB201Scorer:
             out += [SiteSums.from_stacked(sums[i], counts[i]) for i in range(len(chunk))]
         return out
 
-    def measure(self, name: str | None, ops: np.ndarray):
-        """One non-engine measurement of one architecture (gradient trees cut to its ops)."""
-        if name is None:
-            return None
-        if name == "macs":
-            return nb201.count_macs(ops, tuple(self.images.shape), self.num_classes)
-        value = self.measurer.measure(name, ops)
-        return nb201.used_params(value, ops) if name in GRADIENT_MEASUREMENTS else value
+    def measure(self, ops: np.ndarray) -> dict:
+        """The non-engine measurements the proxies read, for one architecture (gradient
+        trees cut to its used weights)."""
+        names = self.measurements & set(MEASUREMENTS)
+        measured = self.measurer.measure_many(sorted(names), ops)
+        for name in names & GRADIENT_MEASUREMENTS:
+            measured[name] = nb201.used_params(measured[name], ops)
+        if "macs" in self.measurements:
+            measured["macs"] = nb201.count_macs(ops, tuple(self.images.shape), self.num_classes)
+        return measured | {None: None}
 
     def score(self, ops: np.ndarray) -> list[list[float]]:
         """One row of proxy scores (in config order) per architecture."""
@@ -158,9 +160,7 @@ class NB201Scorer:
 
         def row(item: tuple[np.ndarray, SiteSums | None]) -> list[float]:
             arch, arch_sums = item
-            measured = {"site_sums": arch_sums} | {
-                name: self.measure(name, arch) for name in self.measurements - {"site_sums"}
-            }
+            measured = self.measure(arch) | {"site_sums": arch_sums}
             used = nb201.used_params(self.host_params, arch)
             return [
                 PROXIES[name].score(measured[PROXIES[name].measurement], used)

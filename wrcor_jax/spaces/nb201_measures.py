@@ -20,7 +20,8 @@ Measurements (host values, NumPy; gradient trees hold the architecture's used we
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -283,34 +284,48 @@ class NB201Measurer:
 
     def measure(self, name: str, ops: np.ndarray):
         """One measurement of one architecture, as host (NumPy) values."""
-        if name not in MEASUREMENTS:
-            raise ValueError(f"unknown measurement {name!r}; known: {', '.join(MEASUREMENTS)}")
-        return getattr(self, "_" + name)(tuple(int(op) for op in validate_ops(ops)))
+        return self.measure_many([name], ops)[name]
 
-    def _grads(self, ops: tuple, params: dict, images: jax.Array, labels: jax.Array) -> dict:
-        forward = _forward(ops, params, images, use_bn=True)
+    def measure_many(self, names: Iterable[str], ops: np.ndarray) -> dict:
+        """Several measurements of one architecture; those starting from the forward pass
+        on the scoring batch (loss gradients, input Jacobian, activations) share it."""
+        unknown = [name for name in names if name not in MEASUREMENTS]
+        if unknown:
+            raise ValueError(
+                f"unknown measurement {unknown[0]!r}; known: {', '.join(MEASUREMENTS)}"
+            )
+        arch = tuple(int(op) for op in validate_ops(ops))
+        forward = functools.cache(lambda: _forward(arch, self.params, self.images, use_bn=True))
+        return {name: getattr(self, "_" + name)(arch, forward) for name in names}
+
+    @staticmethod
+    def _grads(forward: _Forward, labels: jax.Array, params: dict, ops: tuple) -> dict:
         grads, _ = _backward(forward, _loss_cotangent(forward.logits, labels), use_bn=True)
         return jax.device_get(_fill_unreached(grads, params, ops))
 
-    def _loss_grads(self, ops: tuple) -> dict:
-        return self._grads(ops, self.params, self.images, self.labels)
+    def _loss_grads(self, ops: tuple, forward: Callable[[], _Forward]) -> dict:
+        return self._grads(forward(), self.labels, self.params, ops)
 
-    def _half_batch_grads(self, ops: tuple) -> dict:
+    def _half_batch_grads(self, ops: tuple, _: object) -> dict:
         n = self.images.shape[0]
         if n % 2:
             raise ValueError("ZiCo splits the batch in two halves: use an even batch size")
         halves = [
-            self._grads(ops, self.params, self.images[part], self.labels[part])
+            self._grads(
+                _forward(ops, self.params, self.images[part], use_bn=True),
+                self.labels[part],
+                self.params,
+                ops,
+            )
             for part in (slice(0, n // 2), slice(n // 2, n))
         ]
         return jax.tree.map(lambda *g: np.stack(g), *halves)
 
-    def _input_jacobian(self, ops: tuple) -> np.ndarray:
-        forward = _forward(ops, self.params, self.images, use_bn=True)
-        _, dimages = _backward(forward, jnp.ones_like(forward.logits), use_bn=True)
+    def _input_jacobian(self, ops: tuple, forward: Callable[[], _Forward]) -> np.ndarray:
+        _, dimages = _backward(forward(), jnp.ones_like(forward().logits), use_bn=True)
         return np.asarray(dimages)
 
-    def _synflow_grads(self, ops: tuple) -> dict:
+    def _synflow_grads(self, ops: tuple, _: object) -> dict:
         """In float64: the BN-free product of |weights| overflows float32."""
         with jax.enable_x64(True):
             params = jax.tree.map(lambda t: jnp.abs(jnp.asarray(t, jnp.float64)), self.params)
@@ -319,18 +334,18 @@ class NB201Measurer:
             grads, _ = _backward(forward, jnp.ones_like(forward.logits), use_bn=False)
             return jax.device_get(_fill_unreached(grads, params, ops))
 
-    def _activations(self, ops: tuple) -> tuple[np.ndarray, float]:
+    def _activations(self, ops: tuple, forward: Callable[[], _Forward]) -> tuple[np.ndarray, float]:
         """NASWOT kernel over the reference's forward sites (each conv-op input twice, the
         final ReLU's output once) and the MeCo sum over the feature maps (stem, every edge's
         op, reduction convs, every cell, final BN-ReLU), from one forward pass."""
-        forward = _forward(ops, self.params, self.images, use_bn=True)
-        kernel = _hamming_kernel(forward.final_relu_out)
-        for x in forward.conv_inputs:
+        values = forward()
+        kernel = _hamming_kernel(values.final_relu_out)
+        for x in values.conv_inputs:
             kernel = kernel + 2 * _hamming_kernel(x)
-        meco = sum(_min_channel_eigenvalue(m) for m in forward.feature_maps)
+        meco = sum(_min_channel_eigenvalue(m) for m in values.feature_maps)
         return np.asarray(kernel), float(meco)
 
-    def _zen(self, ops: tuple) -> tuple[float, float]:
+    def _zen(self, ops: tuple, _: object) -> tuple[float, float]:
         """Zen-score's two terms: E ||f(x) - f(x + 0.01 eps)||_1 of the pre-pooling
         features, and the sum over the used BatchNorms of log sqrt(mean batch variance)."""
         if self.zen_params is None or self.zen_inputs is None:
