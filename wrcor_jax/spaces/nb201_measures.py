@@ -236,18 +236,19 @@ def _hamming_kernel(x: jax.Array) -> jax.Array:
     return jnp.round(agree).astype(jnp.int32)
 
 
-@jax.jit
-def _min_channel_eigenvalue(feature_map: jax.Array) -> jax.Array:
+def _min_channel_eigenvalue(feature_map: np.ndarray) -> float:
     """MeCo's term: smallest eigenvalue of the channel-by-channel Pearson correlation of the
-    first sample's feature map; entries of zero-variance channels count 0 (as MeCo sets NaN)."""
-    x = feature_map[0].reshape(-1, feature_map.shape[-1]).T
+    first sample's feature map, in float64 on the host (small eigenvalues of near-singular
+    correlations are where float32 loses digits); entries of zero-variance channels count
+    0, as MeCo replaces NaN by 0."""
+    x = np.asarray(feature_map, np.float64).reshape(-1, feature_map.shape[-1]).T
     centred = x - x.mean(axis=1, keepdims=True)
-    gram = jnp.dot(centred, centred.T, precision=HIGHEST)
-    norms = jnp.sqrt(jnp.diagonal(gram))
+    gram = centred @ centred.T
+    norms = np.sqrt(np.diagonal(gram))
     defined = (norms[:, None] > 0) & (norms[None, :] > 0)
-    safe = jnp.where(norms > 0, norms, 1.0)
-    corr = jnp.where(defined, jnp.clip(gram / safe[:, None] / safe[None, :], -1.0, 1.0), 0.0)
-    return jnp.linalg.eigvalsh(corr)[0]
+    safe = np.where(norms > 0, norms, 1.0)
+    corr = np.where(defined, np.clip(gram / safe[:, None] / safe[None, :], -1.0, 1.0), 0.0)
+    return float(np.linalg.eigvalsh(corr)[0])
 
 
 @jax.jit
@@ -342,7 +343,8 @@ class NB201Measurer:
         kernel = _hamming_kernel(values.final_relu_out)
         for x in values.conv_inputs:
             kernel = kernel + 2 * _hamming_kernel(x)
-        meco = sum(_min_channel_eigenvalue(m) for m in values.feature_maps)
+        first_samples = jax.device_get([m[0] for m in values.feature_maps])
+        meco = sum(_min_channel_eigenvalue(m) for m in first_samples)
         return np.asarray(kernel), float(meco)
 
     def _zen(self, ops: tuple, _: object) -> tuple[float, float]:
