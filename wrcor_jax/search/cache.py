@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -121,10 +122,12 @@ class ScoreCache:
         """
         try:
             with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                rows = list(reader)
+                text = f.read()
         except OSError as exc:
             raise ValueError(f"cannot read scores {path}: {exc.strerror}") from None
+        # A file still being written (a running `wrcor-jax score`) may end in a cut row.
+        reader = csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1]))
+        rows = list(reader)
         columns = reader.fieldnames or []
         # Vote columns (e.g. "vote(a,b,c)") rank a whole file's set: no per-arch score to cache.
         proxies = [c for c in columns if c != "arch" and "(" not in c]
