@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from wrcor_jax.benchmarks.machine import cpu_model
 from wrcor_jax.benchmarks.nb201 import evaluate_scores, load_ground_truth
 from wrcor_jax.results import ResultsFile
 from wrcor_jax.scoring import CompileCounter, NB201Scorer, ScoreConfig
@@ -33,14 +33,7 @@ PROXIES = ("wrcor", "wrcor_clean", "act_cor", "act_grad_cor")
 
 def machine() -> str:
     """CPU model and core count, for the report."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     return f"{model}, {jax.local_device_count()} JAX device(s), {len(jax.devices('cpu'))} cpu"
 
 

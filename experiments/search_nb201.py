@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -53,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from wrcor_jax.benchmarks.machine import cpu_model
 from wrcor_jax.benchmarks.nb201 import DATASETS
 from wrcor_jax.search import ALGORITHMS, CachedFitness, Fitness, ScoreCache
 
@@ -344,14 +344,7 @@ def caption(report: Mapping[str, Any]) -> str:
 
 def machine() -> str:
     """CPU model and core count (and the load when the experiment started)."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     return f"{model}, {os.cpu_count()} cores, load {load:.1f} at start"
 
