@@ -52,6 +52,10 @@ BEST = (
 ALL_NONE = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
 # The only conv reads node 1, which only a none edge feeds: its input is all zeros.
 NONE_FED_CONV = "|none~0|+|none~0|nor_conv_3x3~1|+|none~0|none~1|none~2|"
+# Node 1 gets only a none edge, so convs C and E read zeros; the cell stays connected.
+NONE_FEEDS_CONVS = (
+    "|none~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_1x1~1|avg_pool_3x3~2|"
+)
 ALL_SKIP = (
     "|skip_connect~0|+|skip_connect~0|skip_connect~1|"
     "+|skip_connect~0|skip_connect~1|skip_connect~2|"
@@ -93,7 +97,9 @@ def _no_grads_left(net) -> bool:
 # --------------------------------------------------------------------------- params, flops
 
 
-@pytest.mark.parametrize("arch", [BEST, ALL_NONE, NONE_FED_CONV, ALL_SKIP, *RANDOM])
+@pytest.mark.parametrize(
+    "arch", [BEST, ALL_NONE, NONE_FED_CONV, NONE_FEEDS_CONVS, ALL_SKIP, *RANDOM]
+)
 def test_params_equal_count_params(arch, weights):
     ops = parse_arch(arch) if isinstance(arch, str) else arch
     assert params(_net(arch, weights)) == count_params(weights, ops)
@@ -482,6 +488,19 @@ def test_zen_terms_by_hand():
     assert zen_terms(net, x, mixed + 1.0)[1] == sigmas
 
 
+def test_zen_leaves_out_batch_norms_of_dead_convs():
+    """Node 1 gets only a none edge: the two convs reading it see zeros, their BatchNorms a
+    constant input (sigma 0), and those 2 x 15 BatchNorms carry no scale: left out."""
+    net = _gaussian(NONE_FEEDS_CONVS)
+    x, mixed = _zen_inputs()
+    delta, sigmas = zen_terms(net, x, mixed)
+    assert len(sigmas) == 1 + 15 * 3 + 2 * 2 + 1
+    assert sum(s == 0.0 for s in sigmas) == 2 * 15
+    score = zen(net, x, mixed)
+    assert np.isfinite(score)
+    assert score == pytest.approx(np.log(delta) + np.log([s for s in sigmas if s]).sum(), rel=1e-12)
+
+
 def test_zen_degenerate_cases():
     x, mixed = _zen_inputs()
     assert zen(_gaussian(BEST), x, x) == -np.inf  # delta = 0
@@ -503,6 +522,13 @@ def test_torch_proxy_scores(weights, batch):
     assert scores["flops"] == flops(net, (3, SIZE, SIZE))
     assert scores["snip"] == pytest.approx(snip(net, *batch), rel=1e-12)
     assert scores["naswot"] == pytest.approx(naswot(net, batch[0]), rel=1e-12)
+    # The exact (float64) network: the same counts, the float32 scores within float32 noise.
+    exact = torch_proxy_scores(
+        BEST, weights, images, labels, names, NUM_CLASSES, dtype=torch.float64
+    )
+    assert (exact["params"], exact["flops"]) == (scores["params"], scores["flops"])
+    assert exact["snip"] == pytest.approx(scores["snip"], rel=1e-3)
+    assert exact["naswot"] == pytest.approx(scores["naswot"], rel=1e-4)
     with pytest.raises(ValueError, match="unknown proxy"):
         torch_proxy_scores(BEST, weights, images, labels, ["wrcor"], NUM_CLASSES)
     with pytest.raises(ValueError, match="zen needs"):

@@ -21,8 +21,9 @@ side of the JAX proxies' parity checks, so each follows its written definition l
   the stem, the normal cells' non-none edge outputs, every cell's output, the reduction
   cells' conv_a/conv_b outputs and the final BN-ReLU output (Jiang et al., NeurIPS 2023).
 - zen: log(mean_i sum |f(x) - f(x_mixed)|) + sum over BatchNorms of log sqrt(mean over
-  channels of the biased batch variance of its input on x); f = the final BN-ReLU output
-  (Lin et al., ICCV 2021). The caller supplies the Gaussian-initialised weights and inputs.
+  channels of the biased batch variance of its input on x), BatchNorms with a constant
+  input (variance 0: a conv reading an all-zero node) left out; f = the final BN-ReLU
+  output (Lin et al., ICCV 2021). The caller supplies the Gaussian weights and inputs.
 """
 
 from __future__ import annotations
@@ -385,10 +386,11 @@ def zen_terms(
 
 
 def zen(net: NB201TorchNetwork, x: torch.Tensor, x_mixed: torch.Tensor) -> float:
-    """Zen-score: log delta + sum over BatchNorms of log sigma (float64; -inf if any is 0)."""
+    """Zen-score: log delta + sum over BatchNorms of log sigma (float64). A BatchNorm whose
+    input is constant (sigma 0: a conv reading an all-zero node) is left out."""
     delta, sigmas = zen_terms(net, x, x_mixed)
     with np.errstate(divide="ignore"):
-        return float(np.log(delta) + np.sum(np.log(sigmas)))
+        return float(np.log(delta) + np.sum(np.log([s for s in sigmas if s > 0])))
 
 
 # --------------------------------------------------------------------------- driver
@@ -408,17 +410,21 @@ def torch_proxy_scores(
     num_classes: int,
     zen_params: dict | None = None,
     zen_inputs: tuple[np.ndarray, np.ndarray] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """{name: score} of `ops` with Flax `flax_params` on an NHWC batch (NumPy or JAX arrays).
 
     `zen` needs `zen_params` (a Flax tree of Gaussian weights) and `zen_inputs` = (x,
-    x_mixed), NHWC, as `wrcor_jax.proxies.zen` makes them.
+    x_mixed), NHWC, as `wrcor_jax.proxies.zen` makes them. `dtype` is the network's and the
+    inputs' precision: float32 as the reference runs, float64 for the exact values that
+    float32 results of both frameworks scatter around (the gradients of this deep BatchNorm
+    network are ill-conditioned; synflow is float64 either way).
     """
     unknown = [name for name in names if name not in PROXY_NAMES]
     if unknown:
         raise ValueError(f"unknown proxy {unknown[0]!r}; known: {', '.join(PROXY_NAMES)}")
-    net = build_network(ops, num_classes, flax_params)
-    x = _nchw(images)
+    net = build_network(ops, num_classes, flax_params).to(dtype)
+    x = _nchw(images).to(dtype)
     y = torch.from_numpy(np.asarray(labels).astype(np.int64))
     image_shape = tuple(x.shape[1:])
     compute = {
@@ -437,8 +443,9 @@ def torch_proxy_scores(
         if name == "zen":
             if zen_params is None or zen_inputs is None:
                 raise ValueError("zen needs zen_params and zen_inputs (see wrcor_jax.proxies.zen)")
-            gaussian = build_network(ops, num_classes, zen_params)
-            out[name] = zen(gaussian, _nchw(zen_inputs[0]), _nchw(zen_inputs[1]))
+            gaussian = build_network(ops, num_classes, zen_params).to(dtype)
+            mixed = (_nchw(inputs).to(dtype) for inputs in zen_inputs)
+            out[name] = zen(gaussian, *mixed)
         else:
             out[name] = float(compute[name]())
     return out
