@@ -39,7 +39,9 @@ def rank_scatter_grid(
     accuracies = np.asarray(accuracies, dtype=np.float64)
     cols = min(columns_per_row, len(names))
     rows = math.ceil(len(names) / cols)
-    figure = Figure(figsize=(3.6 * cols, 3.4 * rows + (0.6 if title else 0)), dpi=110)
+    figure = Figure(
+        figsize=(3.6 * cols, 3.4 * rows + (0.6 if title else 0)), dpi=110, layout="constrained"
+    )
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows, cols, squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
@@ -58,7 +60,6 @@ def rank_scatter_grid(
     if title:
         lines = [textwrap.fill(line, 45 * cols) for line in title.splitlines()]
         figure.suptitle("\n".join(lines), fontsize=9)
-    figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
