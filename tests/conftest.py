@@ -47,6 +47,17 @@ def params() -> dict:
     return jax.device_put(nb201.init_params(42, 10))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch at 1 thread for a module: its OpenMP pool at 2 threads ran ~18x slower while
+    other jobs shared the 2 CPUs."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def engine() -> NB201Engine:
     """One composed engine for the whole session, so its pieces compile once."""

@@ -64,13 +64,7 @@ RANDOM = [np.asarray(ops) for ops in sample_archs(np.random.default_rng(11), 3)]
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The 2 CPUs are shared: torch's OpenMP pool at 2 threads crawls under load.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

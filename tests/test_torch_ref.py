@@ -68,13 +68,7 @@ def _reference_terms(arch: str) -> int:
     return 4 * _conv_count(arch) * 15 + 2 * 2 * 4 + 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # With other jobs on the 2 CPUs, torch's OpenMP pool ran ~18x slower at 2 threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
