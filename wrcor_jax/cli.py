@@ -55,22 +55,29 @@ def _select_archs(args: argparse.Namespace) -> list[str]:
     return [nb201.arch_string(ops) for ops in chosen]
 
 
-def _score(args: argparse.Namespace) -> None:
-    from wrcor_jax.scoring import ScoreConfig, score_archs
-    from wrcor_jax.vote import parse_columns
+def _score_config(args: argparse.Namespace, proxies: Sequence[str], seed: int, **extra):
+    """The ScoreConfig of `score` and `search`, from their shared options."""
+    from wrcor_jax.scoring import ScoreConfig
 
-    proxies, votes = parse_columns(args.proxies, PROXIES)
-    config = ScoreConfig(
+    return ScoreConfig(
         dataset=args.dataset,
         proxies=tuple(proxies),
-        seed=args.seed,
+        seed=seed,
         batch_size=args.batch_size,
         data=args.data,
         data_dir=args.data_dir,
         engine=args.engine,
-        chunk_size=args.chunk_size,
         workers=args.workers,
+        **extra,
     )
+
+
+def _score(args: argparse.Namespace) -> None:
+    from wrcor_jax.scoring import score_archs
+    from wrcor_jax.vote import parse_columns
+
+    proxies, votes = parse_columns(args.proxies, PROXIES)
+    config = _score_config(args, proxies, args.seed, chunk_size=args.chunk_size)
     summary = score_archs(
         _select_archs(args), config, args.out, progress=not args.quiet, votes=votes
     )
@@ -155,19 +162,9 @@ def _interval(ci: Sequence[float] | None) -> str:
 
 def _search(args: argparse.Namespace) -> None:
     from wrcor_jax.benchmarks.nb201 import load_ground_truth
-    from wrcor_jax.scoring import ScoreConfig
     from wrcor_jax.search import ALGORITHMS, nb201_fitness
 
-    config = ScoreConfig(
-        dataset=args.dataset,
-        proxies=tuple(parse_proxies(args.proxies)),
-        seed=args.score_seed,
-        batch_size=args.batch_size,
-        data=args.data,
-        data_dir=args.data_dir,
-        engine=args.engine,
-        workers=args.workers,
-    )
+    config = _score_config(args, parse_proxies(args.proxies), args.score_seed)
     truth = load_ground_truth(args.ground_truth) if args.ground_truth else None
     fitness = nb201_fitness(config, args.cache_dir)
     if args.cache_preload:
