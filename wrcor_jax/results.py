@@ -35,71 +35,54 @@ def _cell(text: str) -> float:
     return float(text) if text else math.nan
 
 
-class ResultsFile:
-    """`arch,<proxy>...,<derived>...` CSV; `done()` lists architectures already scored."""
+class CsvLog:
+    """A CSV with a fixed header, appended and fsync'ed row by row, so a killed writer
+    loses at most the row in flight; reading drops that cut row from the file.
 
-    def __init__(self, path: str | Path, columns: Sequence[str], derived: Sequence[str] = ()):
-        self.path = Path(path)
-        self.columns, self.derived = list(columns), list(derived)
-        self.header = ["arch", *self.columns, *self.derived]
+    `mismatch` is the error raised, with `hint` (what to do), when an existing file has
+    another header: it belongs to another run.
+    """
 
-    def done(self) -> set[str]:
-        """Architectures with a complete row; checks the header matches this run's."""
-        return {row[0] for row in self._rows()}
+    def __init__(
+        self,
+        path: str | Path,
+        header: Sequence[str],
+        mismatch: type[Exception] = ValueError,
+        hint: str = "choose another --out",
+    ):
+        self.path, self.header = Path(path), list(header)
+        self.mismatch, self.hint = mismatch, hint
 
-    def append(self, rows: Iterable[tuple[str, Sequence[float]]]) -> None:
-        """Write rows (base scores; derived cells left empty) and flush them to disk."""
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        empty = [""] * len(self.derived)
-        with self.path.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(self.header)
-            for arch, scores in rows:
-                if len(scores) != len(self.columns):
-                    raise ValueError(f"{len(scores)} scores for {len(self.columns)} columns")
-                writer.writerow([arch, *map(format_score, scores), *empty])
-            f.flush()
-            os.fsync(f.fileno())
-
-    def fill_derived(self, compute: Callable[[np.ndarray], Mapping[str, np.ndarray]]) -> int:
-        """Recompute the derived columns over all rows and rewrite the file atomically.
-
-        `compute` gets the base scores (rows x columns, file order) and returns one array per
-        derived column. Returns the number of rows.
-        """
-        rows = self._rows()
-        width = 1 + len(self.columns)
-        table = np.array([[_cell(c) for c in row[1:width]] for row in rows], dtype=np.float64)
-        values = compute(table.reshape(len(rows), len(self.columns)))
-        derived = np.array([values[name] for name in self.derived], dtype=np.float64)
-        if derived.shape != (len(self.derived), len(rows)):
-            raise ValueError(f"derived columns of shape {derived.shape} for {len(rows)} rows")
-        self._rewrite(
-            [row[:width] + [format_score(v) for v in derived[:, i]] for i, row in enumerate(rows)]
-        )
-        return len(rows)
-
-    def _rows(self) -> list[list[str]]:
-        """The complete rows; a row cut by a kill is dropped from the file."""
+    def rows(self) -> list[list[str]]:
+        """The complete rows (header excluded)."""
         if not self.path.exists() or self.path.stat().st_size == 0:
             return []
         text = self.path.read_text()
         rows = list(csv.reader(io.StringIO(text, newline="")))
         if rows[0] != self.header:
-            raise ResultsError(
-                f"{self.path} has columns {rows[0]}, this run writes {self.header}: "
-                "choose another --out or the same proxies"
+            raise self.mismatch(
+                f"{self.path} has columns {rows[0]}, this run writes {self.header}: {self.hint}"
             )
         complete = [row for row in rows[1:] if len(row) == len(self.header)]
         if complete and complete[-1] is rows[-1] and not text.endswith("\n"):
             complete.pop()  # cut inside its last cell: the count is right, the value is not
         if len(complete) != len(rows) - 1:
-            self._rewrite(complete)
+            self.rewrite(complete)
         return complete
 
-    def _rewrite(self, rows: list[list[str]]) -> None:
+    def append(self, rows: Iterable[Sequence[str]]) -> None:
+        """Write rows (the header first into a new file) and flush them to disk."""
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(self.header)
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rewrite(self, rows: list[list[str]]) -> None:
         """Replace the file with header + rows: write a temporary file, fsync, rename."""
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         with tmp.open("w", newline="") as f:
@@ -107,6 +90,50 @@ class ResultsFile:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+class ResultsFile:
+    """`arch,<proxy>...,<derived>...` CSV; `done()` lists architectures already scored."""
+
+    def __init__(self, path: str | Path, columns: Sequence[str], derived: Sequence[str] = ()):
+        self.path = Path(path)
+        self.columns, self.derived = list(columns), list(derived)
+        self.header = ["arch", *self.columns, *self.derived]
+        self._log = CsvLog(
+            self.path, self.header, ResultsError, "choose another --out or the same proxies"
+        )
+
+    def done(self) -> set[str]:
+        """Architectures with a complete row; checks the header matches this run's."""
+        return {row[0] for row in self._log.rows()}
+
+    def append(self, rows: Iterable[tuple[str, Sequence[float]]]) -> None:
+        """Write rows (base scores; derived cells left empty) and flush them to disk."""
+        empty = [""] * len(self.derived)
+        lines = []
+        for arch, scores in rows:
+            if len(scores) != len(self.columns):
+                raise ValueError(f"{len(scores)} scores for {len(self.columns)} columns")
+            lines.append([arch, *map(format_score, scores), *empty])
+        self._log.append(lines)
+
+    def fill_derived(self, compute: Callable[[np.ndarray], Mapping[str, np.ndarray]]) -> int:
+        """Recompute the derived columns over all rows and rewrite the file atomically.
+
+        `compute` gets the base scores (rows x columns, file order) and returns one array per
+        derived column. Returns the number of rows.
+        """
+        rows = self._log.rows()
+        width = 1 + len(self.columns)
+        table = np.array([[_cell(c) for c in row[1:width]] for row in rows], dtype=np.float64)
+        values = compute(table.reshape(len(rows), len(self.columns)))
+        derived = np.array([values[name] for name in self.derived], dtype=np.float64)
+        if derived.shape != (len(self.derived), len(rows)):
+            raise ValueError(f"derived columns of shape {derived.shape} for {len(rows)} rows")
+        self._log.rewrite(
+            [row[:width] + [format_score(v) for v in derived[:, i]] for i, row in enumerate(rows)]
+        )
+        return len(rows)
 
 
 def meta_path(results: str | Path) -> Path:

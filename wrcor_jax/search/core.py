@@ -21,10 +21,8 @@ Conventions:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from wrcor_jax.benchmarks.nb201 import DATASETS, parse_score
-from wrcor_jax.results import format_score
+from wrcor_jax.results import CsvLog, format_score
 from wrcor_jax.spaces import nb201
 from wrcor_jax.vote import hard_vote_compare, soft_vote
 
@@ -92,26 +90,13 @@ class History:
 
     def __init__(self, path: str | Path, proxies: Sequence[str]):
         self.path = Path(path)
-        self.header = ["step", "arch", *proxies, "best_arch", "seconds"]
+        self._log = CsvLog(self.path, ["step", "arch", *proxies, "best_arch", "seconds"])
 
     def read(self) -> list[Record]:
         """The recorded evaluations; a row cut by a kill is dropped from the file."""
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return []
-        with self.path.open(newline="") as f:
-            rows = list(csv.reader(f))
-        if rows[0] != self.header:
-            raise ValueError(
-                f"{self.path} has columns {rows[0]}, this search writes {self.header}: "
-                "choose another --out"
-            )
-        complete = [row for row in rows[1:] if len(row) == len(self.header)]
-        if len(complete) != len(rows) - 1:
-            with self.path.open("w", newline="") as f:
-                csv.writer(f).writerows([self.header, *complete])
         records = [
             Record(int(r[0]), r[1], tuple(map(parse_score, r[2:-2])), r[-2], float(r[-1]))
-            for r in complete
+            for r in self._log.rows()
         ]
         if [r.step for r in records] != list(range(len(records))):
             raise ValueError(f"{self.path}: steps are not 0, 1, 2, ...")
@@ -119,18 +104,10 @@ class History:
 
     def append(self, records: Sequence[Record]) -> None:
         """Write records and flush them to disk."""
-        if not records:
-            return
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        with self.path.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(self.header)
-            for r in records:
-                scores = map(format_score, r.scores)
-                writer.writerow([r.step, r.arch, *scores, r.best_arch, f"{r.seconds:.3f}"])
-            f.flush()
-            os.fsync(f.fileno())
+        self._log.append(
+            [r.step, r.arch, *map(format_score, r.scores), r.best_arch, f"{r.seconds:.3f}"]
+            for r in records
+        )
 
 
 class Evaluations:
