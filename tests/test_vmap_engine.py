@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import BEST_CIFAR10
 
-from wrcor_jax.proxies import PROXIES
+from wrcor_jax.proxies import RESPONSE_PROXIES
 from wrcor_jax.responses import SiteSums
 from wrcor_jax.spaces import nb201
 from wrcor_jax.spaces.nb201_capture import vmapped_site_sums
@@ -27,5 +27,5 @@ def test_vmapped_scores_equal_composed_scores(params, small_batch, engine):
         composed = engine.site_sums(ops, params, images, labels)
         for kind in composed.counts:
             assert np.array_equal(vmapped.counts[kind], composed.counts[kind]), kind
-        for name, proxy in PROXIES.items():
+        for name, proxy in RESPONSE_PROXIES.items():
             assert proxy(vmapped) == pytest.approx(proxy(composed), rel=1e-5), name

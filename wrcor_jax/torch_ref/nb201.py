@@ -234,7 +234,7 @@ def load_flax_params(
             value = _flax_to_torch_layout(np.asarray(leaf, np.float32), layout)
             if value.shape != tuple(tensor.shape):
                 raise ValueError(f"{'/'.join(path)}: shape {value.shape} != {tuple(tensor.shape)}")
-            tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+            tensor.copy_(torch.from_numpy(np.array(value)))  # a writable copy
     return net
 
 
