@@ -397,7 +397,7 @@ def zen(net: NB201TorchNetwork, x: torch.Tensor, x_mixed: torch.Tensor) -> float
 
 
 def _nchw(images_nhwc: np.ndarray) -> torch.Tensor:
-    images = np.ascontiguousarray(np.asarray(images_nhwc, np.float32))
+    images = np.array(images_nhwc, np.float32)  # a writable copy (JAX arrays are read-only)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
