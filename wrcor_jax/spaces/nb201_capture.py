@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from wrcor_jax.responses import add_term, empty_block, stack_blocks
 from wrcor_jax.spaces.nb201 import CELL_PLAN, NUM_EDGES, OPS, NB201Network, cell_name, edge_name
-from wrcor_jax.spaces.nb201_engine import cross_entropy
+from wrcor_jax.spaces.nb201_pieces import cross_entropy
 
 
 @functools.cache

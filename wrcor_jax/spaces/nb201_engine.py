@@ -38,6 +38,13 @@ from wrcor_jax.spaces.nb201 import (
     edge_name,
     validate_ops,
 )
+from wrcor_jax.spaces.nb201_pieces import (
+    classify,
+    cross_entropy,
+    reduction_cell,
+    relu_conv_bn,
+    stem,
+)
 
 NONE, SKIP, POOL = OPS.index("none"), OPS.index("skip_connect"), OPS.index("avg_pool_3x3")
 
@@ -58,21 +65,9 @@ def _conv_op_backward(
     return dx, add_term(block, "act_grad", dx)
 
 
-def _conv_op_forward(w: dict, x: jax.Array, stride: int = 1) -> tuple[jax.Array, jax.Array]:
-    """ReLU-conv-BN forward, returning the output and the conv output kept for backward."""
-    y = conv2d(jax.nn.relu(x), w["kernel"], stride)
-    return batch_norm(y, w["scale"], w["bias"]), y
-
-
-def _stem(w: dict, images: jax.Array) -> jax.Array:
-    return batch_norm(conv2d(images, w["kernel"]), w["scale"], w["bias"])
-
-
 def _reduction_forward(w: dict, x: jax.Array, block: BlockSums) -> tuple[jax.Array, tuple]:
-    a_out, a_y = _conv_op_forward(w["conv_a"], x, stride=2)
-    b_out, b_y = _conv_op_forward(w["conv_b"], a_out)
+    out, (a_out, a_y, _, b_y) = reduction_cell(w, x)
     block = add_term(add_term(block, "act", x), "act", a_out)
-    out = conv2d(avg_pool_2x2(x), w["shortcut"]["kernel"]) + b_out
     return out, ((x, a_y, a_out, b_y), block)
 
 
@@ -93,20 +88,12 @@ def _head(
     pre, bn_vjp = jax.vjp(lambda t: batch_norm(t, w["bn"]["scale"], w["bn"]["bias"]), h)
 
     def loss_from(pre_act: jax.Array) -> jax.Array:
-        pooled = jax.nn.relu(pre_act).mean(axis=(1, 2))
-        logits = pooled @ w["classifier"]["kernel"] + w["classifier"]["bias"]
-        return cross_entropy(logits, labels)
+        return cross_entropy(classify(w["classifier"], jax.nn.relu(pre_act)), labels)
 
     loss, dpre = jax.value_and_grad(loss_from)(pre)
     block = add_term(add_term(block, "act", pre), "act_out", jax.nn.relu(pre))
     block = add_term(block, "act_grad", dpre)
     return bn_vjp(dpre)[0], loss, block
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy over the batch (the reference's loss)."""
-    log_probs = jax.nn.log_softmax(logits)
-    return -jnp.take_along_axis(log_probs, labels[:, None], axis=1).mean()
 
 
 def _add_act(block: BlockSums, x: jax.Array, multiplicity: jax.Array) -> BlockSums:
@@ -123,8 +110,8 @@ class NB201Engine:
     def __init__(self, static_per_arch: bool = False):
         self.static_per_arch = static_per_arch
         wrap = (lambda f, **_: f) if static_per_arch else jax.jit
-        self._stem = wrap(_stem)
-        self._conv_forward = wrap(_conv_op_forward, static_argnames="stride")
+        self._stem = wrap(stem)
+        self._conv_forward = wrap(relu_conv_bn, static_argnames="stride")
         self._conv_backward = wrap(_conv_op_backward, static_argnames="stride")
         self._pool_forward = wrap(avg_pool_3x3)
         self._pool_backward = wrap(avg_pool_3x3_transpose)
@@ -161,7 +148,7 @@ class NB201Engine:
         self, ops: tuple[int, ...], params: dict, images: jax.Array, labels: jax.Array
     ) -> list[BlockSums]:
         blocks = [empty_block(images.shape[0]) for _ in range(len(CELL_PLAN) + 1)]
-        h = self._stem(params["stem"], images)
+        h, _ = self._stem(params["stem"], images)
         saved = []
         for index, (_, _, reduction) in enumerate(CELL_PLAN):
             w = params[cell_name(index)]
