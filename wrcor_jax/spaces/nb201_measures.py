@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wrcor_jax.layers import avg_pool_2x2, avg_pool_3x3, batch_norm, conv2d
+from wrcor_jax.layers import avg_pool_3x3
 from wrcor_jax.spaces.nb201 import (
     CELL_PLAN,
     CONV_OPS,
@@ -37,7 +37,14 @@ from wrcor_jax.spaces.nb201 import (
     edge_name,
     validate_ops,
 )
-from wrcor_jax.spaces.nb201_engine import cross_entropy
+from wrcor_jax.spaces.nb201_pieces import (
+    classify,
+    cross_entropy,
+    normalise,
+    reduction_cell,
+    relu_conv_bn,
+    stem,
+)
 
 MEASUREMENTS = (
     "loss_grads",
@@ -51,55 +58,39 @@ NONE, SKIP, POOL = OPS.index("none"), OPS.index("skip_connect"), OPS.index("avg_
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _norm(y: jax.Array, w: dict, use_bn: bool) -> jax.Array:
-    """BatchNorm, or the identity for synflow's BN-free network."""
-    return batch_norm(y, w["scale"], w["bias"]) if use_bn else y
-
-
-def _stem(w: dict, x: jax.Array, use_bn: bool) -> tuple[jax.Array, tuple]:
-    y = conv2d(x, w["kernel"])
-    return _norm(y, w, use_bn), (y,)
-
-
-def _conv_op(w: dict, x: jax.Array, use_bn: bool, stride: int = 1) -> tuple[jax.Array, tuple]:
-    y = conv2d(jax.nn.relu(x), w["kernel"], stride)
-    return _norm(y, w, use_bn), (y,)
-
-
 def _pool(w: dict, x: jax.Array, use_bn: bool) -> tuple[jax.Array, tuple]:
     return avg_pool_3x3(x), ()
 
 
-def _reduction(w: dict, x: jax.Array, use_bn: bool) -> tuple[jax.Array, tuple]:
-    a, (y_a,) = _conv_op(w["conv_a"], x, use_bn, stride=2)
-    b, (y_b,) = _conv_op(w["conv_b"], a, use_bn)
-    return conv2d(avg_pool_2x2(x), w["shortcut"]["kernel"]) + b, (a, y_a, b, y_b)
-
-
-def _head(w: dict, h: jax.Array, use_bn: bool) -> tuple[jax.Array, tuple]:
-    post = jax.nn.relu(_norm(h, w["bn"], use_bn))
-    logits = post.mean(axis=(1, 2)) @ w["classifier"]["kernel"] + w["classifier"]["bias"]
-    return logits, (post,)
+def _head(w: dict, h: jax.Array, use_bn: bool) -> tuple[jax.Array, jax.Array]:
+    post = jax.nn.relu(normalise(h, w["bn"], use_bn))
+    return classify(w["classifier"], post), post
 
 
 class _Piece:
-    """A compiled forward (output, kept values) and a compiled backward giving the weight
-    and input gradients of the output; the backward recomputes the small forward it needs."""
+    """A compiled forward (output, values kept for the proxies) and two compiled backwards
+    of the output: to the weights and the input, and to the input alone (the input Jacobian
+    needs no weight gradients, a third of a backward's work). Each recomputes the small
+    forward it needs."""
 
     def __init__(self, fn: Callable):
         self.forward = jax.jit(fn, static_argnames="use_bn")
 
         def backward(w: dict, x: jax.Array, cotangent: jax.Array, use_bn: bool):
-            return jax.vjp(lambda w, x: fn(w, x, use_bn)[0], w, x)[1](cotangent)
+            return jax.vjp(lambda w, x: fn(w, x, use_bn=use_bn)[0], w, x)[1](cotangent)
+
+        def input_backward(w: dict, x: jax.Array, cotangent: jax.Array, use_bn: bool):
+            return jax.vjp(lambda x: fn(w, x, use_bn=use_bn)[0], x)[1](cotangent)[0]
 
         self.backward = jax.jit(backward, static_argnames="use_bn")
+        self.input_backward = jax.jit(input_backward, static_argnames="use_bn")
 
 
 PIECES = {
-    "stem": _Piece(_stem),
-    "conv": _Piece(_conv_op),
+    "stem": _Piece(stem),
+    "conv": _Piece(relu_conv_bn),
     "pool": _Piece(_pool),
-    "reduction": _Piece(_reduction),
+    "reduction": _Piece(reduction_cell),
     "head": _Piece(_head),
 }
 
@@ -131,15 +122,15 @@ class _Forward:
 
 
 def _forward(ops: tuple[int, ...], params: dict, images: jax.Array, use_bn: bool) -> _Forward:
-    stem = _Call("stem", params["stem"], images, ("stem",))
-    h, (y,) = PIECES["stem"].forward(stem.w, images, use_bn)
+    stem_call = _Call("stem", params["stem"], images, ("stem",))
+    h, y = PIECES["stem"].forward(stem_call.w, images, use_bn=use_bn)
     conv_inputs, bn_inputs, maps, cells = [], [y], [h], []
     for index, (_, _, reduction) in enumerate(CELL_PLAN):
         w, name = params[cell_name(index)], cell_name(index)
         if reduction:
             cells.append(_Call("reduction", w, h, (name,)))
             x = h
-            h, (a, y_a, b, y_b) = PIECES["reduction"].forward(w, x, use_bn)
+            h, (a, y_a, b, y_b) = PIECES["reduction"].forward(w, x, use_bn=use_bn)
             conv_inputs += [x, a]
             bn_inputs += [y_a, y_b]
             maps += [a, b, h]
@@ -155,11 +146,11 @@ def _forward(ops: tuple[int, ...], params: dict, images: jax.Array, use_bn: bool
                 out = x
                 calls.append(_Call("skip", {}, x, (), from_node, to_node))
             elif op == POOL:
-                out, _ = PIECES["pool"].forward({}, x, use_bn)
+                out, _ = PIECES["pool"].forward({}, x, use_bn=use_bn)
                 calls.append(_Call("pool", {}, x, (), from_node, to_node))
             else:
                 edge_w = w[edge_name(e)][OPS[op]]
-                out, (y,) = PIECES["conv"].forward(edge_w, x, use_bn)
+                out, y = PIECES["conv"].forward(edge_w, x, use_bn=use_bn)
                 path = (name, edge_name(e), OPS[op])
                 calls.append(_Call("conv", edge_w, x, path, from_node, to_node))
                 conv_inputs.append(x)
@@ -170,8 +161,10 @@ def _forward(ops: tuple[int, ...], params: dict, images: jax.Array, use_bn: bool
         maps.append(h)
         cells.append(calls)
     head = _Call("head", params["head"], h, ("head",))
-    logits, (post,) = PIECES["head"].forward(head.w, h, use_bn)
-    return _Forward(logits, stem, cells, head, conv_inputs, [*bn_inputs, h], [*maps, post], post)
+    logits, post = PIECES["head"].forward(head.w, h, use_bn=use_bn)
+    bn_inputs.append(h)
+    maps.append(post)
+    return _Forward(logits, stem_call, cells, head, conv_inputs, bn_inputs, maps, post)
 
 
 def _set(tree: dict, path: tuple[str, ...], value: dict) -> None:
@@ -180,33 +173,37 @@ def _set(tree: dict, path: tuple[str, ...], value: dict) -> None:
     tree[path[-1]] = value
 
 
-def _backward(forward: _Forward, dlogits: jax.Array, use_bn: bool) -> tuple[dict, jax.Array]:
-    """Weight gradients (the used-weights tree) and the gradient at the images."""
+def _backward(
+    forward: _Forward, dlogits: jax.Array, use_bn: bool, weight_grads: bool = True
+) -> tuple[dict, jax.Array]:
+    """Weight gradients (the used-weights tree; empty unless `weight_grads`) and the
+    gradient at the images."""
     grads: dict = {}
-    dw, dh = PIECES["head"].backward(forward.head.w, forward.head.x, dlogits, use_bn)
-    _set(grads, forward.head.grad_path, dw)
+
+    def through(call: _Call, cotangent: jax.Array) -> jax.Array:
+        piece = PIECES[call.piece]
+        if not weight_grads:
+            return piece.input_backward(call.w, call.x, cotangent, use_bn)
+        dw, dx = piece.backward(call.w, call.x, cotangent, use_bn)
+        if call.grad_path:
+            _set(grads, call.grad_path, dw)
+        return dx
+
+    dh = through(forward.head, dlogits)
     for cell in reversed(forward.cells):
         if isinstance(cell, _Call):
-            dw, dh = PIECES["reduction"].backward(cell.w, cell.x, dh, use_bn)
-            _set(grads, cell.grad_path, dw)
+            dh = through(cell, dh)
             continue
         node_grads: list[jax.Array | None] = [None, None, None, dh]
         for call in reversed(cell):
             upstream = node_grads[call.target]
             if upstream is None:
                 continue
-            if call.piece == "skip":
-                dx = upstream
-            else:
-                dw, dx = PIECES[call.piece].backward(call.w, call.x, upstream, use_bn)
-                if call.grad_path:
-                    _set(grads, call.grad_path, dw)
+            dx = upstream if call.piece == "skip" else through(call, upstream)
             previous = node_grads[call.source]
             node_grads[call.source] = dx if previous is None else previous + dx
         dh = dh * 0.0 if node_grads[0] is None else node_grads[0]
-    dw, dimages = PIECES["stem"].backward(forward.stem.w, forward.stem.x, dh, use_bn)
-    _set(grads, forward.stem.grad_path, dw)
-    return grads, dimages
+    return grads, through(forward.stem, dh)
 
 
 def _fill_unreached(grads: dict, params: dict, ops: tuple[int, ...]) -> dict:
@@ -323,7 +320,8 @@ class NB201Measurer:
         return jax.tree.map(lambda *g: np.stack(g), *halves)
 
     def _input_jacobian(self, ops: tuple, forward: Callable[[], _Forward]) -> np.ndarray:
-        _, dimages = _backward(forward(), jnp.ones_like(forward().logits), use_bn=True)
+        logits = forward().logits
+        _, dimages = _backward(forward(), jnp.ones_like(logits), use_bn=True, weight_grads=False)
         return np.asarray(dimages)
 
     def _synflow_grads(self, ops: tuple, _: object) -> dict:
