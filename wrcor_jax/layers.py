@@ -8,7 +8,7 @@ exclude padded cells, and weights start from PyTorch's default uniform initialis
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +75,20 @@ def avg_pool_2x2(x: jax.Array) -> jax.Array:
     return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
+def fill_tree(shapes: Mapping, leaf: Callable[[str, Mapping], np.ndarray]) -> dict:
+    """A tree shaped like `shapes` whose every leaf is `leaf(name, parent node)`, made in
+    sorted-path order, so a seeded sampler fills it reproducibly."""
+    return {
+        name: fill_tree(child, leaf) if isinstance(child, Mapping) else leaf(name, shapes)
+        for name, child in sorted(shapes.items())
+    }
+
+
+def unit_affine(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """BatchNorm's initial `scale` (ones); any other non-kernel leaf (a bias) is zeros."""
+    return np.full(shape, 1.0 if name == "scale" else 0.0, np.float32)
+
+
 def torch_default_init(seed: int, shapes: Mapping) -> dict:
     """Initialise a parameter tree as PyTorch's defaults would, on the host with NumPy.
 
@@ -86,20 +100,11 @@ def torch_default_init(seed: int, shapes: Mapping) -> dict:
     """
     rng = np.random.default_rng(seed)
 
-    def fill(node: Mapping) -> dict:
-        out = {}
-        for name in sorted(node):
-            child = node[name]
-            if isinstance(child, Mapping):
-                out[name] = fill(child)
-                continue
-            shape = tuple(child.shape)
-            is_weight = name == "kernel" or ("kernel" in node and "scale" not in node)
-            if is_weight:
-                bound = 1.0 / np.sqrt(np.prod(node["kernel"].shape[:-1]))
-                out[name] = rng.uniform(-bound, bound, shape).astype(np.float32)
-            else:
-                out[name] = np.full(shape, 1.0 if name == "scale" else 0.0, np.float32)
-        return out
+    def leaf(name: str, node: Mapping) -> np.ndarray:
+        shape = tuple(node[name].shape)
+        if name == "kernel" or ("kernel" in node and "scale" not in node):
+            bound = 1.0 / np.sqrt(np.prod(node["kernel"].shape[:-1]))
+            return rng.uniform(-bound, bound, shape).astype(np.float32)
+        return unit_affine(name, shape)
 
-    return fill(shapes)
+    return fill_tree(shapes, leaf)

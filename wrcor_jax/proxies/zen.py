@@ -12,8 +12,11 @@ which Zen-NAS's spaces never have) is left out rather than adding log 0.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
+from wrcor_jax.layers import fill_tree, unit_affine
 from wrcor_jax.spaces.nb201 import param_shapes
 
 MIXUP_GAMMA = 0.01
@@ -23,19 +26,13 @@ def zen_params(seed: int, num_classes: int) -> dict:
     """The supernet's tree with Zen-NAS's Gaussian initialisation, as NumPy float32."""
     rng = np.random.default_rng([seed, 1])
 
-    def fill(node: dict) -> dict:
-        out = {}
-        for name in sorted(node):
-            child = node[name]
-            if isinstance(child, dict):
-                out[name] = fill(child)
-            elif name == "kernel":
-                out[name] = rng.standard_normal(child.shape).astype(np.float32)
-            else:
-                out[name] = np.full(child.shape, 1.0 if name == "scale" else 0.0, np.float32)
-        return out
+    def leaf(name: str, node: Mapping) -> np.ndarray:
+        shape = tuple(node[name].shape)
+        if name == "kernel":
+            return rng.standard_normal(shape).astype(np.float32)
+        return unit_affine(name, shape)
 
-    return fill(param_shapes(num_classes))
+    return fill_tree(param_shapes(num_classes), leaf)
 
 
 def zen_inputs(seed: int, images_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
