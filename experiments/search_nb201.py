@@ -8,11 +8,10 @@ ImageNet16-120, and the search wall time with a cold and with a warm score cache
 - fitness `wrcor`: WRCor alone; `vote`: the hard vote of synflow, jacob_cov and wrcor.
 - One score cache (OUT/cache unless --cache-dir), keyed by the scoring configuration, serves
   all searches. It stores each proxy in its own file, so the vote searches and the WRCor
-  searches share one table of WRCor values: a WRCor score is written once, whichever search
-  computed it first. A vote search still scores all three proxies of an architecture that
-  misses synflow or jacob_cov (one scorer, one forward pass per architecture), so the WRCor
-  searches (run first) gain nothing in time from the sharing, the other way round they do.
-  --cache-preload fills the cache from a `wrcor-jax score` file of this configuration.
+  searches share one table of WRCor values, and an architecture is scored only for the
+  proxies the cache lacks: a vote search computes just synflow and jacob_cov for what the
+  WRCor searches (run first) met. --cache-preload fills the cache from a `wrcor-jax score`
+  file of this configuration (several files: repeat the option).
 - Cold = the first pass: each search's time as recorded in its result.json (scorer set-up
   and compilation included for the first search of each fitness that scores anything;
   later searches find what earlier ones scored). Warm = the same searches run again into
@@ -430,7 +429,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tournament", type=int, default=TOURNAMENT)
     parser.add_argument("--warmup", type=int, default=WARMUP, help="REINFORCE warm-up")
     parser.add_argument("--cache-dir", help="score cache (default OUT/cache)")
-    parser.add_argument("--cache-preload", help="`wrcor-jax score` CSV of this configuration")
+    parser.add_argument(
+        "--cache-preload",
+        action="append",
+        default=[],
+        help="`wrcor-jax score` CSV of this configuration (repeatable)",
+    )
     parser.add_argument("--no-warm", action="store_true", help="skip the warm-cache pass")
     parser.add_argument("--out", default="results/search_nb201")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -463,10 +467,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     truth = load_ground_truth(args.ground_truth)
     cold, warm, cache, setup = build_fitnesses(args)
     preloaded = None
-    if args.cache_preload:
-        check_preload(args.cache_preload, cache.key)
-        preloaded = cache.preload(args.cache_preload)
-        print(f"preloaded {preloaded} scores from {args.cache_preload}", file=sys.stderr)
+    for path in args.cache_preload:
+        check_preload(path, cache.key)
+        added = cache.preload(path)
+        preloaded = (preloaded or 0) + added
+        print(f"preloaded {added} scores from {path}", file=sys.stderr)
     seeds = list(range(args.seeds))
 
     def options(algo: str, budget: int) -> dict[str, int]:

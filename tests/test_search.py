@@ -216,12 +216,14 @@ class CountingScorer:
     """The scorer behind a CachedFitness: toy scores, counting calls and architectures."""
 
     def __init__(self):
-        self.calls, self.archs = 0, 0
+        self.calls, self.archs, self.asked = 0, 0, []
 
-    def score(self, ops: np.ndarray) -> list[list[float]]:
+    def score(self, ops: np.ndarray, proxies) -> list[list[float]]:
         self.calls += 1
         self.archs += len(ops)
-        return Toy().score(ops)
+        self.asked.append(tuple(proxies))
+        columns = [Toy.proxies.index(p) for p in proxies]
+        return [[row[c] for c in columns] for row in Toy().score(ops)]
 
 
 def cached(cache: ScoreCache, proxies=Toy.proxies) -> tuple[CachedFitness, CountingScorer]:
@@ -254,6 +256,20 @@ def test_cache_never_rescores(tmp_path):
     other, scorer = cached(ScoreCache(key | {"seed": 1}, tmp_path / "cache"))
     other.score(ops[:3])
     assert scorer.archs == 3
+
+
+def test_cache_scores_only_the_proxies_it_lacks(tmp_path):
+    """A vote search after a WRCor search: WRCor is never computed twice."""
+    cache = ScoreCache({"k": 1}, tmp_path / "cache")
+    ops = nb201.sample_archs(np.random.default_rng(2), 12)
+    first, _ = cached(cache, ("conv3",))
+    first.score(ops[:8])
+    fitness, scorer = cached(cache)
+    rows = fitness.score(ops)
+    assert rows == Toy().score(ops)
+    assert sorted(scorer.asked) == [("conv1", "not_none"), Toy.proxies]
+    assert scorer.archs == len({nb201.arch_string(o) for o in ops})
+    assert fitness.scored == scorer.archs and fitness.hits == len(ops) - scorer.archs
 
 
 def test_cache_preloads_a_score_file(tmp_path):

@@ -32,11 +32,13 @@ def toy_rows(ops: np.ndarray, proxies) -> list[list[float]]:
 
 class ToyScorer:
     def __init__(self, proxies):
-        self.proxies, self.archs = proxies, 0
+        self.proxies, self.archs, self.asked = proxies, 0, set()
 
-    def score(self, ops):
+    def score(self, ops, proxies):
+        assert set(proxies) <= set(self.proxies)
         self.archs += len(ops)
-        return toy_rows(ops, self.proxies)
+        self.asked.add(tuple(proxies))
+        return toy_rows(ops, proxies)
 
 
 def toy_fitnesses(cache: ScoreCache) -> tuple[dict, dict]:
@@ -111,6 +113,8 @@ def test_runs_share_one_cache_and_resume(tmp_path, truth):
     assert len(records) == 12
     scored = sum(r["stats"]["scored"] for r in records)
     assert scored == scorers["wrcor"].archs + scorers["vote"].archs
+    # The vote searches met the WRCor searches' architectures: WRCor was not computed again.
+    assert ("synflow", "jacob_cov") in scorers["vote"].asked
     for r in records:
         assert r["evaluations"] == 12
         assert r["stats"]["scored"] + r["stats"]["hits"] == 12
@@ -222,9 +226,10 @@ def test_main_from_a_preloaded_cache(tmp_path, truth, capsys):
             writer.writerow([i, arch, *acc.values(), arch])
     args = ["--data", str(data), "--ground-truth", str(ground_truth), "--batch-size", "16"]
     args += ["--budget", "10", "--seeds", "1", "--out", str(tmp_path / "out"), "--quiet"]
-    report = experiment.main([*args, "--cache-preload", str(scores)])
+    twice = ["--cache-preload", str(scores), "--cache-preload", str(scores)]
+    report = experiment.main([*args, *twice])
     out = capsys.readouterr().out
-    assert report["preloaded_scores"] == 3 * nb201.NUM_ARCHS
+    assert report["preloaded_scores"] == 3 * nb201.NUM_ARCHS  # the second adds nothing
     assert not report["full_scale"] and report["budget"] == 10 and report["seeds"] == [0]
     assert report["algo_options"]["evolution"] == {"population_size": 5, "tournament_size": 5}
     assert "--budget 10" in report["command"] and report["machine"]

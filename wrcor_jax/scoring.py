@@ -18,7 +18,7 @@ import functools
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -142,30 +142,42 @@ class NB201Scorer:
             out += [SiteSums.from_stacked(sums[i], counts[i]) for i in range(len(chunk))]
         return out
 
-    def measure(self, ops: np.ndarray) -> dict:
-        """The non-engine measurements the proxies read, for one architecture (gradient
-        trees cut to its used weights)."""
-        names = self.measurements & set(MEASUREMENTS)
+    def measure(self, ops: np.ndarray, measurements: Collection[str | None]) -> dict:
+        """The non-engine `measurements` of one architecture (gradient trees cut to its
+        used weights)."""
+        names = set(measurements) & set(MEASUREMENTS)
         measured = self.measurer.measure_many(sorted(names), ops)
         for name in names & GRADIENT_MEASUREMENTS:
             measured[name] = nb201.used_params(measured[name], ops)
-        if "macs" in self.measurements:
+        if "macs" in measurements:
             measured["macs"] = nb201.count_macs(ops, tuple(self.images.shape), self.num_classes)
-        return measured | {None: None}
+        return measured
 
-    def score(self, ops: np.ndarray) -> list[list[float]]:
-        """One row of proxy scores (in config order) per architecture."""
+    def score(self, ops: np.ndarray, proxies: Sequence[str] | None = None) -> list[list[float]]:
+        """One row of proxy scores per architecture, in the order of `proxies`: the
+        configuration's by default, or a subset of them (what a score cache lacks), for
+        which only the measurements they read are taken."""
+        proxies = self.config.proxies if proxies is None else tuple(proxies)
+        foreign = [name for name in proxies if name not in self.config.proxies]
+        if foreign:
+            raise ValueError(
+                f"proxy {foreign[0]!r} is not one this scorer was configured for "
+                f"({', '.join(self.config.proxies)})"
+            )
+        reads = {PROXIES[name].measurement for name in proxies}
         ops = nb201.validate_ops(np.atleast_2d(ops))
-        sums = self.site_sums(ops) if "site_sums" in self.measurements else [None] * len(ops)
+        sums = self.site_sums(ops) if "site_sums" in reads else [None] * len(ops)
 
         def row(item: tuple[np.ndarray, SiteSums | None]) -> list[float]:
             arch, arch_sums = item
-            measured = self.measure(arch) | {"site_sums": arch_sums}
+            measured = self.measure(arch, reads) | {"site_sums": arch_sums}
             used = nb201.used_params(self.host_params, arch)
-            return [
-                PROXIES[name].score(measured[PROXIES[name].measurement], used)
-                for name in self.config.proxies
-            ]
+            scores = []
+            for name in proxies:
+                proxy = PROXIES[name]
+                reading = None if proxy.measurement is None else measured[proxy.measurement]
+                scores.append(proxy.score(reading, used))
+            return scores
 
         return self._map(row, list(zip(ops, sums, strict=True)))
 

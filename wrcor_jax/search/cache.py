@@ -33,9 +33,10 @@ __all__ = ["CachedFitness", "ScoreCache", "nb201_fitness", "score_key"]
 
 
 class Scorer(Protocol):
-    """Anything that turns (k, 6) op indices into k rows of proxy scores (`NB201Scorer`)."""
+    """Anything that turns (k, 6) op indices into k rows of scores of the given proxies
+    (`NB201Scorer`)."""
 
-    def score(self, ops: np.ndarray) -> list[list[float]]: ...
+    def score(self, ops: np.ndarray, proxies: Sequence[str]) -> list[list[float]]: ...
 
 
 def _content_id(path: str | Path) -> str:
@@ -100,6 +101,10 @@ class ScoreCache:
         row = [self._table(proxy).get(arch) for proxy in proxies]
         return None if any(value is None for value in row) else row
 
+    def lacking(self, arch: str, proxies: Sequence[str]) -> tuple[str, ...]:
+        """Those of `proxies` with no score of `arch` yet."""
+        return tuple(proxy for proxy in proxies if arch not in self._table(proxy))
+
     def put(self, rows: Iterable[tuple[str, Sequence[float]]], proxies: Sequence[str]) -> int:
         """Record scores (arch, one value per proxy); known ones are kept. Returns how many
         (arch, proxy) scores were new."""
@@ -147,7 +152,8 @@ class ScoreCache:
 
 class CachedFitness:
     """A search's fitness: scores from the cache, the scorer (built on first need) for the
-    rest, which then go into the cache."""
+    rest, which then go into the cache. An architecture is scored only for the proxies the
+    cache lacks, so a vote search after a WRCor search computes no WRCor again."""
 
     def __init__(
         self, cache: ScoreCache, proxies: Sequence[str], make_scorer: Callable[[], Scorer]
@@ -164,17 +170,20 @@ class CachedFitness:
         """One row of scores (in `proxies` order) per architecture of `ops` (k, 6)."""
         ops = nb201.validate_ops(np.atleast_2d(ops))
         archs = [nb201.arch_string(o) for o in ops]
-        known = {arch: self.cache.get(arch, self.proxies) for arch in archs}
-        missing = {arch: i for i, arch in enumerate(archs) if known[arch] is None}
-        self.hits += len(archs) - len(missing)
-        if missing:
+        to_score: dict[tuple[str, ...], dict[str, int]] = {}  # lacking proxies -> arch -> row
+        for i, arch in enumerate(archs):
+            lacking = self.cache.lacking(arch, self.proxies)
+            if lacking:
+                to_score.setdefault(lacking, {}).setdefault(arch, i)
+        missing = sum(map(len, to_score.values()))
+        self.hits += len(archs) - missing
+        self.scored += missing
+        for lacking, rows in to_score.items():
             if self._scorer is None:
                 self._scorer = self._make_scorer()
-            fresh = self._scorer.score(ops[list(missing.values())])
-            self.cache.put(zip(missing, fresh, strict=True), self.proxies)
-            known.update(zip(missing, fresh, strict=True))
-            self.scored += len(missing)
-        return [list(map(float, known[arch])) for arch in archs]
+            fresh = self._scorer.score(ops[list(rows.values())], lacking)
+            self.cache.put(zip(rows, fresh, strict=True), lacking)
+        return [list(map(float, self.cache.get(arch, self.proxies))) for arch in archs]
 
 
 def nb201_fitness(config: ScoreConfig, cache_dir: str | Path | None = None) -> CachedFitness:
