@@ -15,9 +15,8 @@ PROXIES = ("wrcor", "wrcor_clean", "act_cor", "act_grad_cor")
 
 def config(**overrides) -> ScoreConfig:
     data = str(require(SAMPLE))
-    return ScoreConfig(
-        proxies=PROXIES, batch_size=SMALL_BATCH, data=data, chunk_size=4, **overrides
-    )
+    defaults = {"proxies": PROXIES, "batch_size": SMALL_BATCH, "data": data, "chunk_size": 4}
+    return ScoreConfig(**defaults | overrides)
 
 
 def random_archs(seed: int, n: int) -> list[str]:
@@ -29,24 +28,9 @@ def read(path) -> list[list[str]]:
         return list(csv.reader(f))
 
 
-@pytest.mark.slow
-def test_scoring_40_archs_compiles_as_often_as_scoring_20():
-    scorer = NB201Scorer(config())
-    before = CompileCounter.count
-    scorer.score(np.stack([nb201.parse_arch(a) for a in random_archs(1, 20)]))
-    first_20 = CompileCounter.count - before
-    scorer.score(np.stack([nb201.parse_arch(a) for a in random_archs(2, 20)]))
-    assert first_20 > 0
-    assert CompileCounter.count - before == first_20  # the next 20 compile nothing
-
-
-@pytest.mark.slow
-def test_interrupted_run_resumes_to_the_same_file(tmp_path, monkeypatch):
-    archs = random_archs(3, 10)
-    whole = tmp_path / "whole.csv"
-    score_archs(archs, config(), whole, progress=False)
-
-    resumed = tmp_path / "resumed.csv"
+def kill_on_second_chunk(monkeypatch):
+    """Make NB201Scorer.score raise KeyboardInterrupt on its second call (a killed run);
+    returns the real method, to put back."""
     real_score, calls = NB201Scorer.score, []
 
     def dies_on_second_chunk(self, ops):
@@ -56,6 +40,35 @@ def test_interrupted_run_resumes_to_the_same_file(tmp_path, monkeypatch):
         return real_score(self, ops)
 
     monkeypatch.setattr(NB201Scorer, "score", dies_on_second_chunk)
+    return real_score
+
+
+@pytest.mark.slow
+def test_scoring_40_archs_compiles_as_often_as_scoring_20():
+    scorer = NB201Scorer(config(batch_size=10))  # a shape no other test compiles
+    before = CompileCounter.count
+    scorer.score(np.stack([nb201.parse_arch(a) for a in random_archs(1, 20)]))
+    first_20 = CompileCounter.count - before
+    scorer.score(np.stack([nb201.parse_arch(a) for a in random_archs(2, 20)]))
+    assert first_20 > 0
+    assert CompileCounter.count - before == first_20  # the next 20 compile nothing
+
+    # A subset of the configured proxies (what a score cache lacks), in the order asked.
+    ops = np.stack([nb201.parse_arch(a) for a in random_archs(1, 3)])
+    rows = scorer.score(ops)
+    assert scorer.score(ops, ("act_cor", "wrcor")) == [[row[2], row[0]] for row in rows]
+    with pytest.raises(ValueError, match="'synflow' is not one this scorer"):
+        scorer.score(ops, ("synflow",))
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_file(tmp_path, monkeypatch):
+    archs = random_archs(3, 10)
+    whole = tmp_path / "whole.csv"
+    score_archs(archs, config(), whole, progress=False)
+
+    resumed = tmp_path / "resumed.csv"
+    real_score = kill_on_second_chunk(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         score_archs(archs, config(), resumed, progress=False)
     assert len(read(resumed)) == 1 + 4  # header + the first chunk
@@ -154,15 +167,7 @@ def test_vote_columns_are_filled_when_the_run_completes(tmp_path, capsys, monkey
     archs = tmp_path / "archs.txt"
     archs.write_text("\n".join(random_archs(5, 4)) + "\n")
     args = score_args(tmp_path, "--archs", archs, "--proxies", VOTES, "--chunk-size", 2)
-    real_score, calls = NB201Scorer.score, []
-
-    def dies_on_second_chunk(self, ops):
-        calls.append(len(ops))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_score(self, ops)
-
-    monkeypatch.setattr(NB201Scorer, "score", dies_on_second_chunk)
+    real_score = kill_on_second_chunk(monkeypatch)
     code, _, err = run_cli(capsys, *args)
     assert code == cli.EXIT_INTERRUPTED and "re-run" in err
     base = ["wrcor", "act_cor", "act_grad_cor", "wrcor_clean"]
