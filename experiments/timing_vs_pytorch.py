@@ -39,19 +39,18 @@ from pathlib import Path
 
 import numpy as np
 
-from wrcor_jax.spaces.nb201 import arch_string, parse_arch, sample_archs
+from wrcor_jax.spaces.nb201 import (
+    BEST_CIFAR10,
+    MEDIAN_CIFAR10,
+    arch_string,
+    parse_arch,
+    sample_archs,
+)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10_sample.npz"
+BEST, MEDIAN = BEST_CIFAR10, MEDIAN_CIFAR10
 NUM_CLASSES = 10
 WEIGHT_SEED = BATCH_SEED = 42
-BEST = (
-    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|"
-    "+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
-)
-MEDIAN = (
-    "|avg_pool_3x3~0|+|nor_conv_3x3~0|skip_connect~1|"
-    "+|nor_conv_1x1~0|avg_pool_3x3~1|nor_conv_1x1~2|"
-)
 TORCH_EAGER = ("torch_eager", "torch_eager_1thread")
 
 

@@ -13,10 +13,7 @@ from wrcor_jax.spaces.nb201_engine import NB201Engine
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
 SAMPLE = SHARED_DATA / "cifar10_sample.npz"
 GROUND_TRUTH = SHARED_DATA / "nb201_test_accuracy.csv"
-BEST_CIFAR10 = (
-    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+"
-    "|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
-)
+BEST_CIFAR10 = nb201.BEST_CIFAR10
 SMALL_BATCH = 16
 
 

@@ -22,20 +22,23 @@ torch = pytest.importorskip(
 from wrcor_jax.data import load_batch  # noqa: E402
 from wrcor_jax.proxies import RESPONSE_PROXIES  # noqa: E402
 from wrcor_jax.proxies.wrcor import response_kernel  # noqa: E402
-from wrcor_jax.spaces.nb201 import arch_string, init_params, parse_arch, sample_archs  # noqa: E402
+from wrcor_jax.spaces.nb201 import (  # noqa: E402
+    BEST_CIFAR10,
+    arch_string,
+    init_params,
+    parse_arch,
+    sample_archs,
+)
 from wrcor_jax.spaces.nb201_engine import NB201Engine  # noqa: E402
 from wrcor_jax.torch_ref import torch_scores  # noqa: E402
 
 SAMPLE = Path(__file__).parents[1].parent / "shared" / "data" / "cifar10_sample.npz"
+BEST = BEST_CIFAR10
 NUM_CLASSES = 10
 BATCH = 16
 RTOL = 1e-4
 SCORES = ("wrcor", "wrcor_clean", "act_cor", "act_grad_cor")
 
-BEST = (
-    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|"
-    "+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
-)
 # Disconnected cells whose every term is skipped: -inf in both frameworks.
 MINUS_INF = [
     "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",

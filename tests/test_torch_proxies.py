@@ -12,6 +12,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from wrcor_jax.spaces.nb201 import (  # noqa: E402
+    BEST_CIFAR10,
     count_params,
     init_params,
     parse_arch,
@@ -42,13 +43,10 @@ from wrcor_jax.torch_ref.proxies import (  # noqa: E402
     zico_score,
 )
 
+BEST = BEST_CIFAR10
 NUM_CLASSES = 10
 BATCH = 8
 SIZE = 16  # 16 x 16 images (the ImageNet16 size) keep every network pass quick
-BEST = (
-    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|"
-    "+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
-)
 ALL_NONE = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
 # The only conv reads node 1, which only a none edge feeds: its input is all zeros.
 NONE_FED_CONV = "|none~0|+|none~0|nor_conv_3x3~1|+|none~0|none~1|none~2|"

@@ -14,7 +14,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="the PyTorch reference needs the optional torch extra")
 
 from wrcor_jax.spaces.nb201 import (  # noqa: E402
+    BEST_CIFAR10,
     CONV_OPS,
+    MEDIAN_CIFAR10,
     NB201Network,
     arch_string,
     init_params,
@@ -31,17 +33,9 @@ from wrcor_jax.torch_ref import (  # noqa: E402
     wrcor,
 )
 
+BEST, MEDIAN = BEST_CIFAR10, MEDIAN_CIFAR10
 NUM_CLASSES = 10
 BATCH = 16
-BEST = (
-    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|"
-    "+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
-)
-# The CIFAR-10 median-accuracy architecture (NATS-Bench index 12400), three conv ops.
-MEDIAN = (
-    "|avg_pool_3x3~0|+|nor_conv_3x3~0|skip_connect~1|"
-    "+|nor_conv_1x1~0|avg_pool_3x3~1|nor_conv_1x1~2|"
-)
 ALL_NONE = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
 # Every edge into node 3 is none: each cell outputs zeros; only cell 0's convs see data.
 DISCONNECTED = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|none~0|none~1|none~2|"
