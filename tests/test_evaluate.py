@@ -114,6 +114,16 @@ def test_json_report_has_intervals_per_column(tmp_path, capsys, truth):
     assert "not recorded" in err
 
 
+def test_json_report_writes_undefined_statistics_as_null(tmp_path, capsys, truth):
+    path = tmp_path / "r.csv"
+    archs = list(truth)[:5]
+    path.write_text("arch,constant\n" + "".join(f"{a},1.0\n" for a in archs))
+    code, out, _ = run_cli(capsys, *evaluate_args(path, "--json"))
+    assert code == 0 and "NaN" not in out
+    report = json.loads(out)["constant"]
+    assert report["kendall"] is None and report["kendall_ci"] == [None, None]
+
+
 def test_text_report_shows_intervals_and_the_batch(tmp_path, capsys, truth):
     path = write_scores(tmp_path / "r.csv", truth)
     write_meta(path, {"dataset": "cifar10", "seed": 42, "batch_size": 64})
