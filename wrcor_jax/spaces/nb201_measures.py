@@ -1,11 +1,12 @@
 """Whole-network measurements of an NB201 architecture, read by the non-WRCor proxies.
 
 Like `nb201_engine`, the network is composed per architecture in Python from compiled
-pieces (stem, conv op, pool, reduction cell, head), each with a compiled backward that
-returns weight and input gradients. XLA:CPU needed 4-10 minutes to compile one program of
-the whole traced-architecture Flax network; the pieces compile in seconds, once per shape,
-and `none` edges cost nothing. Proxies reading the same measurement share it (snip and
-grad_norm the loss gradients; naswot and meco one forward pass).
+pieces (stem, conv op, pool, reduction cell, head), each with compiled backwards that
+return weight and input gradients, or the input gradient alone. XLA:CPU needed 4-10
+minutes to compile one program of the whole traced-architecture Flax network; the pieces
+compile in seconds, once per shape, and `none` edges cost nothing. Proxies reading the
+same measurement share it (snip and grad_norm the loss gradients; naswot and meco one
+forward pass).
 
 Measurements (host values, NumPy; gradient trees hold the architecture's used weights):
 - `loss_grads`: dL/dtheta of the mean cross-entropy on the batch (BN in training mode);
@@ -70,8 +71,8 @@ def _head(w: dict, h: jax.Array, use_bn: bool) -> tuple[jax.Array, jax.Array]:
 class _Piece:
     """A compiled forward (output, values kept for the proxies) and two compiled backwards
     of the output: to the weights and the input, and to the input alone (the input Jacobian
-    needs no weight gradients, a third of a backward's work). Each recomputes the small
-    forward it needs."""
+    needs no weight gradients; skipping them halved its time, forward included, measured
+    side by side at batch 64). Each recomputes the small forward it needs."""
 
     def __init__(self, fn: Callable):
         self.forward = jax.jit(fn, static_argnames="use_bn")
