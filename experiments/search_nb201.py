@@ -22,6 +22,9 @@ ImageNet16-120, and the search wall time with a cold and with a warm score cache
   warm-up are the first draws of random search: cache hits in the first pass.
 - Resumable: a finished search (result.json at this budget) is skipped, an unfinished one
   continues from its history.csv; a warm run that did not finish is redone from scratch.
+  --report-only runs nothing and tabulates the searches finished so far (a run still
+  going, or runs made into one OUT with different --fitnesses or --seeds); the caption
+  says how many of the planned searches that is.
 - Small budgets: evolution's population (64) and REINFORCE's warm-up (100) are capped at
   half the budget, and the tournament (10) at the population, so every search spends at
   least half its budget on evolution steps or policy updates; the settings used are in the
@@ -330,6 +333,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def caption(report: Mapping[str, Any]) -> str:
     """What the table shows and at which scale, for the line above it."""
     scale = "" if report["full_scale"] else "**Reduced scale.** "
+    finished, planned = report["searches_finished"], report["searches_planned"]
+    if finished < planned:
+        scale += f"**{finished} of {planned} searches finished.** "
     return (
         f"{scale}NAS-Bench-201, budget {report['budget']} evaluations, seeds "
         f"{report['seeds']}, proxies on {report['batch_size']} CIFAR-10 training images "
@@ -436,6 +442,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="`wrcor-jax score` CSV of this configuration (repeatable)",
     )
     parser.add_argument("--no-warm", action="store_true", help="skip the warm-cache pass")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: tabulate the searches of OUT finished so far",
+    )
     parser.add_argument("--out", default="results/search_nb201")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -467,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     truth = load_ground_truth(args.ground_truth)
     cold, warm, cache, setup = build_fitnesses(args)
     preloaded = None
-    for path in args.cache_preload:
+    for path in [] if args.report_only else args.cache_preload:
         check_preload(path, cache.key)
         added = cache.preload(path)
         preloaded = (preloaded or 0) + added
@@ -477,19 +488,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def options(algo: str, budget: int) -> dict[str, int]:
         return algo_options(algo, budget, args.population, args.tournament, args.warmup)
 
-    run_all(
-        cold,
-        args.algos,
-        seeds,
-        args.budget,
-        out,
-        truth,
-        warm=not args.no_warm,
-        warm_fitnesses=warm,
-        options=options,
-        progress=not args.quiet,
-    )
-    rows = aggregate(collect(out, args.fitnesses, args.algos, seeds))
+    if not args.report_only:
+        run_all(
+            cold,
+            args.algos,
+            seeds,
+            args.budget,
+            out,
+            truth,
+            warm=not args.no_warm,
+            warm_fitnesses=warm,
+            options=options,
+            progress=not args.quiet,
+        )
+    records = collect(out, args.fitnesses, args.algos, seeds)
+    planned = len(args.fitnesses) * len(args.algos) * len(seeds)
+    rows = aggregate(records)
     report = {
         "command": command,
         "machine": where,
@@ -501,6 +515,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         == FULL_SCALE
         and len(args.algos) == len(ALGORITHMS)
         and len(args.fitnesses) == len(FITNESSES),
+        "searches_finished": len(records),
+        "searches_planned": planned,
         "data": args.data or f"tfds:{args.data_dir or ''}",
         "fitnesses": {name: list(FITNESSES[name]) for name in args.fitnesses},
         "vote": "hard",

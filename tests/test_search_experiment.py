@@ -200,9 +200,12 @@ def test_aggregate_and_markdown_table(tmp_path):
     )
 
     report = {"full_scale": False, "budget": 100, "seeds": [0, 1], "batch_size": 16}
-    report |= {"score_seed": 42, "machine": "a CPU"}
+    report |= {"score_seed": 42, "machine": "a CPU", "searches_finished": 12}
+    report |= {"searches_planned": 12}
     assert experiment.caption(report).startswith("**Reduced scale.** NAS-Bench-201, budget 100")
     assert experiment.caption(report | {"full_scale": True}).startswith("NAS-Bench-201")
+    partial = experiment.caption(report | {"full_scale": True, "searches_finished": 7})
+    assert partial.startswith("**7 of 12 searches finished.** NAS-Bench-201")
 
 
 def test_main_from_a_preloaded_cache(tmp_path, truth, capsys):
@@ -240,6 +243,14 @@ def test_main_from_a_preloaded_cache(tmp_path, truth, capsys):
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 6 and out.startswith("**Reduced scale.**")
+
+    # --report-only runs nothing; over more seeds than finished it says so.
+    (tmp_path / "out" / "report.json").unlink()
+    only = experiment.main([*args, "--seeds", "2", "--report-only"])  # the last --seeds wins
+    assert (only["searches_finished"], only["searches_planned"]) == (6, 12)
+    assert only["results"] == report["results"] and only["preloaded_scores"] is None
+    assert not (tmp_path / "out" / "random_wrcor_1").exists()
+    assert capsys.readouterr().out.startswith("**Reduced scale.** **6 of 12 searches finished.**")
 
     write_meta(scores, {"dataset": "cifar10", "seed": 0, "batch_size": 16, "data": str(data)})
     with pytest.raises(ValueError, match="another seed"):
