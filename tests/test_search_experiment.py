@@ -243,6 +243,13 @@ def test_main_from_a_preloaded_cache(tmp_path, truth, capsys):
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 6 and out.startswith("**Reduced scale.**")
+    # The random searches' draws, a uniform sample, give each proxy's rank correlation.
+    drawn = report["drawn_correlations"]
+    assert set(drawn) == {"wrcor", "synflow", "jacob_cov"}
+    with (tmp_path / "out" / "random_wrcor_0" / "history.csv").open(newline="") as f:
+        archs = {row["arch"] for row in csv.DictReader(f)}
+    assert drawn["wrcor"]["n"] == len(archs) and drawn["wrcor"]["spearman_ci"][0] <= 1
+    assert "the random searches drew (a uniform sample)" in out
 
     # --report-only runs nothing; over more seeds than finished it says so.
     (tmp_path / "out" / "report.json").unlink()
