@@ -391,11 +391,13 @@ def caption(report: Mapping[str, Any]) -> str:
     )
 
 
-def machine() -> str:
+def machine(with_load: bool = True) -> str:
     """CPU model and core count (and the load when the experiment started)."""
-    model = cpu_model()
+    where = f"{cpu_model()}, {os.cpu_count()} cores"
+    if not with_load:
+        return where
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-    return f"{model}, {os.cpu_count()} cores, load {load:.1f} at start"
+    return f"{where}, load {load:.1f} at start"
 
 
 def check_preload(path: str, key: Mapping[str, Any]) -> None:
@@ -518,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     command = "python experiments/search_nb201.py " + shlex.join(
         sys.argv[1:] if argv is None else list(argv)
     )
-    started, where = time.perf_counter(), machine()
+    started, where = time.perf_counter(), machine(with_load=not args.report_only)
     truth = load_ground_truth(args.ground_truth)
     cold, warm, cache, setup = build_fitnesses(args)
     preloaded = None
