@@ -43,7 +43,6 @@ progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -58,8 +57,9 @@ from typing import Any
 import numpy as np
 
 from wrcor_jax.benchmarks.machine import cpu_model
-from wrcor_jax.benchmarks.nb201 import DATASETS, evaluate_table, parse_score
+from wrcor_jax.benchmarks.nb201 import DATASETS, evaluate_table
 from wrcor_jax.search import ALGORITHMS, CachedFitness, Fitness, ScoreCache
+from wrcor_jax.search.core import History
 
 FITNESSES = {"wrcor": ("wrcor",), "vote": ("synflow", "jacob_cov", "wrcor")}
 FITNESS_LABELS = {"wrcor": "WRCor", "vote": "vote(synflow, jacob_cov, wrcor)"}
@@ -267,10 +267,9 @@ def drawn_correlations(
             folder = out / search_name("random", name, seed)
             if _read_json(folder / "result.json") is None:
                 continue
-            with (folder / "history.csv").open(newline="") as f:
-                for row in csv.DictReader(f):
-                    for proxy in FITNESSES[name]:
-                        drawn.setdefault(proxy, {})[row["arch"]] = parse_score(row[proxy])
+            for record in History(folder / "history.csv", FITNESSES[name]).read():
+                for proxy, score in zip(FITNESSES[name], record.scores, strict=True):
+                    drawn.setdefault(proxy, {})[record.arch] = score
     report = {}
     for proxy, scores in drawn.items():
         accuracies = [truth[arch]["cifar10"] for arch in scores]
