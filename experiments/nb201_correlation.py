@@ -13,7 +13,6 @@ With --static K, K architectures are also timed side by side with a static-struc
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from wrcor_jax import jsonio
 from wrcor_jax.benchmarks.machine import cpu_model
 from wrcor_jax.benchmarks.nb201 import evaluate_scores, load_ground_truth
 from wrcor_jax.results import ResultsFile
@@ -139,8 +139,8 @@ def main() -> None:
     }
     if args.static:
         report["side_by_side"] = time_side_by_side(scorer, chosen[: args.static])
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    jsonio.write_json(out / "report.json", report, indent=2)
+    print(jsonio.dumps(report, indent=2))
     print("\n| proxy | Kendall tau | Spearman rho | n |\n| --- | --- | --- | --- |")
     for name, r in correlations.items():
         print(f"| {name} | {r['kendall']:.3f} | {r['spearman']:.3f} | {r['n']} |")

@@ -58,6 +58,7 @@ import numpy as np
 
 from wrcor_jax.benchmarks.machine import cpu_model
 from wrcor_jax.benchmarks.nb201 import DATASETS, evaluate_table
+from wrcor_jax.jsonio import write_json
 from wrcor_jax.search import ALGORITHMS, CachedFitness, Fitness, ScoreCache
 from wrcor_jax.search.core import History
 
@@ -99,12 +100,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def is_finished(out_dir: Path, budget: int, fitness: Fitness, options: Mapping[str, Any]) -> bool:
@@ -165,7 +160,7 @@ def run_one(
             now_scored, now_hits = _counts(fitness)
             stats["scored"] += now_scored - scored
             stats["hits"] += now_hits - hits
-            _write_json(out_dir / "stats.json", stats)
+            write_json(out_dir / "stats.json", stats)
     return True, result.as_dict()
 
 
@@ -580,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     report["caption"] = caption(report)
     table = markdown_table(rows) + (f"\n\n{drawn_line(drawn)}" if drawn else "")
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json(out / "report.json", report)
     (out / "table.md").write_text(f"{report['caption']}\n\n{table}\n")
     print(f"{report['caption']}\n\n{table}")
     print(f"report: {out / 'report.json'}", file=sys.stderr)

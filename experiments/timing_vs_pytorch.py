@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wrcor_jax.jsonio import write_json
 from wrcor_jax.spaces.nb201 import (
     BEST_CIFAR10,
     MEDIAN_CIFAR10,
@@ -179,7 +180,7 @@ def _run_worker(args: argparse.Namespace) -> None:
     except Exception as exc:  # a failed implementation is a result, not a crash
         result["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(args.worker_out).write_text(json.dumps(result))
+    write_json(args.worker_out, result)
 
 
 WORKERS: dict[str, Callable[[argparse.Namespace, str, dict], None]] = {
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.profile:
         report["profile"] = _spawn(args, "profile").get("profile")
-    args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report, indent=2)
     print(markdown_table(rows))
     if baseline:
         print(f"\nratio baseline: {baseline['name']} (the faster torch eager configuration)")

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from wrcor_jax import jsonio
 from wrcor_jax.proxies import PROXIES, parse_proxies
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
@@ -112,17 +110,6 @@ def _batch_note(args: argparse.Namespace) -> str:
     return batch
 
 
-def _nan_to_null(value: Any) -> Any:
-    """An undefined statistic (NaN) as JSON null: strict JSON parsers reject a bare NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _nan_to_null(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_nan_to_null(item) for item in value]
-    return value
-
-
 def _evaluate(args: argparse.Namespace) -> None:
     from wrcor_jax.benchmarks.nb201 import evaluate_table, load_ground_truth, score_table
 
@@ -151,7 +138,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         rank_scatter_grid(accuracies, scores, report, args.plot, title=title)
     if args.json:
         print(note, file=sys.stderr)
-        print(json.dumps(_nan_to_null(report), allow_nan=False))
+        print(jsonio.dumps(report))
         return
     print(f"{args.dataset} test accuracy; {note}")
     if args.bootstrap:
@@ -203,7 +190,7 @@ def _search(args: argparse.Namespace) -> None:
         f"{result.seconds:.1f} s ({fitness.scored} scored, {fitness.hits} from the cache)",
         file=sys.stderr,
     )
-    print(json.dumps(result.as_dict()))
+    print(jsonio.dumps(result.as_dict()))
 
 
 def build_parser() -> argparse.ArgumentParser:

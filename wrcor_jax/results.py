@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from wrcor_jax.jsonio import write_json
+
 
 class ResultsError(ValueError):
     """An existing results file that does not belong to this run."""
@@ -145,9 +147,7 @@ def write_meta(results: str | Path, meta: Mapping[str, Any]) -> None:
     """Record how the scores of `results` were computed (dataset, seed, batch size...)."""
     path = meta_path(results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(meta), indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, dict(meta))
 
 
 def read_meta(results: str | Path) -> dict[str, Any] | None:

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from wrcor_jax.benchmarks.nb201 import DATASETS, parse_score
+from wrcor_jax.jsonio import write_json
 from wrcor_jax.results import CsvLog, format_score
 from wrcor_jax.spaces import nb201
 from wrcor_jax.vote import hard_vote_compare, soft_vote
@@ -229,7 +230,7 @@ def _check_identity(path: Path, identity: Mapping[str, Any]) -> None:
             f"{path.parent} has a history.csv but no search.json: choose another --out"
         )
     else:
-        path.write_text(json.dumps(identity, indent=1) + "\n")
+        write_json(path, identity)
 
 
 def run_search(
@@ -295,7 +296,5 @@ def run_search(
         best_test_accuracy=accuracy,
         details=details,
     )
-    tmp = out / "result.json.tmp"
-    tmp.write_text(json.dumps(result.as_dict(), indent=1) + "\n")
-    tmp.replace(out / "result.json")
+    write_json(out / "result.json", result.as_dict())
     return result
