@@ -112,26 +112,26 @@ def _short(text: str) -> str:
 
 
 def _block(match: re.Match, arch: str) -> Block:
-    name, args_text = match.group(1), match.group(5)
+    name, args_text, where = match.group(1), match.group(5), _short(arch)
     try:
         args = [int(a) for a in args_text.split(",")]
     except ValueError:
-        raise ArchError(f"{_short(arch)}: {name}({args_text}) must have integer arguments") from None
+        raise ArchError(f"{where}: {name}({args_text}) must have integer arguments") from None
     if match.group(2) is not None:
         kernel = int(match.group(2))
         if kernel not in CONV_KERNELS:
-            raise ArchError(f"{_short(arch)}: {name}: kernel must be one of {CONV_KERNELS}")
+            raise ArchError(f"{where}: {name}: kernel must be one of {CONV_KERNELS}")
         if len(args) != 4:
-            raise ArchError(f"{_short(arch)}: {name} takes 4 arguments (in,out,stride,layers)")
+            raise ArchError(f"{where}: {name} takes 4 arguments (in,out,stride,layers)")
         return ConvBlock(kernel, *args)
     expansion, kernel = int(match.group(3)), int(match.group(4))
     if expansion not in EXPANSIONS or kernel not in RES_KERNELS:
         raise ArchError(
-            f"{_short(arch)}: {name}: expansion must be one of {EXPANSIONS} and kernel one of "
+            f"{where}: {name}: expansion must be one of {EXPANSIONS} and kernel one of "
             f"{RES_KERNELS}"
         )
     if len(args) != 5:
-        raise ArchError(f"{_short(arch)}: {name} takes 5 arguments (in,out,stride,bottleneck,layers)")
+        raise ArchError(f"{where}: {name} takes 5 arguments (in,out,stride,bottleneck,layers)")
     return ResBlock(expansion, kernel, *args)
 
 
@@ -140,21 +140,22 @@ def parse(text: str) -> MBV2Arch:
     if not isinstance(text, str):
         raise ArchError(f"architecture must be a string, got {type(text).__name__}")
     arch = text.strip()
+    where = _short(arch)
     blocks_text, at, resolution_text = arch.rpartition("@")
     if not at:
-        raise ArchError(f"{_short(arch)}: missing '@<resolution>' after the block string")
+        raise ArchError(f"{where}: missing '@<resolution>' after the block string")
     if not resolution_text.isdigit():
-        raise ArchError(f"{_short(arch)}: resolution {resolution_text!r} must be a positive integer")
+        raise ArchError(f"{where}: resolution {resolution_text!r} must be a positive integer")
     blocks, position = [], 0
     for match in _TOKEN.finditer(blocks_text):
         if match.start() != position:
             raise ArchError(
-                f"{_short(arch)}: unknown block at {blocks_text[position:match.start()][:40]!r}"
+                f"{where}: unknown block at {blocks_text[position : match.start()][:40]!r}"
             )
         blocks.append(_block(match, arch))
         position = match.end()
     if position != len(blocks_text):
-        raise ArchError(f"{_short(arch)}: unknown block at {blocks_text[position:][:40]!r}")
+        raise ArchError(f"{where}: unknown block at {blocks_text[position:][:40]!r}")
     return validate(MBV2Arch(tuple(blocks), int(resolution_text)))
 
 
