@@ -19,8 +19,8 @@ The counting rule (checked exactly against the reference on the 12 rows of
   total is fractional only for a stride-2 block with an odd output resolution and
   out x (in + 1) not a multiple of 4, which no search-space width (multiples of 8) gives;
   `flops` is the reference's float truncated to an integer (`int(net.get_FLOPs())`; the
-  CSV column `flops_1000cls` holds integral floats), and so is each block row's (so only then can the rows sum
-  to less than the total).
+  CSV column `flops_1000cls` holds integral floats), and so is each block row's (so only
+  then can the rows sum to less than the total).
 - Parameters are `sum(p.numel())` of the reference's PyTorch network (the CSV column
   `params_1000cls` and the SPEC 8 numbers, e.g. 8,503,880 = 8.504M for `EA_our_vote`,
   where `get_model_size()` gives 8,474,281): convs without bias, BN weight and bias (2 per
@@ -33,6 +33,7 @@ The counting rule (checked exactly against the reference on the 12 rows of
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 from wrcor_jax.spaces.mbv2.arch import ConvBlock, MBV2Arch, ResBlock, format_arch, validate
@@ -122,8 +123,10 @@ def _res_block(block: ResBlock, res: int) -> tuple[int, int]:
 def describe(arch: MBV2Arch, num_classes: int = 1000) -> Description:
     """The reference's FLOPs and parameter count of `arch` with a `num_classes` classifier,
     total and per block (see the module docstring for the counting rule)."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    integral = isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool)
+    if not integral or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    num_classes = int(num_classes)
     validate(arch)
     rows, total_quarters, total_params, res = [], 0, 0, arch.resolution
     for block in arch.blocks:
