@@ -345,11 +345,15 @@ def mutate(
     pair, else keep it; draw its input width from width range i (the width the previous
     block, or the stem for i = 0, now outputs), its bottleneck from bottleneck range i and
     its depth from depth range i; keep its output width and stride; draw a new resolution.
-    Redraw everything, from the parent, until the FLOPs are within the limit. The reference
-    draws `random()` against p even when p = 1, and a changed pair by redrawing both until
-    one differs; both are kept so the Python adapter replays its draws. The parent needs the
-    space's block structure and stride count, not its ranges (a parent above the limit, or
-    a hand-made one, mutates the same way).
+    Redraw everything, from the parent, until the FLOPs are within the limit.
+
+    The reference finds block i by counting ')' in the block string (block i + 1 of the
+    list, the previous one being block i) and indexes its ranges with i as `sample_arch`
+    does: no off-by-one, checked by replaying its draws. It draws `random()` against p even
+    when p = 1, and a changed pair by redrawing both until one differs; both are kept so the
+    Python adapter replays it call for call. A child can equal its parent only when p < 1.
+    The parent needs the space's block structure and stride count, not its ranges (a parent
+    above the limit, or a hand-made one, mutates the same way).
     """
     num_classes = _count(num_classes, "num_classes")
     limit = None if flops_limit is None else _count(flops_limit, "flops_limit")
