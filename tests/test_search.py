@@ -343,13 +343,13 @@ def test_search_scores_real_architectures_once(tmp_path):
     """Random search with WRCor on the CIFAR-10 sample (batch 8, 6 architectures), then the
     same search from the cache without scoring."""
     from wrcor_jax.scoring import ScoreConfig
-    from wrcor_jax.search import nb201_fitness, random_search
+    from wrcor_jax.search import cached_fitness, random_search
 
     config = ScoreConfig(batch_size=8, data=str(require(SAMPLE)), workers=1)
-    fitness = nb201_fitness(config, tmp_path / "cache")
+    fitness = cached_fitness(config, tmp_path / "cache")
     found = random_search(fitness, 6, 0, tmp_path / "a")
     assert fitness.scored == 6 and found.evaluations == 6
     assert all(math.isfinite(v) or v == -math.inf for v in found.best_scores)
-    again = nb201_fitness(config, tmp_path / "cache")
+    again = cached_fitness(config, tmp_path / "cache")
     assert random_search(again, 6, 0, tmp_path / "b").best_arch == found.best_arch
     assert again.scored == 0 and again.hits == 6

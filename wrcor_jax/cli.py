@@ -1,4 +1,4 @@
-"""`wrcor-jax`: score architectures and evaluate scores against NAS-Bench-201.
+"""`wrcor-jax`: score, search and describe architectures; evaluate scores against NAS-Bench-201.
 
     wrcor-jax score --space nb201 --dataset cifar10 --data PATH.npz --sample 1000 \\
         --proxies 'wrcor,act_cor,vote(wrcor,act_cor,act_grad_cor)' --seed 42 \\
@@ -8,6 +8,8 @@
     wrcor-jax search --space nb201 --algo evolution --proxies wrcor,act_cor --vote hard \
         --budget 1000 --seed 0 --dataset cifar10 --data PATH.npz --out DIR \
         [--ground-truth nb201.csv] [--cache-dir DIR] [--cache-preload results.csv]
+    wrcor-jax describe --space mbv2 --arch 'SuperConvK3BNRELU(3,32,2,1)...@224' \
+        [--num-classes 1000] [--json] [--check-ranges] [--flops-limit 600M]
 
 Errors are one line on stderr with a non-zero exit code; progress goes to stderr.
 """
@@ -19,8 +21,6 @@ import csv
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from wrcor_jax import jsonio
 from wrcor_jax.proxies import PROXIES, parse_proxies
@@ -39,20 +39,37 @@ def _read_arch_file(path: str) -> list[str]:
     return archs
 
 
-def _select_archs(args: argparse.Namespace) -> list[str]:
-    from wrcor_jax.spaces import nb201
+_SI = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
 
+
+def parse_count(text: str) -> int:
+    """'600M', '1.5G', '600e6' or '600000000' -> an integer count (FLOPs, parameters)."""
+    body = text.strip().upper()
+    unit = body[-1] if body and body[-1] in _SI else ""
+    try:
+        value = float(body.removesuffix(unit)) * _SI[unit]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a count (e.g. 600M, 1.5G, 600000000)") from None
+    if value <= 0:
+        raise ValueError(f"{text!r} must be positive")
+    return round(value)
+
+
+def _space(args: argparse.Namespace):
+    """The --space of a command, with its --flops-limit when given."""
+    from wrcor_jax.spaces import get_space
+
+    limit = getattr(args, "flops_limit", None)
+    return get_space(args.space, **({} if limit is None else {"flops_limit": parse_count(limit)}))
+
+
+def _select_archs(args: argparse.Namespace) -> list[str]:
+    space = _space(args)
     if args.archs:
         return _read_arch_file(args.archs)
-    everything = nb201.all_archs()
     if args.all:
-        chosen = everything
-    else:
-        if not 1 <= args.sample <= nb201.NUM_ARCHS:
-            raise ValueError(f"--sample must be in 1..{nb201.NUM_ARCHS}, got {args.sample}")
-        rng = np.random.default_rng(args.sample_seed)
-        chosen = everything[rng.choice(nb201.NUM_ARCHS, args.sample, replace=False)]
-    return [nb201.arch_string(ops) for ops in chosen]
+        return space.enumerate()
+    return space.draw(args.sample, args.sample_seed)
 
 
 def _score_config(args: argparse.Namespace, proxies: Sequence[str], seed: int, **extra):
@@ -60,6 +77,7 @@ def _score_config(args: argparse.Namespace, proxies: Sequence[str], seed: int, *
     from wrcor_jax.scoring import ScoreConfig
 
     return ScoreConfig(
+        space=args.space,
         dataset=args.dataset,
         proxies=tuple(proxies),
         seed=seed,
@@ -162,11 +180,14 @@ def _interval(ci: Sequence[float] | None) -> str:
 
 def _search(args: argparse.Namespace) -> None:
     from wrcor_jax.benchmarks.nb201 import load_ground_truth
-    from wrcor_jax.search import ALGORITHMS, nb201_fitness
+    from wrcor_jax.search import ALGORITHMS, cached_fitness
 
+    space = _space(args)
     config = _score_config(args, parse_proxies(args.proxies), args.score_seed)
+    if args.ground_truth and args.space != "nb201":
+        raise ValueError(f"--ground-truth is NAS-Bench-201's; the {args.space} space has none")
     truth = load_ground_truth(args.ground_truth) if args.ground_truth else None
-    fitness = nb201_fitness(config, args.cache_dir)
+    fitness = cached_fitness(config, args.cache_dir)
     if args.cache_preload:
         added = fitness.cache.preload(args.cache_preload)
         print(f"preloaded {added} scores from {args.cache_preload}", file=sys.stderr)
@@ -183,6 +204,7 @@ def _search(args: argparse.Namespace) -> None:
         vote=args.vote,
         ground_truth=truth,
         progress=not args.quiet,
+        space=space,
         **options,
     )
     print(
@@ -193,13 +215,66 @@ def _search(args: argparse.Namespace) -> None:
     print(jsonio.dumps(result.as_dict()))
 
 
+def _describe(args: argparse.Namespace) -> None:
+    space = _space(args)
+    arch = space.parse(args.arch)
+    if args.check_ranges:
+        problems = space.search_problems(arch)
+        if problems:
+            raise ValueError(f"outside the {space.name} search space: {'; '.join(problems)}")
+    num_classes = space.default_num_classes if args.num_classes is None else args.num_classes
+    if num_classes < 1:
+        raise ValueError(f"--num-classes must be at least 1, got {num_classes}")
+    description = space.describe(arch, num_classes)
+    if args.json:
+        print(jsonio.dumps(description))
+        return
+    print(_table(description["blocks"]))
+    print(
+        f"{description['arch']}\nresolution {description['resolution']}, "
+        f"{description['num_classes']} classes: {description['flops'] / 1e6:.1f}M FLOPs "
+        f"({description['flops']:,}), {description['params'] / 1e6:.3f}M parameters "
+        f"({description['params']:,})"
+    )
+
+
+_HEADINGS = {
+    "in_channels": "in",
+    "out_channels": "out",
+    "output_resolution": "res",
+    "bottleneck": "btl",
+    "dw_channels": "dw",
+}
+
+
+def _table(rows: Sequence[dict]) -> str:
+    """Rows of equal keys as an aligned text table, numbered, None as '-'."""
+    columns = list(rows[0])
+    headings = ["#", *(_HEADINGS.get(c, c) for c in columns)]
+    cells = [
+        [str(i), *("-" if row[c] is None else str(row[c]) for c in columns)]
+        for i, row in enumerate(rows)
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headings)]
+    lines = [headings, *cells]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i == 1 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `wrcor-jax` argument parser."""
+    from wrcor_jax.spaces import SPACES
+
     parser = argparse.ArgumentParser(prog="wrcor-jax", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     score = commands.add_parser("score", help="score architectures with zero-shot proxies")
-    score.add_argument("--space", default="nb201", choices=["nb201"])
+    score.add_argument("--space", default="nb201", choices=list(SPACES))
     score.add_argument("--dataset", default="cifar10")
     score.add_argument("--data", help="local .npz of training images (default: tfds)")
     score.add_argument("--data-dir", help="tfds data_dir")
@@ -208,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--sample", type=int, help="score N distinct random architectures")
     which.add_argument("--all", action="store_true", help="score all 15,625 architectures")
     score.add_argument("--sample-seed", type=int, default=0)
+    score.add_argument("--flops-limit", help="--sample under this many FLOPs, e.g. 600M (mbv2)")
     score.add_argument(
         "--proxies",
         default="wrcor",
@@ -238,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_evaluate)
 
     search = commands.add_parser("search", help="search the space with a proxy or a vote")
-    search.add_argument("--space", default="nb201", choices=["nb201"])
+    search.add_argument("--space", default="nb201", choices=list(SPACES))
     search.add_argument("--algo", required=True, choices=["random", "evolution", "reinforce"])
     search.add_argument("--proxies", default="wrcor", help="comma-separated proxy names")
     search.add_argument("--vote", default="hard", choices=["hard", "soft"])
@@ -252,12 +328,28 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--engine", default="composed", choices=["composed", "vmap"])
     search.add_argument("--workers", type=int, default=2, help="archs in flight (composed)")
     search.add_argument("--children", type=int, help="evolution: mutants per generation (1)")
+    search.add_argument("--flops-limit", help="search under this many FLOPs, e.g. 600M (mbv2)")
     search.add_argument("--out", required=True, help="folder: history.csv, result.json")
     search.add_argument("--ground-truth", help="NAS-Bench-201 accuracy CSV")
     search.add_argument("--cache-dir", help="score cache shared between searches")
     search.add_argument("--cache-preload", help="a `wrcor-jax score` file of this config")
     search.add_argument("--quiet", action="store_true", help="no progress bar")
     search.set_defaults(run=_search)
+
+    describe = commands.add_parser("describe", help="block table, FLOPs and parameters")
+    describe.add_argument("--space", default="nb201", choices=list(SPACES))
+    describe.add_argument("--arch", required=True, help="the architecture's text form")
+    describe.add_argument(
+        "--num-classes", type=int, help="classifier width (default: nb201 10, mbv2 1000)"
+    )
+    describe.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    describe.add_argument(
+        "--check-ranges",
+        action="store_true",
+        help="fail unless the arch lies in the search space's ranges (and --flops-limit)",
+    )
+    describe.add_argument("--flops-limit", help="with --check-ranges: the FLOPs limit")
+    describe.set_defaults(run=_describe)
     return parser
 
 

@@ -32,7 +32,7 @@ from wrcor_jax.proxies import PROXIES
 from wrcor_jax.proxies.zen import zen_inputs, zen_params
 from wrcor_jax.responses import SiteSums
 from wrcor_jax.results import ResultsError, ResultsFile, meta_path, read_meta, write_meta
-from wrcor_jax.spaces import nb201
+from wrcor_jax.spaces import SPACES, get_space, nb201
 from wrcor_jax.spaces.nb201_capture import vmapped_site_sums
 from wrcor_jax.spaces.nb201_engine import NB201Engine
 from wrcor_jax.spaces.nb201_measures import MEASUREMENTS, NB201Measurer
@@ -46,6 +46,7 @@ GRADIENT_MEASUREMENTS = frozenset({"loss_grads", "half_batch_grads", "synflow_gr
 class ScoreConfig:
     """Everything that determines a score besides the architecture."""
 
+    space: str = "nb201"
     dataset: str = "cifar10"
     proxies: tuple[str, ...] = ("wrcor",)
     seed: int = 42
@@ -57,6 +58,8 @@ class ScoreConfig:
     workers: int = 2
 
     def __post_init__(self):
+        if self.space not in SPACES:
+            raise ValueError(f"unknown search space {self.space!r}; known: {', '.join(SPACES)}")
         unknown = [p for p in self.proxies if p not in PROXIES]
         if unknown:
             raise ValueError(f"unknown proxy {unknown[0]!r}; known: {', '.join(PROXIES)}")
@@ -153,7 +156,9 @@ class NB201Scorer:
             measured["macs"] = nb201.count_macs(ops, tuple(self.images.shape), self.num_classes)
         return measured
 
-    def score(self, ops: np.ndarray, proxies: Sequence[str] | None = None) -> list[list[float]]:
+    def score(
+        self, ops: Sequence[np.ndarray], proxies: Sequence[str] | None = None
+    ) -> list[list[float]]:
         """One row of proxy scores per architecture, in the order of `proxies`: the
         configuration's by default, or a subset of them (what a score cache lacks), for
         which only the measurements they read are taken."""
@@ -216,7 +221,7 @@ _SAME_BATCH = ("space", "dataset", "seed", "batch_size")
 def _batch_meta(config: ScoreConfig) -> dict:
     """The sidecar of a results file: the batch its scores were computed on."""
     return {
-        "space": "nb201",
+        "space": config.space,
         "dataset": config.dataset,
         "seed": config.seed,
         "batch_size": config.batch_size,
@@ -248,7 +253,8 @@ def score_archs(
     progress: bool = True,
     votes: Sequence[VoteColumn] = (),
 ) -> RunSummary:
-    """Score architecture strings into `out`, resuming whatever the file already holds.
+    """Score architectures (text forms of `config.space`) into `out`, resuming whatever the
+    file already holds.
 
     Everything is validated (architectures, file header, data) before the first row is
     written; rows are appended one chunk at a time. Vote columns rank an architecture
@@ -256,24 +262,25 @@ def score_archs(
     rows of the file, and written by one atomic rewrite; until then their cells are empty.
     Their proxies must be among `config.proxies`.
     """
-    ops = [nb201.parse_arch(a) for a in archs]
-    unique = dict(zip(map(nb201.arch_string, ops), ops, strict=True))
+    space = get_space(config.space)
+    parsed = [space.parse(a) for a in archs]
+    unique = dict(zip(map(space.format, parsed), parsed, strict=True))
     missing = [p for v in votes for p in v.proxies if p not in config.proxies]
     if missing:
         raise ValueError(f"vote needs proxy {missing[0]!r}; add it to the proxies scored")
     results = ResultsFile(out, config.proxies, [v.name for v in votes])
     done = results.done()
     _check_meta(out, config, bool(done))
-    todo = [(arch, o) for arch, o in unique.items() if arch not in done]
+    todo = [(text, arch) for text, arch in unique.items() if text not in done]
     start, compiles, compile_s = time.perf_counter(), CompileCounter.count, CompileCounter.seconds
-    scorer = NB201Scorer(config) if todo else None
+    scorer = space.scorer(config) if todo else None
     if todo:
         write_meta(out, _batch_meta(config))
     bar = tqdm(total=len(todo), unit="arch", file=sys.stderr, disable=not progress)
     for begin in range(0, len(todo), config.chunk_size):
         chunk = todo[begin : begin + config.chunk_size]
-        scores = scorer.score(np.stack([o for _, o in chunk]))
-        results.append(zip([arch for arch, _ in chunk], scores, strict=True))
+        scores = scorer.score([arch for _, arch in chunk])
+        results.append(zip([text for text, _ in chunk], scores, strict=True))
         bar.update(len(chunk))
     bar.close()
     rows = 0

@@ -1,7 +1,7 @@
 """Searching NAS-Bench-201 with zero-shot proxies: random, evolution, REINFORCE (SPEC 7)."""
 
 from wrcor_jax.search.algorithms import ALGORITHMS, random_search, regularized_evolution, reinforce
-from wrcor_jax.search.cache import CachedFitness, ScoreCache, nb201_fitness, score_key
+from wrcor_jax.search.cache import CachedFitness, ScoreCache, cached_fitness, score_key
 from wrcor_jax.search.core import VOTES, Criterion, Fitness, SearchResult
 
 __all__ = [
@@ -12,7 +12,7 @@ __all__ = [
     "Fitness",
     "ScoreCache",
     "SearchResult",
-    "nb201_fitness",
+    "cached_fitness",
     "random_search",
     "regularized_evolution",
     "reinforce",

@@ -1,15 +1,16 @@
-"""Random search, regularized (aging) evolution and REINFORCE over NB201 (SPEC section 7).
+"""Random search, regularized (aging) evolution and REINFORCE over any space (SPEC 7).
 
 Each takes a fitness, a budget of evaluations, a seed and an output folder, and returns a
 `SearchResult` (also written to result.json); see `core` for the conventions shared by all
-three (budget, comparison, history and resume).
+three (budget, comparison, history and resume). They reach the architectures only through
+the space (`evaluations.space`): sample, mutate, and the policy's choices.
 """
 
 from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,17 @@ import numpy as np
 import optax
 
 from wrcor_jax.search.core import Evaluations, Fitness, SearchResult, run_search
-from wrcor_jax.spaces import nb201
+from wrcor_jax.spaces import Space
 from wrcor_jax.vote import zscores
 
 CHUNK = 8  # architectures per fitness call where the order of evaluation does not matter
+MAX_POLICY_DRAWS = 10_000  # REINFORCE draws per evaluation before giving up on the limits
+UNAVAILABLE = -1e9  # logit of a category a decision does not have
 
 
-def _evaluate_in_chunks(evaluations: Evaluations, ops: np.ndarray) -> np.ndarray:
+def _evaluate_in_chunks(evaluations: Evaluations, archs: Sequence) -> np.ndarray:
     return np.concatenate(
-        [evaluations.evaluate(ops[i : i + CHUNK]) for i in range(0, len(ops), CHUNK)]
+        [evaluations.evaluate(archs[i : i + CHUNK]) for i in range(0, len(archs), CHUNK)]
     )
 
 
@@ -40,11 +43,12 @@ def random_search(
     vote: str = "hard",
     ground_truth: Mapping[str, Any] | None = None,
     progress: bool = False,
+    space: Space | None = None,
 ) -> SearchResult:
     """`budget` architectures drawn uniformly (with replacement); the best is the result."""
 
     def program(evaluations: Evaluations, rng: np.random.Generator) -> dict[str, Any]:
-        _evaluate_in_chunks(evaluations, nb201.sample_archs(rng, budget))
+        _evaluate_in_chunks(evaluations, evaluations.space.sample(rng, budget))
         return {}
 
     return run_search(
@@ -57,6 +61,7 @@ def random_search(
         vote=vote,
         ground_truth=ground_truth,
         progress=progress,
+        space=space,
     )
 
 
@@ -69,6 +74,7 @@ def regularized_evolution(
     vote: str = "hard",
     ground_truth: Mapping[str, Any] | None = None,
     progress: bool = False,
+    space: Space | None = None,
     population_size: int = 64,
     tournament_size: int = 10,
     children: int = 1,
@@ -85,7 +91,8 @@ def regularized_evolution(
         raise ValueError("population, tournament and children must each be at least 1")
 
     def program(evaluations: Evaluations, rng: np.random.Generator) -> dict[str, Any]:
-        initial = nb201.sample_archs(rng, min(population_size, budget))
+        space = evaluations.space
+        initial = space.sample(rng, min(population_size, budget))
         population = deque(zip(initial, _evaluate_in_chunks(evaluations, initial), strict=True))
         while evaluations.remaining:
             kids = []
@@ -95,11 +102,11 @@ def regularized_evolution(
                 )
                 scores = np.stack([population[i][1] for i in drawn])
                 parent = drawn[evaluations.criterion.best(scores, evaluations.seen())]
-                kids.append(nb201.mutate_arch(rng, population[parent][0]))
-            for member in zip(kids, evaluations.evaluate(np.stack(kids)), strict=True):
+                kids.append(space.mutate(rng, population[parent][0]))
+            for member in zip(kids, evaluations.evaluate(kids), strict=True):
                 population.append(member)
                 population.popleft()
-        return {"population": [nb201.arch_string(ops) for ops, _ in population]}
+        return {"population": [space.format(arch) for arch, _ in population]}
 
     options = {"population": population_size, "tournament": tournament_size, "children": children}
     return run_search(
@@ -113,6 +120,7 @@ def regularized_evolution(
         options=options,
         ground_truth=ground_truth,
         progress=progress,
+        space=space,
     )
 
 
@@ -139,6 +147,20 @@ def _softmax(logits: jax.Array) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _initial_logits(counts: np.ndarray) -> jax.Array:
+    """(decisions, most categories) zeros; a decision's padding categories (it has fewer than
+    the widest) get a logit whose probability is exactly 0 and whose gradient stays 0."""
+    real = np.arange(counts.max())[None, :] < counts[:, None]
+    return jnp.asarray(np.where(real, 0.0, UNAVAILABLE), jnp.float32)
+
+
+def _draw(rng: np.random.Generator, logits: jax.Array, counts: np.ndarray) -> np.ndarray:
+    """One category per decision, by inverting each row's CDF at a uniform draw."""
+    cdf = np.cumsum(_softmax(logits), axis=-1)
+    draws = rng.random(len(counts))
+    return np.minimum((cdf < draws[:, None]).sum(axis=-1), counts - 1)
+
+
 def reinforce(
     fitness: Fitness,
     budget: int,
@@ -148,11 +170,14 @@ def reinforce(
     vote: str = "hard",
     ground_truth: Mapping[str, Any] | None = None,
     progress: bool = False,
+    space: Space | None = None,
     warmup: int = 100,
     learning_rate: float = 1e-3,
     momentum: float = 0.9,
 ) -> SearchResult:
-    """REINFORCE with a factorised categorical policy (6 edges x 5 ops, logits start at 0).
+    """REINFORCE with a factorised categorical policy: one categorical per decision of the
+    space (NB201: 6 edges x 5 ops), logits start at 0. A draw the space rejects (over its
+    limits, e.g. a FLOPs limit) is drawn again and does not count.
 
     `warmup` random architectures (part of the budget) fix each proxy's mean and std; the
     reward is the sum of the proxies' z-scores. A non-finite z-score (a -inf WRCor of a
@@ -166,7 +191,8 @@ def reinforce(
         raise ValueError("warmup >= 1, learning rate > 0 and momentum in [0, 1) required")
 
     def program(evaluations: Evaluations, rng: np.random.Generator) -> dict[str, Any]:
-        reference = _evaluate_in_chunks(evaluations, nb201.sample_archs(rng, min(warmup, budget)))
+        space = evaluations.space
+        reference = _evaluate_in_chunks(evaluations, space.sample(rng, min(warmup, budget)))
         warm_z = zscores(reference)
         finite = np.isfinite(warm_z)
         low = np.where(finite, warm_z, np.inf).min(axis=0)
@@ -174,20 +200,29 @@ def reinforce(
         low, high = np.where(np.isfinite(low), low, 0.0), np.where(np.isfinite(high), high, 0.0)
 
         optimizer, step = _policy_step(learning_rate)
-        logits = jnp.zeros((nb201.NUM_EDGES, len(nb201.OPS)), jnp.float32)
+        counts = np.asarray(space.choices())
+        logits = _initial_logits(counts)
         state = optimizer.init(logits)
         ema, weight = 0.0, 0.0
         while evaluations.remaining:
-            cdf = np.cumsum(_softmax(logits), axis=-1)
-            draws = rng.random(nb201.NUM_EDGES)
-            ops = np.minimum((cdf < draws[:, None]).sum(axis=-1), len(nb201.OPS) - 1)
-            z = zscores(evaluations.evaluate(ops), reference=reference)[0]
+            for _ in range(MAX_POLICY_DRAWS):
+                indices = _draw(rng, logits, counts)
+                arch = space.from_choices(indices)
+                if arch is not None:
+                    break
+            else:
+                raise ValueError(
+                    f"the policy drew no architecture within the {space.name} space's limits "
+                    f"in {MAX_POLICY_DRAWS} tries"
+                )
+            z = zscores(evaluations.evaluate([arch]), reference=reference)[0]
             z = np.where(np.isnan(z) | (z == -np.inf), low, np.where(z == np.inf, high, z))
             reward = float(z.sum())
             ema, weight = momentum * ema + (1 - momentum) * reward, momentum * weight + 1 - momentum
             advantage = reward - ema / weight
-            logits, state = step(logits, state, jnp.asarray(ops, jnp.int32), advantage)
-        return {"policy": _softmax(logits).round(6).tolist()}
+            logits, state = step(logits, state, jnp.asarray(indices, jnp.int32), advantage)
+        policy = _softmax(logits).round(6).tolist()
+        return {"policy": [row[:n] for row, n in zip(policy, counts, strict=True)]}
 
     options = {"warmup": warmup, "learning_rate": learning_rate, "momentum": momentum}
     return run_search(
@@ -201,6 +236,7 @@ def reinforce(
         options=options,
         ground_truth=ground_truth,
         progress=progress,
+        space=space,
     )
 
 

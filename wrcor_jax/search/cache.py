@@ -19,24 +19,15 @@ import io
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
-
-import numpy as np
 
 from wrcor_jax.benchmarks.nb201 import parse_score
 from wrcor_jax.data import get_dataset_info
 from wrcor_jax.results import ResultsFile
-from wrcor_jax.scoring import NB201Scorer, ScoreConfig
-from wrcor_jax.spaces import nb201
+from wrcor_jax.scoring import ScoreConfig
+from wrcor_jax.spaces import Space, get_space
+from wrcor_jax.spaces.base import Arch, Scorer
 
-__all__ = ["CachedFitness", "ScoreCache", "nb201_fitness", "score_key"]
-
-
-class Scorer(Protocol):
-    """Anything that turns (k, 6) op indices into k rows of scores of the given proxies
-    (`NB201Scorer`)."""
-
-    def score(self, ops: np.ndarray, proxies: Sequence[str]) -> list[list[float]]: ...
+__all__ = ["CachedFitness", "ScoreCache", "cached_fitness", "score_key"]
 
 
 def _content_id(path: str | Path) -> str:
@@ -50,7 +41,7 @@ def _content_id(path: str | Path) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def score_key(config: ScoreConfig, space: str = "nb201") -> dict[str, object]:
+def score_key(config: ScoreConfig) -> dict[str, object]:
     """What besides the architecture and the proxy determines a score of `config`.
 
     A local .npz counts by its content (moving or renaming it keeps the cache valid); tfds
@@ -59,7 +50,7 @@ def score_key(config: ScoreConfig, space: str = "nb201") -> dict[str, object]:
     get_dataset_info(config.dataset)  # an unknown dataset fails here, before any search
     data = _content_id(config.data) if config.data else f"tfds:{config.data_dir or ''}"
     return {
-        "space": space,
+        "space": config.space,
         "dataset": config.dataset,
         "data": data,
         "seed": config.seed,
@@ -72,6 +63,7 @@ class ScoreCache:
 
     def __init__(self, key: Mapping[str, object], directory: str | Path | None = None):
         self.key = dict(key)
+        self.space = get_space(str(self.key.get("space", "nb201")))
         text = json.dumps(self.key, sort_keys=True)
         self.digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         self.directory = Path(directory) / self.digest if directory is not None else None
@@ -140,10 +132,7 @@ class ScoreCache:
             raise ValueError(f"{path} needs an 'arch' column and at least one proxy column")
         return self.put(
             (
-                (
-                    nb201.arch_string(nb201.parse_arch(row["arch"])),
-                    [parse_score(row[p]) for p in proxies],
-                )
+                (self.space.canonical(row["arch"]), [parse_score(row[p]) for p in proxies])
                 for row in rows
             ),
             proxies,
@@ -166,10 +155,14 @@ class CachedFitness:
         self.scored = 0
         self.hits = 0
 
-    def score(self, ops: np.ndarray) -> list[list[float]]:
-        """One row of scores (in `proxies` order) per architecture of `ops` (k, 6)."""
-        ops = nb201.validate_ops(np.atleast_2d(ops))
-        archs = [nb201.arch_string(o) for o in ops]
+    @property
+    def space(self) -> Space:
+        """The space of the architectures scored (the cache key's)."""
+        return self.cache.space
+
+    def score(self, candidates: Sequence[Arch]) -> list[list[float]]:
+        """One row of scores (in `proxies` order) per architecture of `candidates`."""
+        archs = [self.space.format(arch) for arch in candidates]
         to_score: dict[tuple[str, ...], dict[str, int]] = {}  # lacking proxies -> arch -> row
         for i, arch in enumerate(archs):
             lacking = self.cache.lacking(arch, self.proxies)
@@ -181,13 +174,13 @@ class CachedFitness:
         for lacking, rows in to_score.items():
             if self._scorer is None:
                 self._scorer = self._make_scorer()
-            fresh = self._scorer.score(ops[list(rows.values())], lacking)
+            fresh = self._scorer.score([candidates[i] for i in rows.values()], lacking)
             self.cache.put(zip(rows, fresh, strict=True), lacking)
         return [list(map(float, self.cache.get(arch, self.proxies))) for arch in archs]
 
 
-def nb201_fitness(config: ScoreConfig, cache_dir: str | Path | None = None) -> CachedFitness:
-    """The cached NB201 fitness of `config`; the scorer (data, weights, compilation) is only
-    built when an architecture is missing from the cache."""
+def cached_fitness(config: ScoreConfig, cache_dir: str | Path | None = None) -> CachedFitness:
+    """The cached fitness of `config` in its space; the scorer (data, weights, compilation)
+    is only built when an architecture is missing from the cache."""
     cache = ScoreCache(score_key(config), cache_dir)
-    return CachedFitness(cache, config.proxies, lambda: NB201Scorer(config))
+    return CachedFitness(cache, config.proxies, lambda: cache.space.scorer(config))

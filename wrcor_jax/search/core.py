@@ -35,7 +35,8 @@ from tqdm import tqdm
 from wrcor_jax.benchmarks.nb201 import DATASETS, parse_score
 from wrcor_jax.jsonio import write_json
 from wrcor_jax.results import CsvLog, format_score
-from wrcor_jax.spaces import nb201
+from wrcor_jax.spaces import Space, get_space
+from wrcor_jax.spaces.base import Arch
 from wrcor_jax.vote import hard_vote_compare, soft_vote
 
 VOTES = ("hard", "soft")
@@ -49,7 +50,7 @@ class Fitness(Protocol):
     proxies: tuple[str, ...]
     identity: str
 
-    def score(self, ops: np.ndarray) -> list[list[float]]: ...
+    def score(self, archs: Sequence[Arch]) -> list[list[float]]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +121,11 @@ class Evaluations:
         budget: int,
         criterion: Criterion,
         history: History,
+        space: Space,
         progress: bool = False,
     ):
         self.fitness, self.budget, self.criterion = fitness, budget, criterion
+        self.space = space
         self._history = history
         self._recorded = history.read()
         if len(self._recorded) > budget:
@@ -151,13 +154,14 @@ class Evaluations:
         """Scores of every evaluation so far, (count, proxies)."""
         return self._scores[: self.count]
 
-    def evaluate(self, ops: np.ndarray) -> np.ndarray:
-        """Scores (k, proxies) of k architectures, counted against the budget."""
-        ops = nb201.validate_ops(np.atleast_2d(ops))
-        if len(ops) > self.remaining:
-            raise ValueError(f"{len(ops)} evaluations asked, {self.remaining} left in the budget")
-        archs = [nb201.arch_string(o) for o in ops]
-        replay = self._recorded[self.count : self.count + len(ops)]
+    def evaluate(self, candidates: Sequence[Arch]) -> np.ndarray:
+        """Scores (k, proxies) of k architectures of the space, counted against the budget."""
+        if len(candidates) > self.remaining:
+            raise ValueError(
+                f"{len(candidates)} evaluations asked, {self.remaining} left in the budget"
+            )
+        archs = [self.space.format(arch) for arch in candidates]
+        replay = self._recorded[self.count : self.count + len(candidates)]
         for record, arch in zip(replay, archs, strict=False):
             if record.arch != arch:
                 raise ValueError(
@@ -165,8 +169,8 @@ class Evaluations:
                     f"evaluates {arch} there: it is another search's history; choose another --out"
                 )
         rows = [r.scores for r in replay]
-        if len(replay) < len(ops):
-            rows += self.fitness.score(ops[len(replay) :])
+        if len(replay) < len(candidates):
+            rows += self.fitness.score(candidates[len(replay) :])
         fresh = []
         for i, (arch, row) in enumerate(zip(archs, rows, strict=True)):
             step = self.count
@@ -181,8 +185,8 @@ class Evaluations:
                 self.seconds = self._offset + time.perf_counter() - self._start
                 fresh.append(Record(step, arch, tuple(row), self.archs[self.best], self.seconds))
         self._history.append(fresh)
-        self._bar.update(len(ops))
-        return self._scores[self.count - len(ops) : self.count].copy()
+        self._bar.update(len(candidates))
+        return self._scores[self.count - len(candidates) : self.count].copy()
 
     def close(self) -> None:
         self._bar.close()
@@ -245,13 +249,15 @@ def run_search(
     options: Mapping[str, Any] | None = None,
     ground_truth: Mapping[str, Any] | None = None,
     progress: bool = False,
+    space: Space | None = None,
 ) -> SearchResult:
     """Run (or resume) `program` with `budget` evaluations; write result.json in `out_dir`.
 
     `options` are the algorithm's settings that change its course (they join algo, seed,
     proxies, vote and the fitness identity in search.json, which a resume must match);
     the budget may grow between runs. `ground_truth` maps arch -> record with the three
-    datasets' test accuracies.
+    datasets' test accuracies. `space` (by default the fitness's, else NB201) reads
+    and writes the architectures; the program gets it as `evaluations.space`.
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"the budget must be a positive number of evaluations, got {budget!r}")
@@ -267,9 +273,10 @@ def run_search(
         "options": dict(options or {}),
     }
     _check_identity(out / "search.json", identity)
-    evaluations = Evaluations(
-        fitness, budget, criterion, History(out / "history.csv", fitness.proxies), progress
-    )
+    history = History(out / "history.csv", fitness.proxies)
+    # A fitness that knows its space (CachedFitness) names it; toy fitnesses score NB201.
+    space = space or getattr(fitness, "space", None) or get_space("nb201")
+    evaluations = Evaluations(fitness, budget, criterion, history, space, progress)
     try:
         details = program(evaluations, np.random.default_rng(seed))
     finally:

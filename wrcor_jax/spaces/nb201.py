@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wrcor_jax.layers import avg_pool_2x2, avg_pool_3x3, batch_norm, conv2d, torch_default_init
+from wrcor_jax.spaces.base import ArchError
 
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 EDGES = ((1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2))  # (to_node, from_node), string order
@@ -44,10 +45,6 @@ MEDIAN_CIFAR10 = (
     "|avg_pool_3x3~0|+|nor_conv_3x3~0|skip_connect~1|"
     "+|nor_conv_1x1~0|avg_pool_3x3~1|nor_conv_1x1~2|"
 )
-
-
-class ArchError(ValueError):
-    """A malformed NAS-Bench-201 architecture string or op-index array."""
 
 
 def cell_name(index: int) -> str:
@@ -382,18 +379,24 @@ def count_params(params: dict, ops: np.ndarray) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(used_params(params, ops)))
 
 
-def count_macs(ops: np.ndarray, image_shape: tuple[int, ...], num_classes: int) -> int:
-    """Multiply-accumulates per image of the convs and the classifier of one architecture
-    (BatchNorm, pools and additions not counted), for NHWC `image_shape`."""
+def block_macs(ops: np.ndarray, image_shape: tuple[int, ...], num_classes: int) -> list[int]:
+    """Multiply-accumulates per image of the stem, each of the 17 cells and the classifier
+    (convs and the linear layer; BatchNorm, pools and additions not counted), for NHWC
+    `image_shape`."""
     ops = validate_ops(ops)
     _, h, w, c_in = image_shape
-    macs = h * w * STEM_CHANNELS * c_in * 9
+    macs = [h * w * STEM_CHANNELS * c_in * 9]
     for c_in, c_out, reduction in CELL_PLAN:
         if reduction:
             h, w = h // 2, w // 2
-            macs += h * w * c_out * (c_in * 9 + c_out * 9 + c_in)  # conv_a, conv_b, shortcut
+            macs.append(h * w * c_out * (c_in * 9 + c_out * 9 + c_in))  # conv_a, conv_b, shortcut
         else:
-            macs += sum(
-                h * w * c_out * c_in * CONV_KERNEL[op] ** 2 for op in ops if op in CONV_KERNEL
+            macs.append(
+                sum(h * w * c_out * c_in * CONV_KERNEL[op] ** 2 for op in ops if op in CONV_KERNEL)
             )
-    return int(macs + CELL_PLAN[-1][1] * num_classes)
+    return [*macs, CELL_PLAN[-1][1] * num_classes]
+
+
+def count_macs(ops: np.ndarray, image_shape: tuple[int, ...], num_classes: int) -> int:
+    """Multiply-accumulates per image of one architecture (`block_macs` summed)."""
+    return int(sum(block_macs(ops, image_shape, num_classes)))
