@@ -92,7 +92,7 @@ class RELU(nn.Module):
 
 
 class SE(nn.Module):
-    """Squeeze-and-excitation: x times sigmoid(BN(conv(ReLU(BN(conv(pool(x))))))))."""
+    """Squeeze-and-excitation: x times sigmoid(BN(conv(ReLU(BN(conv(pool(x)))))))."""
 
     def __init__(self, channels: int):
         super().__init__()
