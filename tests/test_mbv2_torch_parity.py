@@ -2,7 +2,8 @@
 same logits; the bilinear resize against torch's; weight transfer; parameter counts; sites.
 
 Widths are narrow (8-24 channels, far below the search ranges but inside the grammar) and
-the batch is 4, so every architecture compiles and runs in about a second per dtype.
+the batch is 4; what remains is compile time (~1.5 s per arch in float32, ~2 s in float64 on
+XLA:CPU), so quick runs check 7 archs in float64 and 3 in float32 (~35 s), `slow` the rest.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NUM_CLASSES = 10
 BATCH = 4
-# float32 logits of the two frameworks differ by rounding alone (float64 agrees to ~1e-14):
-# measured max |JAX - torch| / max |logits| over CASES was 2.1e-6 (each side ~1e-6 from the
-# float64 logits); the training-mode BatchNorms amplify rounding, the SE's most (4 values).
+# float32 logits of the two frameworks differ by rounding alone (float64 agrees to 1.1e-13
+# at most). Measured max |JAX - torch| / max |logits| over CASES: 2.6e-5 (case 6, the 9-block
+# net, where both sides are 1.1e-4 from the float64 logits), 5e-6..1.1e-5 elsewhere (JAX
+# ~1e-6, torch ~8e-6 from float64). Training-mode BatchNorm over few values (the SE's: 4;
+# 7 x 7 x 4 at the end of case 6) amplifies rounding. 4x the worst case:
 FLOAT32_RTOL = 1e-4
 FLOAT64_RTOL = 1e-10
 
@@ -155,7 +158,7 @@ def test_cases_cover_the_grammar(indices):
 
 @pytest.mark.parametrize("case", _cases(QUICK_FLOAT64))
 def test_logits_match_torch_in_float64(case):
-    """The same maths: 1e-10 of the logits' scale (measured: at most ~1e-14)."""
+    """The same maths: 1e-10 of the logits' scale (measured: 6e-15 to 1.1e-13)."""
     with jax.enable_x64(True):
         ours = _flax_logits(*case, jnp.float64)
     assert ours.dtype == np.float64
