@@ -8,30 +8,20 @@ from pathlib import Path
 import pytest
 
 from wrcor_jax.spaces.base import ArchError
-from wrcor_jax.spaces.mbv2.arch import ConvBlock, MBV2Arch, ResBlock, format_arch, parse
+from wrcor_jax.spaces.mbv2.arch import (
+    EA_OUR_VOTE,
+    EA_OUR_VOTE_600M,
+    MOBILENET_V2,
+    ConvBlock,
+    MBV2Arch,
+    ResBlock,
+    format_arch,
+    parse,
+)
 from wrcor_jax.spaces.mbv2.cost import BlockCost, Description, describe
 
 SHARED_SAMPLE = Path(__file__).parents[1].parent / "shared" / "data" / "mbv2_reference_sample.csv"
 REFERENCE_COUNTS = Path(__file__).parent / "data" / "mbv2_reference_counts.csv"
-
-EA_OUR_VOTE = (
-    "SuperConvK3BNRELU(3,48,2,1)SuperResIDWE6K7(48,32,2,32,2)SuperResIDWE6K5(32,40,2,48,3)"
-    "SuperResIDWE6K7(40,40,1,32,3)SuperResIDWE6K7(40,72,2,64,4)SuperResIDWE6K7(72,176,1,56,6)"
-    "SuperResIDWE4K5(176,240,2,232,6)SuperResIDWE2K7(240,136,1,176,2)"
-    "SuperConvK1BNRELU(136,424,1,1)@320"
-)
-EA_OUR_VOTE_600M = (
-    "SuperConvK3BNRELU(3,48,2,1)SuperResIDWE2K7(48,32,2,40,2)SuperResIDWE2K7(32,32,2,48,3)"
-    "SuperResIDWE6K7(32,64,1,40,3)SuperResIDWE6K7(64,88,2,40,4)SuperResIDWE6K7(88,104,1,56,6)"
-    "SuperResIDWE6K5(104,152,2,192,6)SuperResIDWE6K5(152,240,1,136,2)"
-    "SuperConvK1BNRELU(240,1264,1,1)@224"
-)
-MOBILENET_V2 = (
-    "SuperConvK3BNRELU(3,32,2,1)SuperResIDWE1K3(32,16,1,32,1)SuperResIDWE6K3(16,24,2,16,2)"
-    "SuperResIDWE6K3(24,32,2,24,3)SuperResIDWE6K3(32,64,2,32,4)SuperResIDWE6K3(64,96,1,64,3)"
-    "SuperResIDWE6K3(96,160,2,96,3)SuperResIDWE6K3(160,320,1,160,1)"
-    "SuperConvK1BNRELU(320,1280,1,1)@224"
-)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

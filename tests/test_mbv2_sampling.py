@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from wrcor_jax.spaces.base import ArchError
-from wrcor_jax.spaces.mbv2.arch import ConvBlock, MBV2Arch, ResBlock, format_arch, parse
+from wrcor_jax.spaces.mbv2.arch import (
+    EA_OUR_VOTE,
+    ConvBlock,
+    MBV2Arch,
+    ResBlock,
+    format_arch,
+    parse,
+)
 from wrcor_jax.spaces.mbv2.cost import describe
 from wrcor_jax.spaces.mbv2.sampling import (
     REFERENCE_RANGES,
@@ -147,12 +154,7 @@ def test_mutation_changes_only_what_it_may(archs: list[MBV2Arch], p: float) -> N
 
 def test_mutation_of_a_parent_above_the_limit() -> None:
     """EA_our_vote (1658M at 320) mutates under the limit; with no limit anything goes."""
-    parent = parse(
-        "SuperConvK3BNRELU(3,48,2,1)SuperResIDWE6K7(48,32,2,32,2)SuperResIDWE6K5(32,40,2,48,3)"
-        "SuperResIDWE6K7(40,40,1,32,3)SuperResIDWE6K7(40,72,2,64,4)"
-        "SuperResIDWE6K7(72,176,1,56,6)SuperResIDWE4K5(176,240,2,232,6)"
-        "SuperResIDWE2K7(240,136,1,176,2)SuperConvK1BNRELU(136,424,1,1)@320"
-    )
+    parent = parse(EA_OUR_VOTE)
     child = mutate(random.Random(0), parent, flops_limit=1_000_000_000)
     assert describe(child).flops <= 1_000_000_000
     assert mutate(random.Random(0), parent, flops_limit=None) != parent

@@ -17,6 +17,7 @@ import numpy as np
 
 from wrcor_jax.layers import avg_pool_2x2, avg_pool_3x3, batch_norm, conv2d, torch_default_init
 from wrcor_jax.spaces.base import ArchError
+from wrcor_jax.weights import BatchNormWeights, ConvWeights, declare_conv_weights, torch_kernel_init
 
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 EDGES = ((1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2))  # (to_node, from_node), string order
@@ -166,56 +167,6 @@ def isomorphism_key(ops: np.ndarray) -> str:
 
 
 # --------------------------------------------------------------------------- network
-
-torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-"""PyTorch's default conv/linear weight init: Uniform(+-1/sqrt(fan_in)) for HWIO kernels."""
-
-
-def declare_conv_weights(
-    module: nn.Module, features: int, kernel_size: int, in_features: int, batch_norm: bool = True
-) -> dict:
-    """Declare on `module` the `kernel` of a bias-free conv (+ `scale`, `bias` of its BN)."""
-    k = kernel_size
-    weights = {"kernel": module.param("kernel", torch_kernel_init, (k, k, in_features, features))}
-    if batch_norm:
-        weights |= declare_batch_norm(module, features)
-    return weights
-
-
-def declare_batch_norm(module: nn.Module, features: int) -> dict:
-    """Declare on `module` an affine BatchNorm's `scale` (ones) and `bias` (zeros)."""
-    return {
-        "scale": module.param("scale", nn.initializers.ones, (features,)),
-        "bias": module.param("bias", nn.initializers.zeros, (features,)),
-    }
-
-
-class BatchNormWeights(nn.Module):
-    """Parameters of an affine BatchNorm on its own (the head's)."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self) -> dict:
-        return declare_batch_norm(self, self.features)
-
-
-class ConvWeights(nn.Module):
-    """Parameters of a bias-free conv (with an affine BatchNorm's when `batch_norm`).
-
-    It only declares them (the maths lives in `wrcor_jax.layers`), so one parameter tree
-    serves this network and the engine that composes compiled pieces at run time.
-    """
-
-    features: int
-    kernel_size: int
-    batch_norm: bool = True
-
-    @nn.compact
-    def __call__(self, in_features: int) -> dict:
-        return declare_conv_weights(
-            self, self.features, self.kernel_size, in_features, self.batch_norm
-        )
 
 
 def _relu_conv_bn_sites(module: nn.Module, x: jax.Array, w: dict, stride: int = 1) -> jax.Array:

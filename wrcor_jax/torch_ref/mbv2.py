@@ -30,14 +30,14 @@ from wrcor_jax.spaces.mbv2.arch import (
 )
 from wrcor_jax.spaces.mbv2.arch import ResBlock as ResBlockSpec
 from wrcor_jax.spaces.mbv2.network import BN_EPS, block_name, layer_name, se_channels
-from wrcor_jax.torch_ref.nb201 import (
-    _CONV,
-    _LINEAR,
-    _VECTOR,
-    _bn_pairs,
-    _conv_bn_pairs,
-    _flax_to_torch_layout,
-    _torch_to_flax_layout,
+from wrcor_jax.torch_ref.weights import (
+    CONV,
+    LINEAR,
+    VECTOR,
+    bn_pairs,
+    conv_bn_pairs,
+    flax_to_torch_layout,
+    torch_to_flax_layout,
 )
 
 
@@ -263,24 +263,24 @@ def _leaf_pairs(net: MBV2TorchNetwork) -> list[tuple[tuple[str, ...], torch.Tens
             path = (name, layer_name(j))
             if isinstance(block, ConvBlock):
                 conv, bn = module.module_list[3 * j : 3 * j + 2]
-                pairs += _conv_bn_pairs(path, conv.netblock, bn.netblock)
+                pairs += conv_bn_pairs(path, conv.netblock, bn.netblock)
                 continue
             sub = module.module_list[2 * j]
             part = [getattr(m, "netblock", None) for m in sub.module_list]
             se = part[SQUEEZE]
-            pairs += _conv_bn_pairs((*path, "expand"), part[EXPAND], part[EXPAND_BN])
-            pairs += _conv_bn_pairs((*path, "depthwise"), part[DEPTHWISE], part[DEPTHWISE_BN])
-            pairs += _conv_bn_pairs((*path, "se", "reduce"), se[SE_REDUCE], se[SE_REDUCE_BN])
-            pairs += _conv_bn_pairs((*path, "se", "restore"), se[SE_RESTORE], se[SE_RESTORE_BN])
-            pairs += _conv_bn_pairs((*path, "project"), part[PROJECT], part[PROJECT_BN])
+            pairs += conv_bn_pairs((*path, "expand"), part[EXPAND], part[EXPAND_BN])
+            pairs += conv_bn_pairs((*path, "depthwise"), part[DEPTHWISE], part[DEPTHWISE_BN])
+            pairs += conv_bn_pairs((*path, "se", "reduce"), se[SE_REDUCE], se[SE_REDUCE_BN])
+            pairs += conv_bn_pairs((*path, "se", "restore"), se[SE_RESTORE], se[SE_RESTORE_BN])
+            pairs += conv_bn_pairs((*path, "project"), part[PROJECT], part[PROJECT_BN])
             if isinstance(sub, ResBlockProj):
                 conv, bn = sub.proj
-                pairs.append(((*path, "shortcut", "conv", "kernel"), conv.weight, _CONV))
-                pairs.append(((*path, "shortcut", "conv", "bias"), conv.bias, _VECTOR))
-                pairs += _bn_pairs((*path, "shortcut", "bn"), bn)
+                pairs.append(((*path, "shortcut", "conv", "kernel"), conv.weight, CONV))
+                pairs.append(((*path, "shortcut", "conv", "bias"), conv.bias, VECTOR))
+                pairs += bn_pairs((*path, "shortcut", "bn"), bn)
     linear = net.fc_linear.netblock
-    pairs.append((("classifier", "kernel"), linear.weight, _LINEAR))
-    pairs.append((("classifier", "bias"), linear.bias, _VECTOR))
+    pairs.append((("classifier", "kernel"), linear.weight, LINEAR))
+    pairs.append((("classifier", "bias"), linear.bias, VECTOR))
     return pairs
 
 
@@ -306,7 +306,7 @@ def _matched(net: MBV2TorchNetwork, tree: dict) -> list[tuple]:
     matched = []
     for path, tensor, layout in pairs:
         leaf = _leaf(tree, path)
-        shape = _torch_to_flax_layout(np.broadcast_to(np.float32(0), tensor.shape), layout).shape
+        shape = torch_to_flax_layout(np.broadcast_to(np.float32(0), tensor.shape), layout).shape
         if tuple(leaf.shape) != shape:
             raise ValueError(f"{'/'.join(path)}: shape {tuple(leaf.shape)}, the network's {shape}")
         matched.append((path, tensor, layout, leaf))
@@ -317,7 +317,7 @@ def load_flax_params(net: MBV2TorchNetwork, params: dict) -> MBV2TorchNetwork:
     """Copy a Flax parameter tree of `net`'s architecture into `net` (in place, returned)."""
     with torch.no_grad():
         for _, tensor, layout, leaf in _matched(net, params):
-            value = _flax_to_torch_layout(np.asarray(leaf, np.float32), layout)
+            value = flax_to_torch_layout(np.asarray(leaf, np.float32), layout)
             tensor.copy_(torch.from_numpy(np.array(value)))  # a writable copy
     return net
 
@@ -326,7 +326,7 @@ def to_flax_params(net: MBV2TorchNetwork, template: dict) -> dict:
     """`net`'s weights as a Flax tree shaped like `template` (e.g. `param_shapes(arch)`)."""
     params = copy.deepcopy(template)
     for path, tensor, layout, _ in _matched(net, template):
-        value = _torch_to_flax_layout(tensor.detach().cpu().numpy().astype(np.float32), layout)
+        value = torch_to_flax_layout(tensor.detach().cpu().numpy().astype(np.float32), layout)
         _leaf(params, path[:-1])[path[-1]] = np.ascontiguousarray(value)
     return params
 

@@ -27,6 +27,15 @@ from wrcor_jax.spaces.nb201 import (
     parse_arch,
     validate_ops,
 )
+from wrcor_jax.torch_ref.weights import (
+    CONV,
+    LINEAR,
+    VECTOR,
+    bn_pairs,
+    conv_bn_pairs,
+    flax_to_torch_layout,
+    torch_to_flax_layout,
+)
 
 ArchLike = str | np.ndarray | Sequence[int]
 BN_EPS = 1e-5
@@ -165,51 +174,27 @@ def block_of(module_name: str) -> int | None:
 
 # --------------------------------------------------------------------------- weights
 
-_CONV, _LINEAR, _VECTOR = "conv", "linear", "vector"
-
-
-def _bn_pairs(path: tuple[str, ...], bn: nn.BatchNorm2d) -> list:
-    return [((*path, "scale"), bn.weight, _VECTOR), ((*path, "bias"), bn.bias, _VECTOR)]
-
-
-def _conv_bn_pairs(path: tuple[str, ...], conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list:
-    return [((*path, "kernel"), conv.weight, _CONV), *_bn_pairs(path, bn)]
-
 
 def _leaf_pairs(net: NB201TorchNetwork) -> list[tuple[tuple[str, ...], torch.Tensor, str]]:
     """(Flax path, torch parameter, layout) for every parameter the architecture uses."""
-    pairs = _conv_bn_pairs(("stem",), net.stem[0], net.stem[1])
+    pairs = conv_bn_pairs(("stem",), net.stem[0], net.stem[1])
     for index, cell in enumerate(net.cells):
         name = cell_name(index)
         if isinstance(cell, ResNetBasicblock):
             for branch in ("conv_a", "conv_b"):
                 rcb = getattr(cell, branch)
-                pairs += _conv_bn_pairs((name, branch), rcb.op[1], rcb.op[2])
-            pairs.append(((name, "shortcut", "kernel"), cell.downsample[1].weight, _CONV))
+                pairs += conv_bn_pairs((name, branch), rcb.op[1], rcb.op[2])
+            pairs.append(((name, "shortcut", "kernel"), cell.downsample[1].weight, CONV))
             continue
         for e, op in enumerate(net.ops):
             edge = cell.edges[edge_name(e)]
             if isinstance(edge, ReLUConvBN):
-                pairs += _conv_bn_pairs((name, edge_name(e), OPS[op]), edge.op[1], edge.op[2])
-    pairs += _bn_pairs(("head", "bn"), net.lastact[0])
+                pairs += conv_bn_pairs((name, edge_name(e), OPS[op]), edge.op[1], edge.op[2])
+    pairs += bn_pairs(("head", "bn"), net.lastact[0])
     classifier = net.classifier
-    pairs.append((("head", "classifier", "kernel"), classifier.weight, _LINEAR))
-    pairs.append((("head", "classifier", "bias"), classifier.bias, _VECTOR))
+    pairs.append((("head", "classifier", "kernel"), classifier.weight, LINEAR))
+    pairs.append((("head", "classifier", "bias"), classifier.bias, VECTOR))
     return pairs
-
-
-def _flax_to_torch_layout(value: np.ndarray, layout: str) -> np.ndarray:
-    """HWIO conv kernel -> OIHW; (in, out) linear kernel -> (out, in)."""
-    if layout == _CONV:
-        return value.transpose(3, 2, 0, 1)
-    return value.T if layout == _LINEAR else value
-
-
-def _torch_to_flax_layout(value: np.ndarray, layout: str) -> np.ndarray:
-    """OIHW conv weight -> HWIO; (out, in) linear weight -> (in, out)."""
-    if layout == _CONV:
-        return value.transpose(2, 3, 1, 0)
-    return value.T if layout == _LINEAR else value
 
 
 def _check_ops(net: NB201TorchNetwork, ops: ArchLike | None) -> None:
@@ -231,7 +216,7 @@ def load_flax_params(
             leaf = params
             for key in path:
                 leaf = leaf[key]
-            value = _flax_to_torch_layout(np.asarray(leaf, np.float32), layout)
+            value = flax_to_torch_layout(np.asarray(leaf, np.float32), layout)
             if value.shape != tuple(tensor.shape):
                 raise ValueError(f"{'/'.join(path)}: shape {value.shape} != {tuple(tensor.shape)}")
             tensor.copy_(torch.from_numpy(np.array(value)))  # a writable copy
@@ -247,7 +232,7 @@ def to_flax_params(net: NB201TorchNetwork, ops: ArchLike | None, template: dict)
         for key in path[:-1]:
             parent = parent[key]
         value = tensor.detach().cpu().numpy().astype(np.float32)
-        parent[path[-1]] = np.ascontiguousarray(_torch_to_flax_layout(value, layout))
+        parent[path[-1]] = np.ascontiguousarray(torch_to_flax_layout(value, layout))
     return params
 
 

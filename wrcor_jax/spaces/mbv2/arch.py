@@ -19,6 +19,28 @@ RES_KERNELS = (3, 5, 7)
 EXPANSIONS = (1, 2, 4, 6)
 IN_CHANNELS = 3  # the network reads RGB images
 
+# Landmarks (SPEC 8): the architecture the reference README trains (evolution + vote; the
+# paper's 22.1% top-1 error is reported for its best search result), its 600M-FLOPs sibling,
+# and MobileNetV2 itself in this grammar (SE in every block).
+EA_OUR_VOTE = (
+    "SuperConvK3BNRELU(3,48,2,1)SuperResIDWE6K7(48,32,2,32,2)SuperResIDWE6K5(32,40,2,48,3)"
+    "SuperResIDWE6K7(40,40,1,32,3)SuperResIDWE6K7(40,72,2,64,4)SuperResIDWE6K7(72,176,1,56,6)"
+    "SuperResIDWE4K5(176,240,2,232,6)SuperResIDWE2K7(240,136,1,176,2)"
+    "SuperConvK1BNRELU(136,424,1,1)@320"
+)
+EA_OUR_VOTE_600M = (
+    "SuperConvK3BNRELU(3,48,2,1)SuperResIDWE2K7(48,32,2,40,2)SuperResIDWE2K7(32,32,2,48,3)"
+    "SuperResIDWE6K7(32,64,1,40,3)SuperResIDWE6K7(64,88,2,40,4)SuperResIDWE6K7(88,104,1,56,6)"
+    "SuperResIDWE6K5(104,152,2,192,6)SuperResIDWE6K5(152,240,1,136,2)"
+    "SuperConvK1BNRELU(240,1264,1,1)@224"
+)
+MOBILENET_V2 = (
+    "SuperConvK3BNRELU(3,32,2,1)SuperResIDWE1K3(32,16,1,32,1)SuperResIDWE6K3(16,24,2,16,2)"
+    "SuperResIDWE6K3(24,32,2,24,3)SuperResIDWE6K3(32,64,2,32,4)SuperResIDWE6K3(64,96,1,64,3)"
+    "SuperResIDWE6K3(96,160,2,96,3)SuperResIDWE6K3(160,320,1,160,1)"
+    "SuperConvK1BNRELU(320,1280,1,1)@224"
+)
+
 _TOKEN = re.compile(r"(SuperConvK(\d+)BNRELU|SuperResIDWE(\d+)K(\d+))\(([^()]*)\)")
 
 

@@ -39,8 +39,8 @@ import numpy as np
 
 from wrcor_jax.layers import batch_norm, conv2d, torch_default_init
 from wrcor_jax.spaces.mbv2.arch import ConvBlock, MBV2Arch, ResBlock
-from wrcor_jax.spaces.nb201 import BatchNormWeights, declare_conv_weights, torch_kernel_init
 from wrcor_jax.spaces.nb201_pieces import classify
+from wrcor_jax.weights import BatchNormWeights, declare_conv_weights, torch_kernel_init
 
 BN_EPS = 1e-3  # the reference sets it on every BatchNorm2d of the network
 SE_RATIO = 0.25
