@@ -9,7 +9,10 @@ Kinds of site:
 - `act`: the input of a hooked ReLU (a conv op's ReLU; the final ReLU's input),
 - `act_out`: the final ReLU's output (what the reference's in-place ReLU hook sees),
 - `act_grad`: dLoss/d(input of a hooked ReLU),
-- `bn_grad`: dLoss/d(input of a conv op's BatchNorm), i.e. at the conv output.
+- `bn_grad`: dLoss/d(input of a conv op's BatchNorm), i.e. at the conv output,
+- `block_act`, `block_act_grad`: MobileNetV2 only, the input of a block ReLU (the reference's
+  `RELU`, which its hooks skip) and the gradient at it; `act` and `act_grad` there are the
+  squeeze-and-excitation ReLU's, the sites the reference hooks.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("act", "act_out", "act_grad", "bn_grad")
+KINDS = ("act", "act_out", "act_grad", "bn_grad", "block_act", "block_act_grad")
 
 
 def abs_corrcoef(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -85,7 +88,7 @@ class SiteSums:
     """Per-(block, kind) sums of |corrcoef| matrices and term counts of one architecture.
 
     sums[kind]: float64 (num_blocks, N, N); counts[kind]: int (num_blocks,). The last block
-    of NB201 is the final BN-ReLU (block 17).
+    of NB201 is the final BN-ReLU (block 17); MobileNetV2's blocks are its block list.
     """
 
     sums: dict[str, np.ndarray]
@@ -106,5 +109,5 @@ class SiteSums:
 
     @property
     def num_blocks(self) -> int:
-        """Number of weighted blocks (NB201: 17 cells + the final BN-ReLU)."""
+        """Number of weighted blocks (NB201: 17 cells + the final BN-ReLU; MobileNetV2: 9)."""
         return self.sums[KINDS[0]].shape[0]

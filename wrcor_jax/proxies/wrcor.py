@@ -1,9 +1,11 @@
 """WRCor and its variants as weightings of per-(block, kind) response sums (SPEC 3).
 
 A site set says how many times each kind of response counts, in the cells and in the final
-block. `reference` reproduces the hooks of the paper's code (what produced the published
-numbers); `clean` is the documented intent (each ReLU once: its input and the gradient at
-its input). WRCor weights block i by 2^i; act_cor and act_grad_cor weight every term 1.
+block (NB201) or in every block alike (MobileNetV2, no final block). `reference` reproduces
+the hooks of the paper's code (what produced the published numbers); `clean` is the documented
+intent (each ReLU once: its input and the gradient at its input). `mbv2_reference` and
+`mbv2_allrelu` are their MobileNetV2 counterparts (SPEC 3b). WRCor weights block i by 2^i;
+act_cor and act_grad_cor weight every term 1.
 """
 
 from __future__ import annotations
@@ -14,24 +16,26 @@ import numpy as np
 
 from wrcor_jax.responses import SiteSums
 
-FORWARD_KINDS = frozenset({"act", "act_out"})
+FORWARD_KINDS = frozenset({"act", "act_out", "block_act"})
 
 
 @dataclasses.dataclass(frozen=True)
 class SiteSet:
-    """Multiplicity of each kind of response in the cells and in the final block."""
+    """Multiplicity of each kind of response in the cells and in the final block; with
+    `final` None, every block counts as a cell (a space without a special last block)."""
 
     cells: dict[str, int]
-    final: dict[str, int]
+    final: dict[str, int] | None = None
 
     def multiplicities(self, num_blocks: int, forward_only: bool = False) -> dict[str, np.ndarray]:
         """kind -> per-block multiplicity (num_blocks,), the last block being the final one."""
         out = {}
-        for kind in set(self.cells) | set(self.final):
+        for kind in set(self.cells) | set(self.final or {}):
             if forward_only and kind not in FORWARD_KINDS:
                 continue
             m = np.full(num_blocks, self.cells.get(kind, 0), np.float64)
-            m[-1] = self.final.get(kind, 0)
+            if self.final is not None:
+                m[-1] = self.final.get(kind, 0)
             out[kind] = m
         return out
 
@@ -45,6 +49,10 @@ SITE_SETS = {
         cells={"act": 2, "act_grad": 1, "bn_grad": 1}, final={"act_out": 1, "act_grad": 1}
     ),
     "clean": SiteSet(cells={"act": 1, "act_grad": 1}, final={"act": 1, "act_grad": 1}),
+    # MobileNetV2: the block ReLUs are the reference's `RELU`, which its hooks skip, so it
+    # sees only each SE's nn.ReLU (kinds act, act_grad); allrelu adds every block ReLU.
+    "mbv2_reference": SiteSet(cells={"act": 1, "act_grad": 1}),
+    "mbv2_allrelu": SiteSet(cells={"act": 1, "act_grad": 1, "block_act": 1, "block_act_grad": 1}),
 }
 
 
@@ -86,3 +94,18 @@ def act_cor(sums: SiteSums, site_set: str = "reference") -> float:
 def act_grad_cor(sums: SiteSums, site_set: str = "reference") -> float:
     """Forward and backward responses, every term weight 1."""
     return logdet(response_kernel(sums, site_set, depth_weighted=False)[0])
+
+
+def mbv2_wrcor(sums: SiteSums) -> float:
+    """MobileNetV2 WRCor with the reference's sites, the SE ReLUs (SPEC 3b)."""
+    return wrcor(sums, "mbv2_reference")
+
+
+def mbv2_wrcor_allrelu(sums: SiteSums) -> float:
+    """MobileNetV2 WRCor over every ReLU: its input and the gradient at its input."""
+    return wrcor(sums, "mbv2_allrelu")
+
+
+def mbv2_act_cor(sums: SiteSums) -> float:
+    """MobileNetV2 act_cor with the reference's sites: the SE ReLU inputs, weight 1 each."""
+    return act_cor(sums, "mbv2_reference")

@@ -11,6 +11,13 @@ Site sets (SPEC 3a):
   the gradient at its input.
 - "clean": each `nn.ReLU` once, through explicit tensor hooks: its input (the final ReLU's
   too, taken before it is overwritten) and the gradient at its input along its own path.
+- "allrelu": "clean" over every ReLU module, the MobileNetV2 twin's block `RELU`s included
+  (in NB201, where every ReLU is an `nn.ReLU`, it equals "clean").
+
+The same hooks run on the MobileNetV2 twin (`torch_ref.mbv2`, SPEC 3b): there only the SE's
+`nn.ReLU` has "ReLU" in its class name, so "reference" gives its input and the gradient at
+its input, one term each per sub-block. The block of a module comes from the twin's own
+`block_of`.
 
 Term kinds: "relu_in", "relu_out" (forward) and "grad_relu_in", "grad_bn_in" (backward).
 """
@@ -26,9 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wrcor_jax.spaces.mbv2.arch import MBV2Arch
+from wrcor_jax.torch_ref import mbv2
 from wrcor_jax.torch_ref.nb201 import ArchLike, NB201TorchNetwork, block_of, build_network
 
-SITE_SETS = ("reference", "clean")
+SITE_SETS = ("reference", "clean", "allrelu")
+TorchNetwork = NB201TorchNetwork | mbv2.MBV2TorchNetwork
 Emit = Callable[[int, str, torch.Tensor], None]
 
 # The old-style hook's grad_input[0], by hooked class: the gradient at the input of the
@@ -55,14 +65,19 @@ def _response(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().reshape(tensor.shape[0], -1).to(torch.float64).cpu().numpy()
 
 
+def _block_of(net: nn.Module) -> Callable[[str], int | None]:
+    """The module-name -> block mapping of `net`'s space."""
+    return mbv2.block_of if isinstance(net, mbv2.MBV2TorchNetwork) else block_of
+
+
 def _reference_hooks(net: nn.Module, emit: Emit) -> list:
     """Module hooks on every module whose class name contains "ReLU"."""
-    handles = []
+    handles, block_of_module = [], _block_of(net)
     for name, module in net.named_modules():
         cls = type(module).__name__
         if "ReLU" not in cls:
             continue
-        block = block_of(name)
+        block = block_of_module(name)
         # An in-place ReLU has overwritten its input by the time the forward hook runs.
         forward_kind = "relu_out" if getattr(module, "inplace", False) else "relu_in"
         backward_kind = _BACKWARD_KIND[cls]
@@ -78,17 +93,18 @@ def _reference_hooks(net: nn.Module, emit: Emit) -> list:
     return handles
 
 
-def _clean_hooks(net: nn.Module, emit: Emit) -> list:
-    """Each nn.ReLU's input and the gradient at it, via a private copy of that input.
+def _clean_hooks(net: nn.Module, emit: Emit, every_relu: bool = False) -> list:
+    """Each nn.ReLU's input and the gradient at it, via a private copy of that input
+    (`every_relu`: the MobileNetV2 twin's `RELU` modules too).
 
     The copy makes the tensor hook see only this ReLU's path, not the sum over every op
     that reads the same node, and keeps an in-place ReLU from overwriting what was emitted.
     """
-    handles = []
+    handles, block_of_module = [], _block_of(net)
     for name, module in net.named_modules():
-        if not isinstance(module, nn.ReLU):
+        if not (isinstance(module, nn.ReLU) or (every_relu and isinstance(module, mbv2.RELU))):
             continue
-        block = block_of(name)
+        block = block_of_module(name)
 
         def pre_hook(module, inputs, block=block):
             emit(block, "relu_in", inputs[0])
@@ -101,7 +117,7 @@ def _clean_hooks(net: nn.Module, emit: Emit) -> list:
 
 
 def _run(
-    net: NB201TorchNetwork,
+    net: TorchNetwork,
     images: torch.Tensor,
     labels: torch.Tensor,
     site_set: str,
@@ -110,8 +126,10 @@ def _run(
     """One forward and one backward pass of the mean cross-entropy, emitting every site."""
     if site_set not in SITE_SETS:
         raise ValueError(f"unknown site set {site_set!r}; known: {', '.join(SITE_SETS)}")
-    install = _reference_hooks if site_set == "reference" else _clean_hooks
-    handles = install(net, emit)
+    if site_set == "reference":
+        handles = _reference_hooks(net, emit)
+    else:
+        handles = _clean_hooks(net, emit, every_relu=site_set == "allrelu")
     try:
         with warnings.catch_warnings():
             # Deliberate: the reference's old-style hooks on multi-node modules.
@@ -125,7 +143,7 @@ def _run(
 
 
 def torch_site_terms(
-    net: NB201TorchNetwork,
+    net: TorchNetwork,
     images: torch.Tensor,
     labels: torch.Tensor,
     site_set: str = "reference",
@@ -173,7 +191,7 @@ class _Kernel:
 
 
 def _scores(
-    net: NB201TorchNetwork,
+    net: TorchNetwork,
     images: torch.Tensor,
     labels: torch.Tensor,
     site_set: str,
@@ -191,7 +209,7 @@ def _scores(
 
 
 def wrcor(
-    net: NB201TorchNetwork,
+    net: TorchNetwork,
     images: torch.Tensor,
     labels: torch.Tensor,
     site_set: str = "reference",
@@ -201,13 +219,13 @@ def wrcor(
     return _scores(net, images, labels, site_set, kernels)["wrcor"]
 
 
-def act_cor(net: NB201TorchNetwork, images: torch.Tensor, labels: torch.Tensor) -> WRCorResult:
+def act_cor(net: TorchNetwork, images: torch.Tensor, labels: torch.Tensor) -> WRCorResult:
     """The reference's forward-only variant: unweighted sum over the forward terms."""
     kernels = {"act_cor": _Kernel(depth_weighted=False, forward_only=True)}
     return _scores(net, images, labels, "reference", kernels)["act_cor"]
 
 
-def act_grad_cor(net: NB201TorchNetwork, images: torch.Tensor, labels: torch.Tensor) -> WRCorResult:
+def act_grad_cor(net: TorchNetwork, images: torch.Tensor, labels: torch.Tensor) -> WRCorResult:
     """The reference's unweighted variant over forward and backward terms."""
     kernels = {"act_grad_cor": _Kernel(depth_weighted=False, forward_only=False)}
     return _scores(net, images, labels, "reference", kernels)["act_grad_cor"]
@@ -249,4 +267,42 @@ def torch_scores(
         "terms": reference["wrcor"].contributed,
         "terms_attempted": reference["wrcor"].attempted,
         "terms_clean": clean.contributed,
+    }
+
+
+def mbv2_torch_scores(
+    arch: MBV2Arch | str,
+    params: dict,
+    images_nhwc: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """MobileNetV2 WRCor (SE ReLUs, SPEC 3b), its every-ReLU variant and act_cor of `arch`
+    with Flax `params` on a NumPy NHWC batch, the twin computing in `dtype`.
+
+    Returns wrcor, wrcor_allrelu, act_cor (floats) and terms / terms_allrelu (hook calls
+    that entered K).
+    """
+    net = mbv2.build_network(arch, num_classes, params).to(dtype)
+    images = torch.from_numpy(np.ascontiguousarray(np.asarray(images_nhwc, np.float32)))
+    images = images.permute(0, 3, 1, 2).contiguous().to(dtype)
+    targets = torch.from_numpy(np.asarray(labels, np.int64))
+    reference = _scores(
+        net,
+        images,
+        targets,
+        "reference",
+        {
+            "wrcor": _Kernel(depth_weighted=True, forward_only=False),
+            "act_cor": _Kernel(depth_weighted=False, forward_only=True),
+        },
+    )
+    allrelu = wrcor(net, images, targets, site_set="allrelu")
+    return {
+        "wrcor": reference["wrcor"].score,
+        "wrcor_allrelu": allrelu.score,
+        "act_cor": reference["act_cor"].score,
+        "terms": reference["wrcor"].contributed,
+        "terms_allrelu": allrelu.contributed,
     }
