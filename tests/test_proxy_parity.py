@@ -45,9 +45,12 @@ ARCHS = [
 ] + [arch_string(ops) for ops in sample_archs(np.random.default_rng(2026), 3)]
 
 # float32 JAX against float64 torch (synflow: float64 on both sides); exact for the counts.
+# snip and grad_norm: on an AVX-512 machine (2026-12-02) one architecture gives 1.2e-4 and
+# 1.3e-4 against float64 torch, where float32 torch itself is 1.6e-4 and 1.9e-4 away: the
+# bar is float32's own error on that architecture, not a difference of computation.
 RTOL = {
-    "snip": 1e-4,
-    "grad_norm": 1e-4,
+    "snip": 3e-4,
+    "grad_norm": 3e-4,
     "jacob_cov": 1e-4,
     "synflow": 1e-12,
     "naswot": 1e-6,
