@@ -1,14 +1,21 @@
 """The MobileNetV2 space through the CLI: describe (SPEC 8's numbers), the search ranges and
-FLOPs limit, and `score` / `search` with the proxies it has so far (params, flops)."""
+FLOPs limit, and `score` / `search` with the proxies it has so far (params, flops, and WRCor
+and act_cor through the Flax path)."""
 
 import csv
 import json
 
 import pytest
+from conftest import SAMPLE, require
 
 from wrcor_jax.cli import main
+from wrcor_jax.data import load_batch
+from wrcor_jax.proxies.wrcor import mbv2_act_cor, mbv2_wrcor
 from wrcor_jax.spaces import get_space
-from wrcor_jax.spaces.mbv2.arch import EA_OUR_VOTE, EA_OUR_VOTE_600M, MOBILENET_V2
+from wrcor_jax.spaces.mbv2.arch import EA_OUR_VOTE, EA_OUR_VOTE_600M, MOBILENET_V2, parse
+from wrcor_jax.spaces.mbv2.capture import site_sums
+from wrcor_jax.spaces.mbv2.cost import describe
+from wrcor_jax.spaces.mbv2.network import init_params
 
 
 @pytest.mark.parametrize(
@@ -81,10 +88,37 @@ def test_score_sample_under_a_flops_limit(tmp_path):
 
 def test_score_without_its_engine_is_a_clear_error(tmp_path, capsys):
     out = tmp_path / "scores.csv"
-    command = ["score", "--space", "mbv2", "--sample", "2", "--proxies", "wrcor"]
+    command = ["score", "--space", "mbv2", "--sample", "2", "--proxies", "wrcor,synflow"]
     assert main([*command, "--quiet", "--out", str(out)]) == 1
-    assert "scores only params, flops so far" in capsys.readouterr().err
+    assert "synflow need its scoring engine" in capsys.readouterr().err
     assert not out.exists()
+
+
+SMALL = [  # narrow networks of the grammar at CIFAR's size, so the test compiles quickly
+    "SuperConvK3BNRELU(3,16,1,1)SuperResIDWE2K5(16,16,2,8,2)SuperConvK1BNRELU(16,24,1,1)@32",
+    "SuperConvK3BNRELU(3,8,1,1)SuperResIDWE6K3(8,16,1,8,1)SuperConvK1BNRELU(16,16,1,1)@32",
+]
+
+
+def test_score_wrcor_through_the_cli(tmp_path, capsys):
+    """`score --space mbv2` computes WRCor and act_cor with the Flax path on the batch, and
+    the ImageNet network's counts, into a resumable file."""
+    archs, out = tmp_path / "archs.txt", tmp_path / "scores.csv"
+    archs.write_text("\n".join(SMALL) + "\n")
+    command = ["score", "--space", "mbv2", "--archs", str(archs), "--batch-size", "8"]
+    command += ["--data", str(require(SAMPLE)), "--proxies", "wrcor,act_cor,params", "--quiet"]
+    assert main([*command, "--out", str(out)]) == 0
+    with out.open(newline="") as f:
+        rows = {row["arch"]: row for row in csv.DictReader(f)}
+    images, labels = load_batch("cifar10", 8, 42, data=SAMPLE)
+    for text in SMALL:
+        arch = parse(text)
+        sums = site_sums(arch, init_params(arch, 42, 10), images, labels, 10)
+        assert float(rows[text]["wrcor"]) == pytest.approx(mbv2_wrcor(sums), rel=1e-12)
+        assert float(rows[text]["act_cor"]) == pytest.approx(mbv2_act_cor(sums), rel=1e-12)
+        assert float(rows[text]["params"]) == describe(arch, 1000).params
+    assert main([*command, "--out", str(out)]) == 0
+    assert "scored 0 archs (2 already in the file)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("algo", ["evolution", "reinforce"])

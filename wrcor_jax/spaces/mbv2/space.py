@@ -11,44 +11,71 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import jax.numpy as jnp
 import numpy as np
 
+from wrcor_jax.proxies.wrcor import mbv2_act_cor, mbv2_wrcor
 from wrcor_jax.spaces.base import Space
 from wrcor_jax.spaces.mbv2 import sampling
 from wrcor_jax.spaces.mbv2.arch import MBV2Arch, format_arch, parse
+from wrcor_jax.spaces.mbv2.capture import site_sums
 from wrcor_jax.spaces.mbv2.cost import describe
+from wrcor_jax.spaces.mbv2.network import init_params
 
 if TYPE_CHECKING:
     from wrcor_jax.scoring import ScoreConfig
 
 DEFAULT_FLOPS_LIMIT = 600_000_000
 IMAGENET_CLASSES = 1000
-COUNTED = {"params": "params", "flops": "flops"}  # proxy -> field of the cost description
+COUNTED = ("params", "flops")  # fields of the 1000-class cost description
+RESPONSE_PROXIES = {"wrcor": mbv2_wrcor, "act_cor": mbv2_act_cor}  # read the site sums
 
 
-class CostScorer:
-    """The `params` and `flops` proxies of MobileNetV2-space architectures: the reference's
-    counts of the 1000-class network (SPEC 8), whatever the dataset.
+class MBV2Scorer:
+    """Proxy scores of MobileNetV2-space architectures on one batch.
 
-    The proxies that read the network's responses (WRCor, synflow, ...) need this space's
-    scoring engine, which is not built yet: asking for one is an error, not a wrong score.
+    `params` and `flops` are the reference's counts of the 1000-class network (SPEC 8),
+    whatever the dataset. `wrcor` and `act_cor` use the reference's sites (the SE ReLUs,
+    SPEC 3b) of the dataset's network, PyTorch-default weights drawn per architecture from
+    the seed, captured from the Flax network (`capture.site_sums`): one compilation per
+    architecture until the compile-bounded engine exists. The other proxies are refused
+    rather than computed some other way.
     """
 
     def __init__(self, config: ScoreConfig):
-        self.proxies = config.proxies
-        missing = [name for name in config.proxies if name not in COUNTED]
+        from wrcor_jax.data import get_dataset_info, load_batch
+
+        known = (*COUNTED, *RESPONSE_PROXIES)
+        missing = [name for name in config.proxies if name not in known]
         if missing:
             raise ValueError(
-                f"the mbv2 space scores only {', '.join(COUNTED)} so far; "
+                f"the mbv2 space scores only {', '.join(known)} so far; "
                 f"{', '.join(missing)} need its scoring engine (not yet built)"
             )
+        self.config = config
+        self.num_classes = get_dataset_info(config.dataset).num_classes
+        if any(name in RESPONSE_PROXIES for name in config.proxies):
+            images, labels = load_batch(
+                config.dataset, config.batch_size, config.seed, config.data, config.data_dir
+            )
+            self.images, self.labels = jnp.asarray(images), jnp.asarray(labels)
+
+    def _row(self, arch: MBV2Arch, names: Sequence[str]) -> list[float]:
+        cost = describe(arch, IMAGENET_CLASSES)
+        sums = None
+        if any(name in RESPONSE_PROXIES for name in names):
+            params = init_params(arch, self.config.seed, self.num_classes)
+            sums = site_sums(arch, params, self.images, self.labels, self.num_classes)
+        return [
+            float(getattr(cost, name)) if name in COUNTED else RESPONSE_PROXIES[name](sums)
+            for name in names
+        ]
 
     def score(
         self, archs: Sequence[MBV2Arch], proxies: Sequence[str] | None = None
     ) -> list[list[float]]:
-        names = self.proxies if proxies is None else proxies
-        costs = [describe(arch, IMAGENET_CLASSES) for arch in archs]
-        return [[float(getattr(cost, COUNTED[name])) for name in names] for cost in costs]
+        names = self.config.proxies if proxies is None else proxies
+        return [self._row(arch, names) for arch in archs]
 
 
 class MBV2Space(Space):
@@ -93,5 +120,5 @@ class MBV2Space(Space):
     def describe(self, arch: MBV2Arch, num_classes: int) -> dict[str, Any]:
         return describe(arch, num_classes).as_dict()
 
-    def scorer(self, config: ScoreConfig) -> CostScorer:
-        return CostScorer(config)
+    def scorer(self, config: ScoreConfig) -> MBV2Scorer:
+        return MBV2Scorer(config)
