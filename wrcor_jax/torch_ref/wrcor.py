@@ -231,6 +231,27 @@ def act_grad_cor(net: TorchNetwork, images: torch.Tensor, labels: torch.Tensor) 
     return _scores(net, images, labels, "reference", kernels)["act_grad_cor"]
 
 
+_KERNEL_KINDS = {  # score -> (depth weighted, forward only)
+    "wrcor": (True, False),
+    "act_cor": (False, True),
+    "act_grad_cor": (False, False),
+}
+
+
+def _kernels(*names: str) -> dict[str, _Kernel]:
+    """Fresh accumulators for the named reference scores."""
+    return {name: _Kernel(*_KERNEL_KINDS[name]) for name in names}
+
+
+def _torch_batch(
+    images_nhwc: np.ndarray, labels: np.ndarray, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A NumPy NHWC batch as torch NCHW images in `dtype` and int64 targets."""
+    images = torch.from_numpy(np.ascontiguousarray(np.asarray(images_nhwc, np.float32)))
+    targets = torch.from_numpy(np.asarray(labels, np.int64))
+    return images.permute(0, 3, 1, 2).contiguous().to(dtype), targets
+
+
 def torch_scores(
     arch: ArchLike,
     params: dict,
@@ -244,20 +265,8 @@ def torch_scores(
     (hook calls of the reference site set that entered K / were made) and terms_clean.
     """
     net = build_network(arch, num_classes, params)
-    images = torch.from_numpy(np.ascontiguousarray(np.asarray(images_nhwc, np.float32)))
-    images = images.permute(0, 3, 1, 2).contiguous()
-    targets = torch.from_numpy(np.asarray(labels, np.int64))
-    reference = _scores(
-        net,
-        images,
-        targets,
-        "reference",
-        {
-            "wrcor": _Kernel(depth_weighted=True, forward_only=False),
-            "act_cor": _Kernel(depth_weighted=False, forward_only=True),
-            "act_grad_cor": _Kernel(depth_weighted=False, forward_only=False),
-        },
-    )
+    images, targets = _torch_batch(images_nhwc, labels)
+    reference = _scores(net, images, targets, "reference", _kernels(*_KERNEL_KINDS))
     clean = wrcor(net, images, targets, site_set="clean")
     return {
         "wrcor": reference["wrcor"].score,
@@ -285,19 +294,8 @@ def mbv2_torch_scores(
     that entered K).
     """
     net = mbv2.build_network(arch, num_classes, params).to(dtype)
-    images = torch.from_numpy(np.ascontiguousarray(np.asarray(images_nhwc, np.float32)))
-    images = images.permute(0, 3, 1, 2).contiguous().to(dtype)
-    targets = torch.from_numpy(np.asarray(labels, np.int64))
-    reference = _scores(
-        net,
-        images,
-        targets,
-        "reference",
-        {
-            "wrcor": _Kernel(depth_weighted=True, forward_only=False),
-            "act_cor": _Kernel(depth_weighted=False, forward_only=True),
-        },
-    )
+    images, targets = _torch_batch(images_nhwc, labels, dtype)
+    reference = _scores(net, images, targets, "reference", _kernels("wrcor", "act_cor"))
     allrelu = wrcor(net, images, targets, site_set="allrelu")
     return {
         "wrcor": reference["wrcor"].score,
