@@ -1,4 +1,4 @@
-"""Searching NAS-Bench-201 with zero-shot proxies: random, evolution, REINFORCE (SPEC 7)."""
+"""Searching any registered space with zero-shot proxies: random, evolution, REINFORCE (SPEC 7)."""
 
 from wrcor_jax.search.algorithms import ALGORITHMS, random_search, regularized_evolution, reinforce
 from wrcor_jax.search.cache import CachedFitness, ScoreCache, cached_fitness, score_key
