@@ -1,0 +1,457 @@
+"""Compile-bounded MobileNetV2-space responses: padded pieces composed at run time.
+
+`capture.site_sums` traces one program per architecture, and almost no two sampled
+architectures share every shape, so a search compiles all the time (30-45 s each at batch
+64). Here each sub-block runs as compiled pieces -- pointwise conv (expand, project, the
+final 1x1 conv), depthwise conv + squeeze-excite, projection shortcut, head -- chained in
+Python (docs/mbv2_engine.md), and every piece sees padded shapes:
+
+- channels are rounded up to a power of two (at least 8); padded weights, BN scales and
+  biases are 0, so padded channels stay exactly 0 forward and backward;
+- activations live as rows, (N, P, C) with P the per-image pixel count h*h rounded up to a
+  power of two, and the real side h is a run-time argument: BatchNorm statistics, SE and
+  head pooling, and every correlation count only the real rows and channels, and the
+  depthwise conv reads its taps as dynamic row offsets with column masks.
+
+A piece is then keyed by (P, channel buckets, kernel, stride) and never by the resolution or
+the exact widths, so compilations stop growing after the first few dozen architectures.
+Padding changes no result beyond float32 summation order (tests/test_mbv2_engine.py).
+The stem (block 0, a k x k conv on the resized images) runs exactly in NHWC, keyed by the
+resolution; it is the only place the resolution enters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wrcor_jax.layers import batch_norm
+from wrcor_jax.responses import KINDS, SiteSums
+from wrcor_jax.spaces.mbv2.arch import ConvBlock, MBV2Arch, ResBlock
+from wrcor_jax.spaces.mbv2.network import (
+    BN_EPS,
+    block_name,
+    conv_bn,
+    layer_name,
+    resize_bilinear,
+    se_channels,
+)
+from wrcor_jax.spaces.nb201_pieces import cross_entropy
+
+HIGHEST = jax.lax.Precision.HIGHEST
+SE_KINDS = ("act", "act_grad")  # the squeeze-excite ReLU: the reference's sites
+BLOCK_KINDS = ("block_act", "block_act_grad")  # every other ReLU
+
+
+def channel_bucket(channels: int) -> int:
+    """Padded width: the next power of two, at least 8."""
+    return max(8, 1 << (channels - 1).bit_length())
+
+
+def rows_bucket(pixels: int) -> int:
+    """Padded pixels per image: the next power of two."""
+    return 1 << (pixels - 1).bit_length()
+
+
+# --------------------------------------------------------------------------- masked maths
+
+
+def _row_mask(p: int, rows: jax.Array) -> jax.Array:
+    """(P, 1): which of P stored rows are real."""
+    return (jnp.arange(p) < rows)[:, None]
+
+
+def _channel_mask(c: int, channels: jax.Array) -> jax.Array:
+    return jnp.arange(c) < channels
+
+
+def masked_abs_corrcoef(x: jax.Array, mask: jax.Array, count: jax.Array) -> tuple:
+    """|corrcoef| between samples of x over its real entries (`mask`, `count` of them per
+    sample), and whether it is defined; numpy's corrcoef of the unpadded rows."""
+    flat = x.reshape(x.shape[0], -1)
+    mean = flat.sum(axis=1, keepdims=True) / count
+    centred = (flat - mean) * jnp.broadcast_to(mask, x.shape[1:]).reshape(1, -1)
+    gram = jax.lax.dot_general(centred, centred, (((1,), (1,)), ((), ())), precision=HIGHEST)
+    norms = jnp.sqrt(jnp.diagonal(gram))
+    valid = jnp.all(norms > 0)
+    safe = jnp.where(norms > 0, norms, 1.0)
+    corr = jnp.clip(gram / safe[:, None] / safe[None, :], -1.0, 1.0)
+    return jnp.where(valid, jnp.abs(corr), 0.0), valid.astype(jnp.int32)
+
+
+def batch_norm_rows(y: jax.Array, w: dict, rows: jax.Array) -> jax.Array:
+    """Training-mode BatchNorm of (N, P, C) rows over the real rows; padded rows come out 0.
+    Padded rows of y must be 0 (they are: every producer masks them)."""
+    mask = _row_mask(y.shape[1], rows)
+    n = y.shape[0] * rows
+    mean = y.sum(axis=(0, 1)) / n
+    var = (jnp.square(y - mean) * mask).sum(axis=(0, 1)) / n
+    return ((y - mean) * jax.lax.rsqrt(var + BN_EPS) * w["scale"] + w["bias"]) * mask
+
+
+def depthwise_rows(x: jax.Array, kernel: jax.Array, side: jax.Array) -> jax.Array:
+    """Stride-1 k x k depthwise conv (zero padding (k-1)/2) of square images stored as rows
+    of side `side`: the sum over taps of a row-shifted copy times a column mask. Output rows
+    beyond side**2 are not meaningful (callers mask them)."""
+    k, p = kernel.shape[0], x.shape[1]
+    r = (k - 1) // 2
+    pad = r * (math.isqrt(p) + 1)
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
+    column = jnp.arange(p) % side
+    out = jnp.zeros_like(x)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            start = pad + dy * side + dx
+            shifted = jax.lax.dynamic_slice_in_dim(padded, start, p, axis=1)
+            inside = ((column + dx >= 0) & (column + dx < side))[None, :, None]
+            out = out + jnp.where(inside, shifted, 0.0) * kernel[dy + r, dx + r, 0]
+    return out
+
+
+def subsample_rows(x: jax.Array, side: jax.Array, p_out: int) -> jax.Array:
+    """Every other row and column (what a stride-2 conv centred on even pixels reads):
+    side s -> ceil(s / 2), stored in p_out rows, padded rows 0."""
+    out_side = (side + 1) // 2
+    q = jnp.arange(p_out)
+    source = 2 * (q // out_side) * side + 2 * (q % out_side)
+    inside = q < out_side * out_side
+    taken = jnp.take(x, jnp.where(inside, source, 0), axis=1)
+    return jnp.where(inside[None, :, None], taken, 0.0)
+
+
+# --------------------------------------------------------------------------- pieces
+#
+# A piece function maps (w, inputs, dims) to (outputs, sites); `dims` holds the run-time
+# sizes (int32), sites maps a site's name to (value, mask, count) and its kinds. A probe
+# adds a perturbation at each site so that one vjp yields the gradients there too.
+
+Sites = dict[str, tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def _pointwise(w, inputs, dims, probe, gated: bool):
+    """1x1 conv (of x, gated per channel by the SE when `gated`), BatchNorm, plus the
+    residual (when given), ReLU. dims: side, real output channels."""
+    x, *rest = inputs
+    side, channels = dims[0], dims[1]
+    if gated:
+        gate, residual = rest
+        x = x * gate[:, None, :]
+    y = jnp.einsum("npc,cd->npd", x, w["kernel"][0, 0])
+    z = batch_norm_rows(y, w, side * side)
+    if gated:
+        z = z + residual
+    mask = _row_mask(z.shape[1], side * side) & _channel_mask(z.shape[2], channels)
+    z = probe("out", z, mask, side * side * channels)
+    return (jax.nn.relu(z),)
+
+
+def _depthwise_se(w, inputs, dims, probe, stride: int, p_out: int):
+    """k x k depthwise conv with the stride, BatchNorm, ReLU, then the squeeze-excite gate
+    from the real rows' mean. dims: input side, real depthwise channels, real SE channels."""
+    (x,) = inputs
+    side, channels, mid = dims[0], dims[1], dims[2]
+    y = depthwise_rows(x, w["depthwise"]["kernel"], side)
+    out_side = side
+    if stride == 2:
+        y, out_side = subsample_rows(y, side, p_out), (side + 1) // 2
+    else:
+        y = y * _row_mask(y.shape[1], side * side)
+    rows = out_side * out_side
+    z = batch_norm_rows(y, w["depthwise"], rows)
+    mask = _row_mask(z.shape[1], rows) & _channel_mask(z.shape[2], channels)
+    h = jax.nn.relu(probe("depthwise", z, mask, rows * channels))
+    pooled = h.sum(axis=1) / rows
+    s = batch_norm(pooled @ w["se"]["reduce"]["kernel"][0, 0], **_bn(w["se"]["reduce"]))
+    s = jax.nn.relu(probe("se", s, _channel_mask(s.shape[1], mid), mid))
+    s = batch_norm(s @ w["se"]["restore"]["kernel"][0, 0], **_bn(w["se"]["restore"]))
+    return h, jax.nn.sigmoid(s)
+
+
+def _bn(w: dict) -> dict:
+    return {"scale": w["scale"], "bias": w["bias"], "eps": BN_EPS}
+
+
+def _shortcut(w, inputs, dims, probe, stride: int, p_out: int):
+    """The first sub-block's projection: (subsample,) 1x1 conv with bias, BatchNorm."""
+    del probe
+    (x,) = inputs
+    side = dims[0]
+    if stride == 2:
+        x, side = subsample_rows(x, side, p_out), (side + 1) // 2
+    y = jnp.einsum("npc,cd->npd", x, w["conv"]["kernel"][0, 0]) + w["conv"]["bias"]
+    y = y * _row_mask(y.shape[1], side * side)
+    return (batch_norm_rows(y, w["bn"], side * side),)
+
+
+def _stem(w, inputs, dims, probe, stem: ConvBlock, resolution: int, p_out: int):
+    """Block 0 on the images, exactly in NHWC: resize, (conv, BN, ReLU) x layers; then the
+    output as padded rows. dims: real output channels."""
+    (images,) = inputs
+    x = resize_bilinear(images, resolution)
+    for j in range(stem.layers):
+        y = conv_bn(w[layer_name(j)], x, stem.stride if j == 0 else 1)
+        mask = _channel_mask(y.shape[-1], dims[0])
+        x = jax.nn.relu(probe(f"layer_{j}", y, mask, y.shape[1] * y.shape[2] * dims[0]))
+    n, h, _, c = x.shape
+    rows = x.reshape(n, h * h, c)
+    return (jnp.pad(rows, ((0, 0), (0, p_out - h * h), (0, 0))),)
+
+
+def _head(w, inputs, dims, probe):
+    """Mean over the real rows, then the linear classifier: the logits."""
+    del probe
+    (x,) = inputs
+    return ((x.sum(axis=1) / (dims[0] * dims[0])) @ w["kernel"] + w["bias"],)
+
+
+SE_SITES = ("se",)
+
+
+def _kind(site: str, backward: bool) -> str:
+    kinds = SE_KINDS if site in SE_SITES else BLOCK_KINDS
+    return kinds[backward]
+
+
+class Piece:
+    """A piece's compiled forward (outputs and its sites' forward correlation terms) and
+    compiled backward (input cotangents and the sites' gradient terms), both for a static
+    set of kinds to reduce. The backward recomputes the piece's forward."""
+
+    def __init__(self, fn: Callable, static: Sequence[str] = ()):
+        self.fn = fn
+        names = ("kinds", *static)
+        self.forward = jax.jit(self._forward, static_argnames=names)
+        self.backward = jax.jit(self._backward, static_argnames=names)
+
+    @staticmethod
+    def _terms(sites: dict, kinds: frozenset, backward: bool) -> dict:
+        terms: dict[str, tuple[jax.Array, jax.Array]] = {}
+        for name, (value, mask, count) in sites.items():
+            kind = _kind(name, backward)
+            if kind not in kinds:
+                continue
+            corr, valid = masked_abs_corrcoef(value, mask, count)
+            total, n = terms.get(kind, (0.0, 0))
+            terms[kind] = (total + corr, n + valid)
+        return terms
+
+    def _forward(self, w, inputs, dims, kinds: frozenset, **static):
+        sites: dict = {}
+
+        def probe(name, x, mask, count):
+            sites[name] = (x, mask, count)
+            return x
+
+        outputs = self.fn(w, inputs, dims, probe, **static)
+        return outputs, self._terms(sites, kinds, backward=False)
+
+    def _backward(self, w, inputs, dims, cotangents, kinds: frozenset, **static):
+        meta: dict = {}
+
+        def shapes_probe(name, x, mask, count):
+            meta[name] = x
+            return x
+
+        jax.eval_shape(lambda: self.fn(w, inputs, dims, shapes_probe, **static))
+        zeros = {name: jnp.zeros(x.shape, x.dtype) for name, x in meta.items()}
+        masks: dict = {}
+
+        def run(inputs, perturbations):
+            def probe(name, x, mask, count):
+                masks[name] = (mask, count)
+                return x + perturbations[name]
+
+            return self.fn(w, inputs, dims, probe, **static)
+
+        _, vjp = jax.vjp(run, inputs, zeros)
+        d_inputs, d_sites = vjp(cotangents)
+        sites = {name: (d_sites[name], *masks[name]) for name in d_sites}
+        return d_inputs, self._terms(sites, kinds, backward=True)
+
+
+PIECES = {
+    "stem": Piece(_stem, ("stem", "resolution", "p_out")),
+    "expand": Piece(functools.partial(_pointwise, gated=False)),
+    "depthwise_se": Piece(_depthwise_se, ("stride", "p_out")),
+    "shortcut": Piece(_shortcut, ("stride", "p_out")),
+    "project": Piece(functools.partial(_pointwise, gated=True)),
+    "head": Piece(_head),
+}
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _pad_axes(leaf: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Zero-pad the given axes of a leaf to their channel buckets."""
+    pads = [(0, 0)] * leaf.ndim
+    for axis in axes:
+        pads[axis] = (0, channel_bucket(leaf.shape[axis]) - leaf.shape[axis])
+    return np.pad(np.asarray(leaf, np.float32), pads)
+
+
+def pad_params(params: dict, num_classes: int) -> dict:
+    """The parameter tree with every width padded to its bucket with zeros. The stem keeps
+    its 3 input channels, a depthwise kernel its 1, the classifier its classes."""
+    del num_classes  # the classes are not padded: the logits are exact
+
+    def pad(path: tuple, leaf: np.ndarray) -> np.ndarray:
+        keys = [str(getattr(k, "key", k)) for k in path]
+        if keys[0] == "classifier":
+            return _pad_axes(leaf, (0,) if keys[-1] == "kernel" else ())
+        if leaf.ndim == 1:
+            return _pad_axes(leaf, (0,))
+        if "depthwise" in keys or keys[0] == block_name(0) and leaf.shape[2] == 3:
+            return _pad_axes(leaf, (3,))
+        return _pad_axes(leaf, (2, 3))
+
+    return jax.tree_util.tree_map_with_path(pad, params)
+
+
+# --------------------------------------------------------------------------- composition
+
+
+@dataclasses.dataclass
+class _Call:
+    """One piece applied in the forward pass: enough to run its backward."""
+
+    piece: str
+    w: dict
+    inputs: tuple
+    dims: np.ndarray
+    static: dict
+    outputs: tuple
+
+
+def _dims(*values: int) -> np.ndarray:
+    return np.asarray(values, np.int32)
+
+
+def _out_side(side: int, stride: int) -> int:
+    return (side + stride - 1) // stride
+
+
+class MBV2Engine:
+    """WRCor-family correlation sums of MobileNetV2-space architectures through padded
+    pieces. `kinds` are the response kinds to reduce (default: all MobileNetV2 kinds)."""
+
+    def __init__(self, kinds: Sequence[str] = (*SE_KINDS, *BLOCK_KINDS)):
+        self.kinds = frozenset(kinds)
+        self._calls: list[tuple[int, _Call]] = []
+        self._terms: list[tuple[int, dict]] = []
+
+    def _apply(self, piece: str, block: int, w: dict, inputs: tuple, dims, **static) -> tuple:
+        outputs, terms = PIECES[piece].forward(w, inputs, dims, kinds=self.kinds, **static)
+        self._calls.append((block, _Call(piece, w, inputs, dims, static, outputs)))
+        self._terms.append((block, terms))
+        return outputs
+
+    def _forward(self, arch: MBV2Arch, params: dict, images: jax.Array) -> jax.Array:
+        """Run the pieces in order, recording each call; returns the logits."""
+        stem_block, *rest = arch.blocks
+        if not isinstance(stem_block, ConvBlock):
+            raise ValueError("the engine needs a conv block first (the stem)")
+        side = _out_side(arch.resolution, stem_block.stride)
+        static = {"stem": stem_block, "resolution": arch.resolution}
+        stem_dims = _dims(stem_block.out_channels)
+        w_stem = params[block_name(0)]
+        (x,) = self._apply(
+            "stem", 0, w_stem, (images,), stem_dims, p_out=rows_bucket(side * side), **static
+        )
+        for index, block in enumerate(rest, start=1):
+            w_block = params[block_name(index)]
+            if isinstance(block, ResBlock):
+                x, side = self._res_block(index, block, w_block, x, side)
+                continue
+            if block.kernel != 1 or block.stride != 1:
+                raise ValueError("the engine runs k x k or strided conv blocks only as the stem")
+            for j in range(block.layers):
+                w = w_block[layer_name(j)]
+                (x,) = self._apply("expand", index, w, (x,), _dims(side, block.out_channels))
+        (logits,) = self._apply(
+            "head", len(arch.blocks) - 1, params["classifier"], (x,), _dims(side)
+        )
+        return logits
+
+    def _res_block(self, index: int, block: ResBlock, w_block: dict, x, side: int):
+        """The sub-blocks of a SuperResIDWE block: expand, depthwise + SE, [shortcut],
+        project (+ residual, ReLU)."""
+        dw, mid = block.dw_channels, se_channels(block.dw_channels)
+        for j in range(block.layers):
+            w = w_block[layer_name(j)]
+            stride = block.stride if j == 0 else 1
+            out_side = _out_side(side, stride)
+            strided = {"stride": stride, "p_out": rows_bucket(out_side * out_side)}
+            (e,) = self._apply("expand", index, w["expand"], (x,), _dims(side, dw))
+            w_dw = {"depthwise": w["depthwise"], "se": w["se"]}
+            h, gate = self._apply(
+                "depthwise_se", index, w_dw, (e,), _dims(side, dw, mid), **strided
+            )
+            residual = x
+            if "shortcut" in w:
+                (residual,) = self._apply(
+                    "shortcut", index, w["shortcut"], (x,), _dims(side), **strided
+                )
+            project_dims = _dims(out_side, block.out_channels)
+            (x,) = self._apply("project", index, w["project"], (h, gate, residual), project_dims)
+            side = out_side
+        return x, side
+
+    def _backward(self, cotangent: jax.Array) -> None:
+        """Chain the recorded pieces' backwards from the logits' cotangent, summing the
+        cotangents of arrays read by several pieces (a sub-block's input feeds its expand
+        and its shortcut or residual)."""
+        pending: dict[int, jax.Array] = {}
+        logits = self._calls[-1][1].outputs[0]
+        pending[id(logits)] = cotangent
+        for block, call in reversed(self._calls):
+            cotangents = tuple(
+                pending.pop(id(out), None) if id(out) in pending else jnp.zeros_like(out)
+                for out in call.outputs
+            )
+            d_inputs, terms = PIECES[call.piece].backward(
+                call.w, call.inputs, call.dims, cotangents, kinds=self.kinds, **call.static
+            )
+            self._terms.append((block, terms))
+            for array, d in zip(call.inputs, d_inputs, strict=True):
+                key = id(array)
+                pending[key] = d if key not in pending else pending[key] + d
+
+    def site_sums(
+        self,
+        arch: MBV2Arch,
+        params: dict,
+        images: jax.Array,
+        labels: jax.Array,
+        num_classes: int,
+    ) -> SiteSums:
+        """Per-(block, kind) |corrcoef| sums of `arch` (the sums `capture.site_sums` gives)
+        from its unpadded parameters (`network.init_params`) on one NHWC batch."""
+        self._calls, self._terms = [], []
+        try:
+            logits = self._forward(arch, pad_params(params, num_classes), jnp.asarray(images))
+            self._backward(_loss_cotangent(logits, jnp.asarray(labels)))
+            return _gather(self._terms, len(arch.blocks), logits.shape[0])
+        finally:
+            self._calls, self._terms = [], []
+
+
+@jax.jit
+def _loss_cotangent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jax.grad(cross_entropy)(logits, labels)
+
+
+def _gather(terms: list[tuple[int, dict]], num_blocks: int, n: int) -> SiteSums:
+    sums = np.zeros((num_blocks, len(KINDS), n, n))
+    counts = np.zeros((num_blocks, len(KINDS)), np.int64)
+    for block, piece_terms in jax.device_get(terms):
+        for kind, (total, count) in piece_terms.items():
+            sums[block, KINDS.index(kind)] += np.asarray(total, np.float64)
+            counts[block, KINDS.index(kind)] += int(count)
+    return SiteSums.from_stacked(sums, counts)
