@@ -307,7 +307,7 @@ def pad_params(params: dict, num_classes: int) -> dict:
             return _pad_axes(leaf, (0,) if keys[-1] == "kernel" else ())
         if leaf.ndim == 1:
             return _pad_axes(leaf, (0,))
-        if "depthwise" in keys or keys[0] == block_name(0) and leaf.shape[2] == 3:
+        if "depthwise" in keys or (keys[0] == block_name(0) and leaf.shape[2] == 3):
             return _pad_axes(leaf, (3,))
         return _pad_axes(leaf, (2, 3))
 
