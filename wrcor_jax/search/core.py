@@ -17,6 +17,14 @@ Conventions:
   the comparison (ties keep the incumbent);
 - `seconds` is the search time up to each evaluation, summed over interrupted runs
   (scorer set-up and compilation included).
+
+result.json also holds the found architecture's cost (`resolution`, `flops`, `params` from
+the space's `describe` at its default class count, the count its limits are about) and, in
+a space with landmarks (`Space.landmarks`, e.g. SPEC 8's architectures in mbv2), where each
+one within the space's ranges and limits would stand among the distinct architectures the
+search evaluated, by the search's own comparison: scored by the same fitness, outside the
+budget and the history. A search that fails before its first evaluation leaves nothing
+behind in its folder.
 """
 
 from __future__ import annotations
@@ -64,17 +72,29 @@ class Criterion:
         if self.vote not in VOTES:
             raise ValueError(f"unknown vote {self.vote!r}; known: {', '.join(VOTES)}")
 
-    def best(self, rows: np.ndarray, seen: np.ndarray) -> int:
-        """Index of the best of `rows` (the first on ties); `seen` holds every evaluation so
-        far, the population the soft vote's z-scores are computed against."""
+    def _keys(self, rows: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """What candidates compare by, one row each: their scores, or the soft vote's value
+        with z-scores over `seen`; `hard_vote_compare` of two rows is then the comparison."""
         keys = np.asarray(rows, np.float64)
         if self.num_proxies > 1 and self.vote == "soft":
             keys = soft_vote(keys, reference=seen)[:, None]
+        return keys
+
+    def best(self, rows: np.ndarray, seen: np.ndarray) -> int:
+        """Index of the best of `rows` (the first on ties); `seen` holds every evaluation so
+        far, the population the soft vote's z-scores are computed against."""
+        keys = self._keys(rows, seen)
         best = 0
         for i in range(1, len(keys)):
             if hard_vote_compare(keys[i], keys[best]) > 0:
                 best = i
         return best
+
+    def standing(self, row: np.ndarray, rows: np.ndarray, seen: np.ndarray) -> tuple[int, int]:
+        """(how many of `rows` beat `row`, how many it beats) by this comparison."""
+        keys = self._keys(np.vstack([rows, row]), seen)
+        outcomes = [hard_vote_compare(keys[-1], key) for key in keys[:-1]]
+        return outcomes.count(-1), outcomes.count(1)
 
 
 class Record(NamedTuple):
@@ -206,35 +226,87 @@ class SearchResult:
     evaluations: int
     seconds: float
     best_test_accuracy: dict[str, float] | None = None
+    resolution: int | None = None
+    flops: int | None = None
+    params: int | None = None
+    landmarks: dict[str, dict[str, Any]] | None = None
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["proxies"], out["best_scores"] = list(self.proxies), list(self.best_scores)
         details = out.pop("details")
-        if self.best_test_accuracy is None:
-            del out["best_test_accuracy"]
-        return out | details
+        optional = ("best_test_accuracy", "resolution", "flops", "params", "landmarks")
+        return {k: v for k, v in out.items() if k not in optional or v is not None} | details
 
 
-def _check_identity(path: Path, identity: Mapping[str, Any]) -> None:
-    """The folder's search.json names the search its history belongs to."""
+def landmark_standings(
+    evaluations: Evaluations, scores: Callable[[Sequence[Arch]], list[list[float]]]
+) -> dict[str, dict[str, Any]]:
+    """Per landmark of the space: its cost, and, when it lies within the space's ranges and
+    limits, its `scores` and where the search's comparison puts it among the distinct
+    architectures evaluated (`rank` 1 + `beaten_by`, `beats`, `of`; `beats_found`: whether
+    it wins against the architecture found); otherwise why it lies `outside`."""
+    space = evaluations.space
+    landmarks = space.landmarks()
+    inside = {name: arch for name, arch in landmarks.items() if not space.search_problems(arch)}
+    rows = dict(zip(inside, scores(list(inside.values())) if inside else [], strict=True))
+    seen = evaluations.seen()
+    first = {arch: step for step, arch in reversed(list(enumerate(evaluations.archs)))}
+    distinct, found = seen[sorted(first.values())], seen[evaluations.best]
+    standings = {}
+    for name, arch in landmarks.items():
+        cost = space.describe(arch, space.default_num_classes)
+        entry = {"arch": space.format(arch), "flops": cost["flops"], "params": cost["params"]}
+        if name in rows:
+            row = np.asarray(rows[name], np.float64)
+            beaten_by, beats = evaluations.criterion.standing(row, distinct, seen)
+            _, wins = evaluations.criterion.standing(row, found[None], seen)
+            entry |= {
+                "scores": [float(v) for v in row],
+                "rank": beaten_by + 1,
+                "beaten_by": beaten_by,
+                "beats": beats,
+                "of": len(distinct),
+                "beats_found": bool(wins),
+            }
+        else:
+            entry["outside"] = "; ".join(space.search_problems(arch))
+        standings[name] = entry
+    return standings
+
+
+def _check_identity(path: Path, identity: Mapping[str, Any]) -> bool:
+    """The folder's search.json names the search its history belongs to; True when this
+    call wrote it (a new search)."""
     if path.exists():
-        recorded = json.loads(path.read_text())
+        # search.json files written before the space joined the identity are NB201's.
+        recorded = {"space": {"name": "nb201"}} | json.loads(path.read_text())
         if recorded != identity:
             changed = sorted(
                 k for k in identity.keys() | recorded.keys() if recorded.get(k) != identity.get(k)
             )
-            raise ValueError(
-                f"{path.parent} holds another search (different {', '.join(changed)}): "
-                "choose another --out"
+            differences = "; ".join(
+                f"{k} {_short(recorded.get(k))} there, {_short(identity.get(k))} here"
+                for k in changed
             )
-    elif path.with_name("history.csv").exists():
+            raise ValueError(
+                f"{path.parent} holds another search ({differences}): choose another --out"
+            )
+        return False
+    if path.with_name("history.csv").exists():
         raise ValueError(
             f"{path.parent} has a history.csv but no search.json: choose another --out"
         )
-    else:
-        write_json(path, identity)
+    write_json(path, identity)
+    return True
+
+
+def _short(value: Any) -> str:
+    """A search.json value in one short phrase (a space by its name and options)."""
+    if isinstance(value, Mapping):
+        return " ".join(f"{v}" if k == "name" else f"{k}={v}" for k, v in value.items())
+    return json.dumps(value)
 
 
 def run_search(
@@ -262,8 +334,8 @@ def run_search(
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"the budget must be a positive number of evaluations, got {budget!r}")
     criterion = Criterion(len(fitness.proxies), vote)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # A fitness that knows its space (CachedFitness) names it; toy fitnesses score NB201.
+    space = space or getattr(fitness, "space", None) or get_space("nb201")
     identity = {
         "algo": algo,
         "seed": seed,
@@ -271,19 +343,29 @@ def run_search(
         "vote": vote,
         "fitness": fitness.identity,
         "options": dict(options or {}),
+        "space": {"name": space.name, **space.options()},
     }
-    _check_identity(out / "search.json", identity)
+    out = Path(out_dir)
+    new_dir = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    new_search = _check_identity(out / "search.json", identity)
     history = History(out / "history.csv", fitness.proxies)
-    # A fitness that knows its space (CachedFitness) names it; toy fitnesses score NB201.
-    space = space or getattr(fitness, "space", None) or get_space("nb201")
     evaluations = Evaluations(fitness, budget, criterion, history, space, progress)
     try:
         details = program(evaluations, np.random.default_rng(seed))
+    except BaseException:
+        if new_search and not evaluations.count:  # failed before its first evaluation
+            for name in ("history.csv", "search.json"):
+                (out / name).unlink(missing_ok=True)
+            if new_dir and not any(out.iterdir()):
+                out.rmdir()
+        raise
     finally:
         evaluations.close()
     if evaluations.remaining:
         raise RuntimeError(f"{algo} stopped with {evaluations.remaining} evaluations unspent")
     best = evaluations.archs[evaluations.best]
+    cost = space.describe(space.parse(best), space.default_num_classes)
     accuracy = None
     if ground_truth is not None:
         if best not in ground_truth:
@@ -301,6 +383,8 @@ def run_search(
         evaluations=evaluations.count,
         seconds=round(evaluations.seconds, 3),
         best_test_accuracy=accuracy,
+        **{k: cost[k] for k in ("resolution", "flops", "params")},
+        landmarks=landmark_standings(evaluations, fitness.score) or None,
         details=details,
     )
     write_json(out / "result.json", result.as_dict())

@@ -10,6 +10,7 @@ the space that made it reads. Registering a space is one line in `wrcor_jax.spac
 from __future__ import annotations
 
 import abc
+import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -58,10 +59,36 @@ class Space(abc.ABC):
         """The text form an architecture is filed under (whitespace and spelling normalised)."""
         return self.format(self.parse(text))
 
+    def read(self, text: str) -> Arch:
+        """`parse`, and when `text` is another registered space's text form, an error that
+        says which space it belongs to (a common slip: an NB201 string given to mbv2)."""
+        try:
+            return self.parse(text)
+        except ArchError as error:
+            from wrcor_jax.spaces import space_of
+
+            other = space_of(text, excluding=self.name)
+            if other is None:
+                raise
+            raise ArchError(f"{error} (a {other} architecture: use --space {other})") from None
+
     def search_problems(self, arch: Arch) -> list[str]:
         """Why `arch` lies outside the space's search ranges and limits (empty: inside);
         every architecture that parses is inside unless a space says otherwise."""
         return []
+
+    def options(self) -> dict[str, Any]:
+        """The constructor options this space was built with (`get_space(name, **options)`),
+        read from the attributes of the same name, which is how spaces keep them; a search's
+        course depends on them (e.g. a FLOPs limit), so its search.json records them."""
+        return {name: getattr(self, name) for name in inspect.signature(type(self)).parameters}
+
+    def landmarks(self) -> dict[str, Arch]:
+        """Named architectures of the space from the literature (`spaces.LANDMARKS`), which a
+        search's result is set against; empty when the space has none."""
+        from wrcor_jax.spaces import landmark_texts
+
+        return {name: self.parse(text) for name, text in landmark_texts(self.name).items()}
 
     # ------------------------------------------------------------------ sampling
     @abc.abstractmethod

@@ -40,6 +40,12 @@ MOBILENET_V2 = (
     "SuperResIDWE6K3(96,160,2,96,3)SuperResIDWE6K3(160,320,1,160,1)"
     "SuperConvK1BNRELU(320,1280,1,1)@224"
 )
+LANDMARKS = {
+    "EA_our_vote": EA_OUR_VOTE,
+    "EA_our_vote_600M": EA_OUR_VOTE_600M,
+    "MobileNetV2": MOBILENET_V2,
+}
+"""SPEC 8's architectures by the names the paper's code gives them (`spaces.LANDMARKS`)."""
 
 _TOKEN = re.compile(r"(SuperConvK(\d+)BNRELU|SuperResIDWE(\d+)K(\d+))\(([^()]*)\)")
 
