@@ -217,7 +217,7 @@ def _search(args: argparse.Namespace) -> None:
 
 def _describe(args: argparse.Namespace) -> None:
     space = _space(args)
-    arch = space.parse(args.arch)
+    arch = space.read(args.arch)
     if args.check_ranges:
         problems = space.search_problems(arch)
         if problems:

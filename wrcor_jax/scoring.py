@@ -263,7 +263,7 @@ def score_archs(
     Their proxies must be among `config.proxies`.
     """
     space = get_space(config.space)
-    parsed = [space.parse(a) for a in archs]
+    parsed = [space.read(a) for a in archs]
     unique = dict(zip(map(space.format, parsed), parsed, strict=True))
     missing = [p for v in votes for p in v.proxies if p not in config.proxies]
     if missing:

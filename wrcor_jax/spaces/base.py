@@ -57,7 +57,7 @@ class Space(abc.ABC):
 
     def canonical(self, text: str) -> str:
         """The text form an architecture is filed under (whitespace and spelling normalised)."""
-        return self.format(self.parse(text))
+        return self.format(self.read(text))
 
     def read(self, text: str) -> Arch:
         """`parse`, and when `text` is another registered space's text form, an error that
@@ -70,7 +70,8 @@ class Space(abc.ABC):
             other = space_of(text, excluding=self.name)
             if other is None:
                 raise
-            raise ArchError(f"{error} (a {other} architecture: use --space {other})") from None
+            hint = f"that is an architecture of the {other} space: use --space {other}"
+            raise ArchError(f"{error} ({hint})") from None
 
     def search_problems(self, arch: Arch) -> list[str]:
         """Why `arch` lies outside the space's search ranges and limits (empty: inside);

@@ -21,6 +21,7 @@ Quirks of the reference kept here:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import numbers
@@ -288,11 +289,31 @@ def _count(value: object, name: str, least: int = 1) -> int:
     return int(value)
 
 
+@functools.cache
+def smallest_flops(num_classes: int = 1000, ranges: SearchRanges = REFERENCE_RANGES) -> int:
+    """The fewest FLOPs (at `num_classes`) of any architecture of the space: every width,
+    bottleneck, depth, expansion, kernel and the resolution at its least (each count grows
+    with every one of them), over the stride patterns."""
+    counts = choices(ranges)
+    patterns = range(counts[-2])
+    return min(
+        describe(from_choices([0] * (len(counts) - 2) + [s, 0], ranges), num_classes).flops
+        for s in patterns
+    )
+
+
 def _within_limit(
-    draw: Callable[[], MBV2Arch], flops_limit: int | None, num_classes: int
+    draw: Callable[[], MBV2Arch], flops_limit: int | None, num_classes: int, ranges: SearchRanges
 ) -> MBV2Arch:
     """Draw until the reference's FLOPs (at `num_classes`) are within the limit, as the
-    reference does, but give up after MAX_REDRAWS draws."""
+    reference does, but give up at once below the space's least FLOPs, and after
+    MAX_REDRAWS draws."""
+    if flops_limit is not None and flops_limit < smallest_flops(num_classes, ranges):
+        raise ValueError(
+            f"no architecture of the space is within flops_limit={flops_limit:,}: the "
+            f"smallest has {smallest_flops(num_classes, ranges):,} FLOPs (at {num_classes} "
+            "classes)"
+        )
     for _ in range(MAX_REDRAWS):
         arch = draw()
         if flops_limit is None or describe(arch, num_classes).flops <= flops_limit:
@@ -328,7 +349,7 @@ def sample(
     n, num_classes = _count(n, "n", least=0), _count(num_classes, "num_classes")
     limit = None if flops_limit is None else _count(flops_limit, "flops_limit")
     d = draws(rng)
-    return [_within_limit(lambda: _draw(d, ranges), limit, num_classes) for _ in range(n)]
+    return [_within_limit(lambda: _draw(d, ranges), limit, num_classes, ranges) for _ in range(n)]
 
 
 def mutate(
@@ -385,7 +406,7 @@ def mutate(
         )
         return validate(MBV2Arch(tuple(blocks), resolution))
 
-    return _within_limit(draw, limit, num_classes)
+    return _within_limit(draw, limit, num_classes, ranges)
 
 
 # ---- REINFORCE's categorical choices ------------------------------------------------------
