@@ -22,8 +22,9 @@ from wrcor_jax.spaces.nb201 import param_shapes
 MIXUP_GAMMA = 0.01
 
 
-def zen_params(seed: int, num_classes: int) -> dict:
-    """The supernet's tree with Zen-NAS's Gaussian initialisation, as NumPy float32."""
+def gaussian_params(shapes: Mapping, seed: int) -> dict:
+    """A parameter tree shaped like `shapes` with Zen-NAS's Gaussian initialisation (every
+    `kernel` N(0, 1), BatchNorm scale 1, every bias 0), as NumPy float32."""
     rng = np.random.default_rng([seed, 1])
 
     def leaf(name: str, node: Mapping) -> np.ndarray:
@@ -32,11 +33,17 @@ def zen_params(seed: int, num_classes: int) -> dict:
             return rng.standard_normal(shape).astype(np.float32)
         return unit_affine(name, shape)
 
-    return fill_tree(param_shapes(num_classes), leaf)
+    return fill_tree(shapes, leaf)
+
+
+def zen_params(seed: int, num_classes: int) -> dict:
+    """The NB201 supernet's tree with Zen-NAS's Gaussian initialisation."""
+    return gaussian_params(param_shapes(num_classes), seed)
 
 
 def zen_inputs(seed: int, images_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian inputs x and x + 0.01 eps of the scoring batch's shape."""
+    """Gaussian inputs x and x + 0.01 eps of shape `images_shape` (NB201: the scoring
+    batch's)."""
     rng = np.random.default_rng([seed, 2])
     x = rng.standard_normal(images_shape).astype(np.float32)
     eps = rng.standard_normal(images_shape).astype(np.float32)
