@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from wrcor_jax.data import DataError, get_dataset_info, load_batch, load_npz
+from wrcor_jax.data.batch import fixed_size
 
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
 SAMPLE = SHARED_DATA / "cifar10_sample.npz"
@@ -263,6 +264,39 @@ def test_tfds_missing_dataset_offline(tfds, tmp_path: Path) -> None:
         load_batch("cifar10", batch_size=4, data_dir=str(tmp_path), download=False)
 
 
-def test_imagenet1k_needs_local_data(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"pass --data PATH\.npz"):
-        load_batch("imagenet1k", batch_size=4, data_dir=str(tmp_path))
+def test_imagenet2012_unprepared_says_how_to_prepare(tfds, tmp_path: Path) -> None:
+    """A manual download is never attempted; the one-line error says how to prepare it."""
+    with pytest.raises(DataError) as error:
+        load_batch("imagenet2012", batch_size=4, data_dir=str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message and "not prepared (as ArrayRecord)" in message
+    assert f"{tmp_path}/downloads/manual/" in message
+    assert f"tfds build imagenet2012 --data_dir {tmp_path} --file_format array_record" in message
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_tfds_imagenet2012_batch_is_read_at_320(tfds, tmp_path: Path) -> None:
+    """tfds' mock (no TensorFlow needed) gives images of random sizes; every one is brought
+    to 320 x 320, normalised with ImageNet's constants, labels in 0..999."""
+    info = get_dataset_info("imagenet2012")
+    assert (info.name, info.num_classes, info.image_size) == ("imagenet1k", 1000, 320)
+    with tfds.testing.mock_data(num_examples=12):
+        images, labels = load_batch("imagenet2012", batch_size=6, seed=3, data_dir=str(tmp_path))
+        again, again_labels = load_batch("ImageNet", batch_size=6, seed=3, data_dir=str(tmp_path))
+    assert images.shape == (6, 320, 320, 3) and images.dtype == np.float32
+    assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 1000
+    np.testing.assert_array_equal(images, again)
+    np.testing.assert_array_equal(labels, again_labels)
+
+
+@pytest.mark.parametrize(("height", "width"), [(480, 640), (500, 375), (40, 30), (366, 366)])
+def test_fixed_size_resizes_the_shorter_side_then_crops_the_centre(height, width) -> None:
+    rows = np.linspace(0, 255, height).astype(np.uint8)[:, None, None]
+    image = np.broadcast_to(rows, (height, width, 3)).copy()
+    out = fixed_size(image, 320)
+    assert out.shape == (320, 320, 3) and out.dtype == np.uint8
+    # The shorter side becomes 366 = ceil(320 / 0.875); the crop keeps the middle rows.
+    scale = 366 / min(height, width)
+    kept = 320 / (height * scale)  # the fraction of the rows kept, centred
+    middle = out[:, :, 0].mean(axis=1)
+    assert abs(middle[0] - 255 * (1 - kept) / 2) < 4 and abs(middle[-1] - 255 * (1 + kept) / 2) < 4

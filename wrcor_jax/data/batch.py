@@ -15,8 +15,11 @@ Two sources:
 * a local ``.npz`` file with ``train_images`` (uint8, N x H x W x 3) and ``train_labels``
   (integers, N), the format of ``shared/data/cifar10_sample.npz``;
 * tensorflow-datasets, read with ``tfds.data_source`` (random access, works without
-  TensorFlow), record by record with ``source[i]``: ``cifar10``, ``cifar100`` and
-  ``imagenet16_120`` = tfds ``imagenet_resized/16x16`` restricted to labels 0..119.
+  TensorFlow), record by record with ``source[i]``: ``cifar10``, ``cifar100``,
+  ``imagenet16_120`` = tfds ``imagenet_resized/16x16`` restricted to labels 0..119, and
+  ``imagenet1k`` (alias ``imagenet2012``) = tfds ``imagenet2012``, which tfds cannot
+  download (a manual download, prepared once as ArrayRecord; the error says how). Its
+  images differ in size; each is brought to 320 x 320 first (`fixed_size`).
 
 ImageNet16-120 is NAS-Bench-201's subset of the 16x16 downsampled ImageNet-1k: it keeps the
 images whose (0-based) label is below 120, labels unchanged. Finding all of them means
@@ -29,6 +32,8 @@ read, so there the choice is made among the kept rows).
 
 from __future__ import annotations
 
+import logging
+import math
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,6 +119,27 @@ def train_transform(
     return normalize(random_crop_flip(images, rng, pad), info)
 
 
+def fixed_size(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
+    """A uint8 HWC image of any size as `size` x `size`: the shorter side resized (bicubic)
+    to ceil(size / crop_fraction), then the centre crop.
+
+    This is the geometry of the reference's ImageNet pipeline at size 320 (resize to 366,
+    crop 320; its random crop and colour augmentations are left to SPEC 2's transform,
+    which follows). 320 is the largest resolution of the MobileNetV2 space and the size
+    the reference feeds every architecture; the network resizes (bilinear) to its own
+    resolution, so no architecture sees upsampled pixels and all share one batch.
+    """
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    short = math.ceil(size / crop_fraction)
+    scale = short / min(h, w)
+    new_h, new_w = max(short, round(h * scale)), max(short, round(w * scale))
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[top : top + size, left : left + size]
+
+
 # --------------------------------------------------------------------------- .npz source
 
 
@@ -196,13 +222,24 @@ def _open_tfds_source(info: DatasetInfo, data_dir: str | None, download: bool) -
             "tensorflow-datasets is not installed: pass --data PATH.npz for local images"
         ) from exc
     where = f"data_dir {data_dir}" if data_dir is not None else "the tfds default data_dir"
+    download = download and info.prepare is None  # a manual download cannot be fetched
+    absl = logging.getLogger("absl")  # tfds warns of an absent dataset before it fails
+    level = absl.level
+    absl.setLevel(logging.ERROR)
     try:
         return tfds.data_source(info.tfds_name, split="train", data_dir=data_dir, download=download)
     except Exception as exc:  # tfds raises many kinds here: not found, network, formats
+        if info.prepare is not None:
+            steps = info.prepare.format(data_dir=data_dir or "~/tensorflow_datasets")
+            raise DataError(
+                f"dataset {info.tfds_name} is not prepared (as ArrayRecord) in {where}: {steps}"
+            ) from exc
         raise DataError(
             f"dataset {info.tfds_name} not found in {where} and could not be "
             f"downloaded: pass --data PATH.npz for local images ({_one_line(exc)})"
         ) from exc
+    finally:
+        absl.setLevel(level)
 
 
 def _read_record(source: Sequence[Any], index: int) -> tuple[np.ndarray, int]:
@@ -252,6 +289,8 @@ def _batch_from_tfds(
                 f"batch_size {batch_size} is larger than the {len(records)} training images "
                 f"of {info.name} (labels < {info.label_limit} of {info.tfds_name})"
             )
+    if info.resize:
+        records = [(fixed_size(image, info.image_size), label) for image, label in records]
     shapes = {image.shape for image, _ in records}
     if len(shapes) != 1:
         raise DataError(f"{info.tfds_name} images differ in shape: {sorted(shapes)}")

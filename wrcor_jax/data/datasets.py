@@ -29,6 +29,12 @@ class DatasetInfo:
     crop_padding: int = 4
     # Keep only labels below this bound (ImageNet16-120 = the first 120 ImageNet classes).
     label_limit: int | None = None
+    # tfds images of varying sizes are brought to image_size x image_size first (see
+    # `data.batch.fixed_size`); False: the dataset's images all have that size already.
+    resize: bool = False
+    # How to prepare a tfds dataset that cannot be downloaded ({data_dir} is filled in);
+    # None: `tfds.data_source` downloads and prepares it.
+    prepare: str | None = None
 
 
 def _div255(values: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -66,15 +72,24 @@ DATASETS: dict[str, DatasetInfo] = {
         tfds_name="imagenet_resized/16x16",
         label_limit=120,
     ),
-    # ImageNet-1k (MobileNetV2 space): only local .npz images for now; the constants are the
-    # usual torchvision ones, already in [0, 1] units.
+    # ImageNet-1k (MobileNetV2 space): tfds imagenet2012 (a manual download) or a local
+    # .npz; the constants are the usual torchvision ones, already in [0, 1] units. Images
+    # are read at 320 x 320, the size the reference's ImageNet pipeline feeds every
+    # architecture of the space (`batch.fixed_size`).
     "imagenet1k": DatasetInfo(
         name="imagenet1k",
         num_classes=1000,
-        image_size=224,
+        image_size=320,
         mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225),
-        tfds_name=None,
+        tfds_name="imagenet2012",
+        resize=True,
+        prepare=(
+            "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in "
+            "{data_dir}/downloads/manual/ and run `tfds build imagenet2012 --data_dir "
+            "{data_dir} --file_format array_record` (building needs TensorFlow; reading "
+            "does not)"
+        ),
     ),
 }
 
@@ -85,6 +100,7 @@ _ALIASES = {
     "imagenet16": "imagenet16_120",
     "imagenet-1k": "imagenet1k",
     "imagenet": "imagenet1k",
+    "imagenet2012": "imagenet1k",
 }
 
 
