@@ -30,6 +30,7 @@ from wrcor_jax.spaces.mbv2.sampling import (
     mutate,
     problems,
     sample,
+    smallest_flops,
     to_choices,
 )
 
@@ -275,8 +276,34 @@ def test_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
         from_choices([0.0] * len(counts))
     with pytest.raises(ArchError, match="outside the search space"):
         to_choices(MBV2Arch(parent.blocks, 240))
-    with pytest.raises(ValueError, match="in 10,000 draws; the limit is too small"):
-        sample(rng, flops_limit=1_000_000)  # ~1.5 s: the real bound
+    smallest = smallest_flops()
+    for draw in (
+        lambda limit: sample(rng, flops_limit=limit),
+        lambda limit: mutate(rng, parent, flops_limit=limit),
+    ):
+        with pytest.raises(ValueError, match=f"the smallest has {smallest:,} FLOPs"):
+            draw(smallest - 1)  # at once, without drawing
+    # Reachable by the smallest architecture only: the draws give up.
     monkeypatch.setattr("wrcor_jax.spaces.mbv2.sampling.MAX_REDRAWS", 50)
     with pytest.raises(ValueError, match="in 50 draws; the limit is too small"):
-        mutate(rng, parent, flops_limit=1_000_000)
+        sample(rng, flops_limit=smallest)
+    with pytest.raises(ValueError, match="in 50 draws; the limit is too small"):
+        mutate(rng, parent, flops_limit=smallest)
+
+
+def test_smallest_flops_is_the_least_of_the_space() -> None:
+    """Some architecture of the space has it; raising any one decision from its least, with
+    any stride pattern, never gives fewer FLOPs; no random draw has fewer."""
+    counts = choices()
+    least = [0] * (len(counts) - 2)
+    found = [describe(from_choices([*least, s, 0]), 1000).flops for s in range(counts[-2])]
+    assert smallest_flops() == min(found) and smallest_flops(10) < smallest_flops()
+    for s in range(counts[-2]):
+        for position, count in enumerate(counts):
+            if position == len(counts) - 2 or count == 1:
+                continue
+            indices = [*least, s, 0]
+            indices[position] = count - 1
+            assert describe(from_choices(indices), 1000).flops >= found[s]
+    drawn = sample(np.random.default_rng(0), 200, flops_limit=None)
+    assert min(describe(arch, 1000).flops for arch in drawn) > smallest_flops()
