@@ -61,6 +61,7 @@ from wrcor_jax.benchmarks.nb201 import DATASETS, evaluate_table
 from wrcor_jax.jsonio import write_json
 from wrcor_jax.search import ALGORITHMS, CachedFitness, Fitness, ScoreCache
 from wrcor_jax.search.core import History
+from wrcor_jax.spaces import Space
 
 FITNESSES = {"wrcor": ("wrcor",), "vote": ("synflow", "jacob_cov", "wrcor")}
 FITNESS_LABELS = {"wrcor": "WRCor", "vote": "vote(synflow, jacob_cov, wrcor)"}
@@ -102,12 +103,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def is_finished(out_dir: Path, budget: int, fitness: Fitness, options: Mapping[str, Any]) -> bool:
-    """Whether `out_dir` holds this search finished at `budget` (anything else is run, and
-    the search API resumes it or refuses a folder of another search)."""
+def is_finished(
+    out_dir: Path,
+    budget: int,
+    fitness: Fitness,
+    options: Mapping[str, Any],
+    space: Space | None = None,
+) -> bool:
+    """Whether `out_dir` holds this search finished at `budget` (in `space`, when given;
+    anything else is run, and the search API resumes it or refuses a folder of another
+    search)."""
     result = _read_json(out_dir / "result.json")
     identity = _read_json(out_dir / "search.json")
     if result is None or identity is None or result.get("budget") != budget:
+        return False
+    if space is not None and identity.get("space") != {"name": space.name, **space.options()}:
         return False
     short = {"population_size": "population", "tournament_size": "tournament"}
     recorded = identity.get("options", {})
@@ -133,14 +143,16 @@ def run_one(
     *,
     fresh: bool = False,
     progress: bool = False,
+    space: Space | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """Run (or resume) one search unless it is finished; returns (ran, result.json).
 
     stats.json accumulates the evaluations scored and those served by the cache, over all
-    the runs that made the search (`fresh` removes the folder first)."""
+    the runs that made the search (`fresh` removes the folder first). `space` is the one
+    searched (by default the fitness's, as the search API decides)."""
     if fresh and out_dir.exists():
         shutil.rmtree(out_dir)
-    if is_finished(out_dir, budget, fitness, options):
+    if is_finished(out_dir, budget, fitness, options, space):
         return False, json.loads((out_dir / "result.json").read_text())
     scored, hits = _counts(fitness)
     try:
@@ -152,6 +164,7 @@ def run_one(
             vote="hard",
             ground_truth=truth,
             progress=progress,
+            space=space,
             **options,
         )
     finally:

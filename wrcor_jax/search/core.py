@@ -48,6 +48,7 @@ from wrcor_jax.spaces.base import Arch
 from wrcor_jax.vote import hard_vote_compare, soft_vote
 
 VOTES = ("hard", "soft")
+COST = ("resolution", "flops", "params")  # what result.json keeps of `Space.describe`
 
 
 class Fitness(Protocol):
@@ -257,7 +258,7 @@ def landmark_standings(
     standings = {}
     for name, arch in landmarks.items():
         cost = space.describe(arch, space.default_num_classes)
-        entry = {"arch": space.format(arch), "flops": cost["flops"], "params": cost["params"]}
+        entry = {"arch": space.format(arch), **{k: cost[k] for k in COST}}
         if name in rows:
             row = np.asarray(rows[name], np.float64)
             beaten_by, beats = evaluations.criterion.standing(row, distinct, seen)
@@ -383,7 +384,7 @@ def run_search(
         evaluations=evaluations.count,
         seconds=round(evaluations.seconds, 3),
         best_test_accuracy=accuracy,
-        **{k: cost[k] for k in ("resolution", "flops", "params")},
+        **{k: cost[k] for k in COST},
         landmarks=landmark_standings(evaluations, fitness.score) or None,
         details=details,
     )
