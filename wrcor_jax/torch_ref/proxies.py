@@ -1,8 +1,9 @@
 """The other zero-shot proxies (SPEC 4) in PyTorch, computed the way the reference code does.
 
-Module hooks and autograd on an eager `NB201TorchNetwork` (training mode: BatchNorm uses the
-batch's statistics), with the final reductions in NumPy float64. These are the independent
-side of the JAX proxies' parity checks, so each follows its written definition literally:
+Module hooks and autograd on an eager `NB201TorchNetwork` or `MBV2TorchNetwork` (training
+mode: BatchNorm uses the batch's statistics), with the final reductions in NumPy float64.
+These are the independent side of the JAX proxies' parity checks, so each follows its
+written definition literally; where the two networks differ, it says how:
 
 - snip: sum over Conv2d/Linear weights of |w * dL/dw|, L the mean cross-entropy.
 - grad_norm: sum over Conv2d/Linear layers of ||dL/dW||_F.
@@ -13,17 +14,21 @@ side of the JAX proxies' parity checks, so each follows its written definition l
   R = sum of logits; sum over Conv2d/Linear weights of |w * dR/dw|.
 - naswot: binary codes at the reference's WRCor forward sites (SPEC 3a: every module whose
   class name contains "ReLU", so each conv op's input twice, the in-place final ReLU on its
-  output); K = sum c c^T + (1 - c)(1 - c)^T; slogdet(K)[1].
+  output; in MobileNetV2 that matches only each SE's nn.ReLU, SPEC 3b);
+  K = sum c c^T + (1 - c)(1 - c)^T; slogdet(K)[1].
 - params: every parameter's numel. flops: Conv2d/Linear multiply-accumulates per image.
 - zico: the batch split in two halves, one backward each; per layer
   log(sum mean|g| / std(g)) over entries with nonzero std (Li et al., ICLR 2023).
 - meco: minimum eigenvalue of the channel correlation of sample 0's feature map, summed over
-  the stem, the normal cells' non-none edge outputs, every cell's output, the reduction
-  cells' conv_a/conv_b outputs and the final BN-ReLU output (Jiang et al., NeurIPS 2023).
+  (NB201) the stem, the normal cells' non-none edge outputs, every cell's output, the
+  reduction cells' conv_a/conv_b outputs and the final BN-ReLU output; (MobileNetV2) every
+  block ReLU's (`RELU`) output (Jiang et al., NeurIPS 2023).
 - zen: log(mean_i sum |f(x) - f(x_mixed)|) + sum over BatchNorms of log sqrt(mean over
   channels of the biased batch variance of its input on x), BatchNorms with a constant
-  input (variance 0: a conv reading an all-zero node) left out; f = the final BN-ReLU
-  output (Lin et al., ICCV 2021). The caller supplies the Gaussian weights and inputs.
+  input (variance 0: a conv reading an all-zero node) left out; f = the features before
+  global pooling (Lin et al., ICCV 2021). The caller supplies the Gaussian weights and
+  inputs; in MobileNetV2 the network loses its residual links first (`zen_network`), as
+  Zen-NAS computes it there.
 """
 
 from __future__ import annotations
@@ -36,14 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wrcor_jax.spaces.mbv2.arch import MBV2Arch
+from wrcor_jax.torch_ref import mbv2, nb201
 from wrcor_jax.torch_ref.nb201 import (
     ArchLike,
     InferCell,
     NB201TorchNetwork,
     ResNetBasicblock,
     Zero,
-    build_network,
 )
+
+TorchNetwork = NB201TorchNetwork | mbv2.MBV2TorchNetwork
 
 JACOB_COV_K = 1e-5
 PROXY_NAMES = (
@@ -302,9 +310,12 @@ def meco_map_score(feature_map: np.ndarray) -> float:
     return float(np.linalg.eigvalsh(corr)[0])
 
 
-def meco_modules(net: NB201TorchNetwork) -> list[tuple[str, nn.Module]]:
-    """The modules whose outputs MeCo reads: stem, non-none normal edges, conv_a/conv_b,
-    every cell, the final BN-ReLU."""
+def meco_modules(net: TorchNetwork) -> list[tuple[str, nn.Module]]:
+    """The modules whose outputs MeCo reads. NB201: stem, non-none normal edges,
+    conv_a/conv_b, every cell, the final BN-ReLU. MobileNetV2: every block ReLU (`RELU`;
+    the SE's 1 x 1 maps would add 0)."""
+    if isinstance(net, mbv2.MBV2TorchNetwork):
+        return [(name, m) for name, m in net.named_modules() if isinstance(m, mbv2.RELU)]
     chosen = [("stem", net.stem)]
     for index, cell in enumerate(net.cells):
         if isinstance(cell, InferCell):
@@ -323,7 +334,7 @@ def meco_modules(net: NB201TorchNetwork) -> list[tuple[str, nn.Module]]:
     return chosen
 
 
-def meco_terms(net: NB201TorchNetwork, images: torch.Tensor) -> dict[str, float]:
+def meco_terms(net: TorchNetwork, images: torch.Tensor) -> dict[str, float]:
     """Each MeCo map's minimum eigenvalue (sample 0), by module name, in firing order."""
     terms: dict[str, float] = {}
     handles = []
@@ -342,7 +353,7 @@ def meco_terms(net: NB201TorchNetwork, images: torch.Tensor) -> dict[str, float]
     return terms
 
 
-def meco(net: NB201TorchNetwork, images: torch.Tensor) -> float:
+def meco(net: TorchNetwork, images: torch.Tensor) -> float:
     """MeCo: sum over the feature maps of the minimum channel-correlation eigenvalue."""
     return float(np.sum(list(meco_terms(net, images).values())))
 
@@ -350,16 +361,42 @@ def meco(net: NB201TorchNetwork, images: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- Zen
 
 
-def pre_gap_features(net: NB201TorchNetwork, images: torch.Tensor) -> torch.Tensor:
-    """The final BN-ReLU output, before global pooling."""
-    x = net.stem(images)
-    for cell in net.cells:
-        x = cell(x)
-    return net.lastact(x)
+def _last_feature_module(net: TorchNetwork) -> nn.Module:
+    """The module whose output global pooling reads: NB201's final BN-ReLU, MobileNetV2's
+    last block."""
+    return net.module_list[-1] if isinstance(net, mbv2.MBV2TorchNetwork) else net.lastact
+
+
+def pre_gap_features(net: TorchNetwork, images: torch.Tensor) -> torch.Tensor:
+    """The features before global pooling, read by a hook during a whole forward pass."""
+    features = []
+    handle = _last_feature_module(net).register_forward_hook(
+        lambda module, inputs, output: features.append(output)
+    )
+    _with_hooks([handle], lambda: net(images))
+    return features[0]
+
+
+def without_residual_links(net: mbv2.MBV2TorchNetwork) -> mbv2.MBV2TorchNetwork:
+    """Zen-NAS's `no_reslink` network, in place: every sub-block becomes its body alone
+    (same modules, no shortcut; the projection's conv and BatchNorm are dropped), still
+    followed by its block's ReLU."""
+    for block in net.module_list:
+        for index, sub in enumerate(block.module_list):
+            if isinstance(sub, mbv2.ResBlock | mbv2.ResBlockProj):
+                block.module_list[index] = nn.Sequential(*sub.module_list)
+    return net
+
+
+def zen_network(arch: ArchLike | MBV2Arch, num_classes: int, params: dict) -> TorchNetwork:
+    """The network Zen-score runs with `params`: NB201's as it is, MobileNetV2's without
+    residual links (as Zen-NAS scores its MobileNetV2 space)."""
+    net = build_network(arch, num_classes, params)
+    return without_residual_links(net) if isinstance(net, mbv2.MBV2TorchNetwork) else net
 
 
 def zen_terms(
-    net: NB201TorchNetwork, x: torch.Tensor, x_mixed: torch.Tensor
+    net: TorchNetwork, x: torch.Tensor, x_mixed: torch.Tensor
 ) -> tuple[float, list[float]]:
     """(delta, [sigma of each BatchNorm2d in module order]) of the Zen-score."""
     sigmas: dict[str, float] = {}
@@ -385,7 +422,7 @@ def zen_terms(
     return delta, list(sigmas.values())
 
 
-def zen(net: NB201TorchNetwork, x: torch.Tensor, x_mixed: torch.Tensor) -> float:
+def zen(net: TorchNetwork, x: torch.Tensor, x_mixed: torch.Tensor) -> float:
     """Zen-score: log delta + sum over BatchNorms of log sigma (float64). A BatchNorm whose
     input is constant (sigma 0: a conv reading an all-zero node) is left out."""
     delta, sigmas = zen_terms(net, x, x_mixed)
@@ -396,13 +433,21 @@ def zen(net: NB201TorchNetwork, x: torch.Tensor, x_mixed: torch.Tensor) -> float
 # --------------------------------------------------------------------------- driver
 
 
+def build_network(
+    arch: ArchLike | MBV2Arch, num_classes: int, params: dict | None = None
+) -> TorchNetwork:
+    """The twin of an NB201 architecture or of a MobileNetV2-space one (an `MBV2Arch`)."""
+    space = mbv2 if isinstance(arch, MBV2Arch) else nb201
+    return space.build_network(arch, num_classes, params)
+
+
 def _nchw(images_nhwc: np.ndarray) -> torch.Tensor:
     images = np.array(images_nhwc, np.float32)  # a writable copy (JAX arrays are read-only)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
 def torch_proxy_scores(
-    ops: ArchLike,
+    arch: ArchLike | MBV2Arch,
     flax_params: dict,
     images: np.ndarray,
     labels: np.ndarray,
@@ -412,10 +457,12 @@ def torch_proxy_scores(
     zen_inputs: tuple[np.ndarray, np.ndarray] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
-    """{name: score} of `ops` with Flax `flax_params` on an NHWC batch (NumPy or JAX arrays).
+    """{name: score} of `arch` (NB201, or an `MBV2Arch`) with Flax `flax_params` on an NHWC
+    batch (NumPy or JAX arrays).
 
     `zen` needs `zen_params` (a Flax tree of Gaussian weights) and `zen_inputs` = (x,
-    x_mixed), NHWC, as `wrcor_jax.proxies.zen` makes them. `dtype` is the network's and the
+    x_mixed), NHWC, as `wrcor_jax.proxies.zen` (NB201) or `spaces.mbv2.measures`
+    (MobileNetV2) makes them. `dtype` is the network's and the
     inputs' precision: float32 as the reference runs, float64 for the exact values that
     float32 results of both frameworks scatter around (the gradients of this deep BatchNorm
     network are ill-conditioned; synflow is float64 either way).
@@ -423,7 +470,7 @@ def torch_proxy_scores(
     unknown = [name for name in names if name not in PROXY_NAMES]
     if unknown:
         raise ValueError(f"unknown proxy {unknown[0]!r}; known: {', '.join(PROXY_NAMES)}")
-    net = build_network(ops, num_classes, flax_params).to(dtype)
+    net = build_network(arch, num_classes, flax_params).to(dtype)
     x = _nchw(images).to(dtype)
     y = torch.from_numpy(np.asarray(labels).astype(np.int64))
     image_shape = tuple(x.shape[1:])
@@ -443,7 +490,7 @@ def torch_proxy_scores(
         if name == "zen":
             if zen_params is None or zen_inputs is None:
                 raise ValueError("zen needs zen_params and zen_inputs (see wrcor_jax.proxies.zen)")
-            gaussian = build_network(ops, num_classes, zen_params).to(dtype)
+            gaussian = zen_network(arch, num_classes, zen_params).to(dtype)
             mixed = (_nchw(inputs).to(dtype) for inputs in zen_inputs)
             out[name] = zen(gaussian, *mixed)
         else:
