@@ -43,6 +43,9 @@ RESPONSE_PROXIES: dict[str, Callable[[SiteSums], float]] = {
     "wrcor_clean": lambda sums: wrcor(sums, "clean"),
     "act_cor": lambda sums: act_cor(sums, "reference"),
     "act_grad_cor": lambda sums: act_grad_cor(sums, "reference"),
+    # Every ReLU once, its input and the gradient at its input. On NB201, whose sums hold no
+    # block_* kinds, this site set weighs exactly as "clean": there it equals wrcor_clean.
+    "wrcor_allrelu": lambda sums: wrcor(sums, "mbv2_allrelu"),
 }
 """The WRCor family, scored from the composed engine's correlation sums alone."""
 

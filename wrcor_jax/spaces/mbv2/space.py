@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Any
 import jax.numpy as jnp
 import numpy as np
 
-from wrcor_jax.proxies.wrcor import mbv2_act_cor, mbv2_wrcor
+from wrcor_jax.proxies import PROXIES
+from wrcor_jax.proxies.wrcor import mbv2_act_cor, mbv2_wrcor, mbv2_wrcor_allrelu
 from wrcor_jax.spaces.base import Space
 from wrcor_jax.spaces.mbv2 import sampling
 from wrcor_jax.spaces.mbv2.arch import MBV2Arch, format_arch, parse
 from wrcor_jax.spaces.mbv2.capture import site_sums
 from wrcor_jax.spaces.mbv2.cost import describe
+from wrcor_jax.spaces.mbv2.measures import MEASUREMENTS, MBV2Measurer
 from wrcor_jax.spaces.mbv2.network import init_params
 
 if TYPE_CHECKING:
@@ -28,53 +30,80 @@ if TYPE_CHECKING:
 DEFAULT_FLOPS_LIMIT = 600_000_000
 IMAGENET_CLASSES = 1000
 COUNTED = ("params", "flops")  # fields of the 1000-class cost description
-RESPONSE_PROXIES = {"wrcor": mbv2_wrcor, "act_cor": mbv2_act_cor}  # read the site sums
+RESPONSE_PROXIES = {  # read the site sums
+    "wrcor": mbv2_wrcor,
+    "wrcor_allrelu": mbv2_wrcor_allrelu,
+    "act_cor": mbv2_act_cor,
+}
+MEASURED = tuple(name for name, proxy in PROXIES.items() if proxy.measurement in MEASUREMENTS)
+"""The proxies scored from `measures.MBV2Measurer`'s measurements, as on NB201."""
+SCORED = (*COUNTED, *RESPONSE_PROXIES, *MEASURED)
 
 
 class MBV2Scorer:
     """Proxy scores of MobileNetV2-space architectures on one batch.
 
     `params` and `flops` are the reference's counts of the 1000-class network (SPEC 8),
-    whatever the dataset. `wrcor` and `act_cor` use the reference's sites (the SE ReLUs,
-    SPEC 3b) of the dataset's network, PyTorch-default weights drawn per architecture from
-    the seed, captured from the Flax network (`capture.site_sums`): one compilation per
-    architecture until the compile-bounded engine exists. The other proxies are refused
-    rather than computed some other way.
+    whatever the dataset. The others score the dataset's network with PyTorch-default
+    weights drawn per architecture from the seed: `wrcor` and `act_cor` at the reference's
+    sites (the SE ReLUs, SPEC 3b) and `wrcor_allrelu` at every ReLU, from one capture of the
+    Flax network (`capture.site_sums`); synflow, snip, grad_norm, jacob_cov, naswot, meco,
+    zico and zen from `measures` (site choices there), each measurement taken once per
+    architecture for all the proxies reading it. Every architecture compiles its own
+    programs until the compile-bounded engine exists. `wrcor_clean` and `act_grad_cor`
+    (NB201 site sets) are refused.
     """
 
     def __init__(self, config: ScoreConfig):
         from wrcor_jax.data import get_dataset_info, load_batch
 
-        known = (*COUNTED, *RESPONSE_PROXIES)
-        missing = [name for name in config.proxies if name not in known]
+        missing = [name for name in config.proxies if name not in SCORED]
         if missing:
             raise ValueError(
-                f"the mbv2 space scores only {', '.join(known)} so far; "
-                f"{', '.join(missing)} need its scoring engine (not yet built)"
+                f"the mbv2 space does not score {', '.join(missing)}; it scores {', '.join(SCORED)}"
             )
         self.config = config
         self.num_classes = get_dataset_info(config.dataset).num_classes
-        if any(name in RESPONSE_PROXIES for name in config.proxies):
+        if any(name not in COUNTED for name in config.proxies):
             images, labels = load_batch(
                 config.dataset, config.batch_size, config.seed, config.data, config.data_dir
             )
             self.images, self.labels = jnp.asarray(images), jnp.asarray(labels)
+            self.measurer = MBV2Measurer(self.images, self.labels, self.num_classes, config.seed)
 
     def _row(self, arch: MBV2Arch, names: Sequence[str]) -> list[float]:
         cost = describe(arch, IMAGENET_CLASSES)
-        sums = None
-        if any(name in RESPONSE_PROXIES for name in names):
-            params = init_params(arch, self.config.seed, self.num_classes)
-            sums = site_sums(arch, params, self.images, self.labels, self.num_classes)
-        return [
-            float(getattr(cost, name)) if name in COUNTED else RESPONSE_PROXIES[name](sums)
-            for name in names
-        ]
+        if all(name in COUNTED for name in names):
+            return [float(getattr(cost, name)) for name in names]
+        params = init_params(arch, self.config.seed, self.num_classes)
+        reads = sorted({PROXIES[name].measurement for name in names if name in MEASURED})
+        measured = self.measurer.measure_many(reads, arch, params)
+        sums = (
+            site_sums(arch, params, self.images, self.labels, self.num_classes)
+            if any(name in RESPONSE_PROXIES for name in names)
+            else None
+        )
+
+        def score(name: str) -> float:
+            if name in COUNTED:
+                return float(getattr(cost, name))
+            if name in RESPONSE_PROXIES:
+                return RESPONSE_PROXIES[name](sums)
+            proxy = PROXIES[name]
+            return proxy.score(measured[proxy.measurement], params)
+
+        return [score(name) for name in names]
 
     def score(
         self, archs: Sequence[MBV2Arch], proxies: Sequence[str] | None = None
     ) -> list[list[float]]:
         names = self.config.proxies if proxies is None else proxies
+        foreign = [name for name in names if name not in self.config.proxies]
+        if foreign:
+            raise ValueError(
+                f"proxy {foreign[0]!r} is not one this scorer was configured for "
+                f"({', '.join(self.config.proxies)})"
+            )
         return [self._row(arch, names) for arch in archs]
 
 
