@@ -18,7 +18,7 @@ from wrcor_jax.spaces.nb201 import (  # noqa: E402
     parse_arch,
     sample_archs,
 )
-from wrcor_jax.torch_ref import build_network, to_flax_params  # noqa: E402
+from wrcor_jax.torch_ref import build_network, mbv2, to_flax_params  # noqa: E402
 from wrcor_jax.torch_ref.proxies import (  # noqa: E402
     JACOB_COV_K,
     PROXY_NAMES,
@@ -29,19 +29,23 @@ from wrcor_jax.torch_ref.proxies import (  # noqa: E402
     jacob_cov_score,
     meco,
     meco_map_score,
+    meco_modules,
     meco_terms,
     naswot,
     naswot_kernel,
     params,
+    pre_gap_features,
     snip,
     synflow,
     synflow_terms,
     torch_proxy_scores,
     zen,
+    zen_network,
     zen_terms,
     zico,
     zico_score,
 )
+from wrcor_jax.torch_ref.proxies import build_network as build_twin  # noqa: E402
 
 BEST = BEST_CIFAR10
 NUM_CLASSES = 10
@@ -541,3 +545,65 @@ def test_torch_proxy_scores_zen_through_a_flax_tree(weights):
         BEST, weights, nhwc[0], labels, ["zen"], NUM_CLASSES, zen_params=tree, zen_inputs=nhwc
     )
     assert scores["zen"] == pytest.approx(zen(net, x, mixed), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- MobileNetV2 twin
+
+MBV2_ARCH = (
+    "SuperConvK3BNRELU(3,8,1,2)SuperResIDWE2K3(8,16,2,8,2)SuperResIDWE6K5(16,16,1,8,1)"
+    "SuperConvK1BNRELU(16,16,1,1)@16"
+)
+
+
+@pytest.fixture(scope="module")
+def mbv2_net():
+    from wrcor_jax.spaces.mbv2.arch import parse
+    from wrcor_jax.spaces.mbv2.network import init_params
+
+    arch = parse(MBV2_ARCH)
+    return build_twin(arch, NUM_CLASSES, init_params(arch, 42, NUM_CLASSES))
+
+
+def test_mbv2_naswot_reads_the_se_relu_inputs(mbv2_net, batch):
+    """Only the SE's nn.ReLU has "ReLU" in its class name; each site adds its feature count
+    to every diagonal entry: sum of dw/4 over the sub-blocks (2 x 16/4 + 48/4)."""
+    kernel = naswot_kernel(mbv2_net, batch[0])
+    np.testing.assert_array_equal(np.diagonal(kernel), 2 * 4 + 12)
+
+
+def test_mbv2_meco_reads_every_block_relu(mbv2_net, batch):
+    """Two conv layers, three sub-blocks x (expand, depthwise, output), the last conv."""
+    assert all(isinstance(m, mbv2.RELU) for _, m in meco_modules(mbv2_net))
+    terms = meco_terms(mbv2_net, batch[0])
+    assert len(terms) == 2 + 3 * 3 + 1
+    assert meco(mbv2_net, batch[0]) == pytest.approx(sum(terms.values()), rel=1e-12)
+
+
+def test_mbv2_pre_gap_features_are_the_last_block_output(mbv2_net, batch):
+    with torch.no_grad():
+        x = F.interpolate(batch[0], 16, mode="bilinear", align_corners=False)
+        for block in mbv2_net.module_list:
+            x = block(x)
+    torch.testing.assert_close(pre_gap_features(mbv2_net, batch[0]), x, rtol=0, atol=0)
+
+
+def test_mbv2_zen_network_has_no_residual_links(batch):
+    """Zen-NAS's no_reslink: each sub-block is its body, so the two projection shortcuts
+    (conv with bias, BN) are gone and their BatchNorms give no sigma."""
+    from wrcor_jax.spaces.mbv2.arch import parse
+    from wrcor_jax.spaces.mbv2.measures import zen_params
+
+    arch = parse(MBV2_ARCH)
+    gaussian = zen_params(arch, 0, NUM_CLASSES)
+    full = build_twin(arch, NUM_CLASSES, gaussian)
+    plain = zen_network(arch, NUM_CLASSES, gaussian)
+    projections = [m for m in full.modules() if isinstance(m, mbv2.ResBlockProj)]
+    shortcut_params = sum(params(m.proj) for m in projections)
+    assert len(projections) == 2 and params(plain) == params(full) - shortcut_params
+    body, sub = plain.module_list[1].module_list[0], full.module_list[1].module_list[0]
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(body(x), sub(x) - sub.proj(x))
+    batch_norms = sum(isinstance(m, nn.BatchNorm2d) for m in full.modules())
+    x, mixed = batch[0], batch[0] + 0.01
+    assert len(zen_terms(plain, x, mixed)[1]) == batch_norms - len(projections)
