@@ -218,13 +218,13 @@ def _shortcut(w, inputs, dims, probe, stride: int, p_out: int):
     return (batch_norm_rows(y, w["bn"], side * side),)
 
 
-def _stem(w, inputs, dims, probe, stem: ConvBlock, resolution: int, p_out: int):
+def _stem(w, inputs, dims, probe, layers: int, stride: int, resolution: int, p_out: int):
     """Block 0 on the images, exactly in NHWC: resize, (conv, BN, ReLU) x layers; then the
     output as padded rows. dims: real output channels."""
     (images,) = inputs
     x = resize_bilinear(images, resolution)
-    for j in range(stem.layers):
-        y = conv_bn(w[layer_name(j)], x, stem.stride if j == 0 else 1)
+    for j in range(layers):
+        y = conv_bn(w[layer_name(j)], x, stride if j == 0 else 1)
         mask = _channel_mask(y.shape[-1], dims[0])
         x = jax.nn.relu(probe(f"layer_{j}", y, mask, y.shape[1] * y.shape[2] * dims[0]))
     n, h, _, c = x.shape
@@ -305,7 +305,7 @@ class Piece:
 
 
 PIECES = {
-    "stem": Piece(_stem, ("stem", "resolution", "p_out")),
+    "stem": Piece(_stem, ("layers", "stride", "resolution", "p_out")),
     "expand": Piece(functools.partial(_pointwise, gated=False)),
     "depthwise_se": Piece(_depthwise_se, ("stride", "p_out")),
     "shortcut": Piece(_shortcut, ("stride", "p_out")),
@@ -322,7 +322,7 @@ def _pad_axes(leaf: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     pads = [(0, 0)] * leaf.ndim
     for axis in axes:
         pads[axis] = (0, channel_bucket(leaf.shape[axis]) - leaf.shape[axis])
-    return np.pad(np.asarray(leaf, np.float32), pads)
+    return np.pad(np.asarray(leaf), pads)
 
 
 def pad_params(params: dict, num_classes: int) -> dict:
@@ -375,6 +375,15 @@ class MBV2Engine:
         self._calls: list[tuple[int, _Call]] = []
         self._terms: list[tuple[int, dict]] = []
 
+    @staticmethod
+    def supports(arch: MBV2Arch) -> bool:
+        """Whether the pieces build `arch`: a conv stem first, and later conv blocks only
+        1x1 with stride 1 (as in every architecture of the reference ranges)."""
+        first, *rest = arch.blocks
+        return isinstance(first, ConvBlock) and all(
+            isinstance(b, ResBlock) or (b.kernel == 1 and b.stride == 1) for b in rest
+        )
+
     def _apply(self, piece: str, block: int, w: dict, inputs: tuple, dims, **static) -> tuple:
         outputs, terms = PIECES[piece].forward(w, inputs, dims, kinds=self.kinds, **static)
         self._calls.append((block, _Call(piece, w, inputs, dims, static, outputs)))
@@ -383,11 +392,15 @@ class MBV2Engine:
 
     def _forward(self, arch: MBV2Arch, params: dict, images: jax.Array) -> jax.Array:
         """Run the pieces in order, recording each call; returns the logits."""
+        if not self.supports(arch):
+            raise ValueError(f"the engine does not build {arch.blocks}: see `supports`")
         stem_block, *rest = arch.blocks
-        if not isinstance(stem_block, ConvBlock):
-            raise ValueError("the engine needs a conv block first (the stem)")
         side = _out_side(arch.resolution, stem_block.stride)
-        static = {"stem": stem_block, "resolution": arch.resolution}
+        static = {
+            "layers": stem_block.layers,
+            "stride": stem_block.stride,
+            "resolution": arch.resolution,
+        }
         stem_dims = _dims(stem_block.out_channels)
         w_stem = params[block_name(0)]
         (x,) = self._apply(
@@ -398,8 +411,6 @@ class MBV2Engine:
             if isinstance(block, ResBlock):
                 x, side = self._res_block(index, block, w_block, x, side)
                 continue
-            if block.kernel != 1 or block.stride != 1:
-                raise ValueError("the engine runs k x k or strided conv blocks only as the stem")
             for j in range(block.layers):
                 w = w_block[layer_name(j)]
                 (x,) = self._apply("expand", index, w, (x,), _dims(side, block.out_channels))

@@ -21,6 +21,7 @@ from wrcor_jax.spaces.mbv2 import sampling
 from wrcor_jax.spaces.mbv2.arch import MBV2Arch, format_arch, parse
 from wrcor_jax.spaces.mbv2.capture import site_sums
 from wrcor_jax.spaces.mbv2.cost import describe
+from wrcor_jax.spaces.mbv2.engine import BLOCK_KINDS, SE_KINDS, MBV2Engine
 from wrcor_jax.spaces.mbv2.measures import MEASUREMENTS, MBV2Measurer
 from wrcor_jax.spaces.mbv2.network import init_params
 
@@ -45,13 +46,13 @@ class MBV2Scorer:
 
     `params` and `flops` are the reference's counts of the 1000-class network (SPEC 8),
     whatever the dataset. The others score the dataset's network with PyTorch-default
-    weights drawn per architecture from the seed: `wrcor` and `act_cor` at the reference's
-    sites (the SE ReLUs, SPEC 3b) and `wrcor_allrelu` at every ReLU, from one capture of the
-    Flax network (`capture.site_sums`); synflow, snip, grad_norm, jacob_cov, naswot, meco,
-    zico and zen from `measures` (site choices there), each measurement taken once per
-    architecture for all the proxies reading it. Every architecture compiles its own
-    programs until the compile-bounded engine exists. `wrcor_clean` and `act_grad_cor`
-    (NB201 site sets) are refused.
+    weights drawn per architecture from the seed. `wrcor` and `act_cor` read the reference's
+    sites (the SE ReLUs, SPEC 3b), `wrcor_allrelu` every ReLU, all from one pass of the
+    compile-bounded `engine.MBV2Engine` (engine "composed"; otherwise one capture of the
+    Flax network per architecture, `capture.site_sums`). synflow, snip, grad_norm,
+    jacob_cov, naswot, meco, zico and zen come from `measures` (site choices there), each
+    measurement taken once per architecture for all the proxies reading it, compiled per
+    architecture. `wrcor_clean` and `act_grad_cor` (NB201 site sets) are refused.
     """
 
     def __init__(self, config: ScoreConfig):
@@ -70,6 +71,14 @@ class MBV2Scorer:
             )
             self.images, self.labels = jnp.asarray(images), jnp.asarray(labels)
             self.measurer = MBV2Measurer(self.images, self.labels, self.num_classes, config.seed)
+        kinds = (*SE_KINDS, *(BLOCK_KINDS if "wrcor_allrelu" in config.proxies else ()))
+        self.engine = MBV2Engine(kinds) if config.engine == "composed" else None
+
+    def _site_sums(self, arch: MBV2Arch, params: dict):
+        inputs = (arch, params, self.images, self.labels, self.num_classes)
+        if self.engine is not None and self.engine.supports(arch):
+            return self.engine.site_sums(*inputs)
+        return site_sums(*inputs)
 
     def _row(self, arch: MBV2Arch, names: Sequence[str]) -> list[float]:
         cost = describe(arch, IMAGENET_CLASSES)
@@ -79,7 +88,7 @@ class MBV2Scorer:
         reads = sorted({PROXIES[name].measurement for name in names if name in MEASURED})
         measured = self.measurer.measure_many(reads, arch, params)
         sums = (
-            site_sums(arch, params, self.images, self.labels, self.num_classes)
+            self._site_sums(arch, params)
             if any(name in RESPONSE_PROXIES for name in names)
             else None
         )

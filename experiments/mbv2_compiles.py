@@ -1,0 +1,78 @@
+"""Compilations of the MobileNetV2-space engine as architectures accumulate (issue #12).
+
+Samples architectures from the reference ranges under the FLOPs limit and computes WRCor's
+site sums for each with `MBV2Engine`, reporting after 20, 40, 100 and 200 architectures (or
+whatever `--checkpoints` says) the compilations so far, their seconds, the wall time and the
+median seconds per architecture of the last stretch. One JSON line per checkpoint on stdout
+and in `--out`. Compilations are counted as in `scoring.CompileCounter` (every backend
+compile, eager ops included); the persistent compilation cache is off so each is real.
+
+    python experiments/mbv2_compiles.py --archs 200 --batch-size 64 --out compiles.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from wrcor_jax.data import load_batch
+from wrcor_jax.proxies.wrcor import mbv2_wrcor
+from wrcor_jax.scoring import CompileCounter
+from wrcor_jax.spaces.mbv2 import sampling
+from wrcor_jax.spaces.mbv2.engine import SE_KINDS, MBV2Engine
+from wrcor_jax.spaces.mbv2.network import init_params
+
+SAMPLE = Path(__file__).parents[1].parent / "shared" / "data" / "cifar10_sample.npz"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", type=int, default=200)
+    parser.add_argument("--checkpoints", default="20,40,100,200")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--flops-limit", type=int, default=600_000_000)
+    parser.add_argument("--sample-seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=SAMPLE)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    CompileCounter.install()
+    checkpoints = {int(c) for c in args.checkpoints.split(",")}
+    archs = sampling.sample(
+        np.random.default_rng(args.sample_seed), args.archs, flops_limit=args.flops_limit
+    )
+    images, labels = load_batch("cifar10", args.batch_size, 42, args.data, None)
+    engine = MBV2Engine(SE_KINDS)
+    start, seconds = time.perf_counter(), []
+    out = args.out.open("a") if args.out else None
+    for count, arch in enumerate(archs, start=1):
+        tick = time.perf_counter()
+        score = mbv2_wrcor(engine.site_sums(arch, init_params(arch, 42, 10), images, labels, 10))
+        seconds.append(time.perf_counter() - tick)
+        print(f"{count:4d} {arch.resolution} {seconds[-1]:6.2f}s wrcor {score:.4f}", flush=True)
+        if count in checkpoints:
+            row = {
+                "archs": count,
+                "compiles": CompileCounter.count,
+                "compile_s": round(CompileCounter.seconds, 1),
+                "wall_s": round(time.perf_counter() - start, 1),
+                "median_s_per_arch": round(statistics.median(seconds), 2),
+                "batch_size": args.batch_size,
+                "cpus": jax.local_device_count() and len(jax.devices()),
+            }
+            print(json.dumps(row), flush=True)
+            if out:
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+            seconds = []
+
+
+if __name__ == "__main__":
+    main()

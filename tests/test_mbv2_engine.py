@@ -1,0 +1,119 @@
+"""The compile-bounded MobileNetV2 engine against the per-architecture Flax capture.
+
+Padding must change nothing: on architectures whose widths and pixel counts sit exactly on a
+bucket and just past one (odd sides through stride 2 included), the padded pieces' WRCor-family
+sums equal the unpadded capture's: term counts exactly, scores to 1e-5 relative (issue #12).
+And padding is what bounds compilations: a second architecture with other exact widths in the
+same buckets compiles nothing new.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wrcor_jax.data import load_batch
+from wrcor_jax.proxies.wrcor import mbv2_act_cor, mbv2_wrcor, mbv2_wrcor_allrelu
+from wrcor_jax.responses import KINDS
+from wrcor_jax.scoring import CompileCounter
+from wrcor_jax.spaces.mbv2.arch import parse
+from wrcor_jax.spaces.mbv2.capture import site_sums
+from wrcor_jax.spaces.mbv2.engine import (
+    MBV2Engine,
+    channel_bucket,
+    pad_params,
+    rows_bucket,
+)
+from wrcor_jax.spaces.mbv2.network import init_params
+
+SAMPLE = Path(__file__).parents[1].parent / "shared" / "data" / "cifar10_sample.npz"
+NUM_CLASSES = 10
+BATCH = 16
+# Measured (2 CPUs, float32): wrcor <= 1.9e-6 relative, wrcor_allrelu <= 1e-7; act_cor, a
+# log-det near 0 here, <= 1.7e-5 absolute. Sums agree to ~1e-6 but for one image's gradient
+# terms in "stem-stride1" (block_act_grad, up to 7.7e-4): there the engine run in float64
+# agrees with the float32 capture to 1.6e-6, so it is float32 rounding in the engine's order
+# of sums for an image whose loss gradient is small, not a different computation.
+RTOL = 1e-5
+ACT_COR_ATOL = 1e-4
+SUMS_ATOL = 2e-3
+
+CASES = [
+    pytest.param(  # widths 8/16/32 and sides 16, 8, 4: every bucket met exactly
+        "SuperConvK3BNRELU(3,16,2,1)SuperResIDWE1K3(16,16,1,16,1)SuperResIDWE2K5(16,32,2,16,2)"
+        "SuperResIDWE4K7(32,32,2,8,1)SuperConvK1BNRELU(32,64,1,1)@32",
+        id="on-buckets",
+    ),
+    pytest.param(  # widths one past (17, 33, dw 24/40), pixels 18^2 and 9^2 past 256 and 64
+        "SuperConvK3BNRELU(3,17,2,1)SuperResIDWE6K3(17,33,2,4,2)SuperResIDWE1K5(33,9,1,40,1)"
+        "SuperConvK1BNRELU(9,20,1,1)@36",
+        id="past-buckets",
+    ),
+    pytest.param(  # a two-layer stride-1 stem with k5, stride-1 first sub-block with shortcut
+        "SuperConvK5BNRELU(3,12,1,2)SuperResIDWE2K3(12,24,1,12,2)SuperConvK1BNRELU(24,24,1,1)@20",
+        id="stem-stride1",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def batch():
+    if not SAMPLE.exists():
+        pytest.skip("needs ../shared/data/cifar10_sample.npz")
+    return load_batch("cifar10", BATCH, 42, SAMPLE, None)
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_padded_pieces_equal_the_unpadded_capture(text, batch):
+    arch = parse(text)
+    assert MBV2Engine.supports(arch)
+    params = init_params(arch, 42, NUM_CLASSES)
+    exact = site_sums(arch, params, *batch, NUM_CLASSES)
+    padded = MBV2Engine().site_sums(arch, params, *batch, NUM_CLASSES)
+    for kind in KINDS:
+        np.testing.assert_array_equal(padded.counts[kind], exact.counts[kind], err_msg=kind)
+        np.testing.assert_allclose(
+            padded.sums[kind], exact.sums[kind], atol=SUMS_ATOL, err_msg=kind
+        )
+    for score in (mbv2_wrcor, mbv2_wrcor_allrelu):
+        assert score(padded) == pytest.approx(score(exact), rel=RTOL)
+    assert mbv2_act_cor(padded) == pytest.approx(mbv2_act_cor(exact), abs=ACT_COR_ATOL)
+
+
+def test_other_widths_in_the_same_buckets_compile_nothing(batch):
+    first, second = (
+        parse(
+            f"SuperConvK3BNRELU(3,{a},2,1)SuperResIDWE2K3({a},{b},2,{a},1)"
+            f"SuperConvK1BNRELU({b},{c},1,1)@{r}"
+        )
+        for a, b, c, r in ((12, 20, 40, 24), (16, 28, 36, 24))
+    )
+    engine = MBV2Engine()
+    CompileCounter.install()
+    engine.site_sums(first, init_params(first, 1, NUM_CLASSES), *batch, NUM_CLASSES)
+    before = CompileCounter.count
+    engine.site_sums(second, init_params(second, 2, NUM_CLASSES), *batch, NUM_CLASSES)
+    assert CompileCounter.count == before
+
+
+def test_unsupported_blocks_are_named():
+    arch = parse("SuperConvK3BNRELU(3,8,2,1)SuperConvK3BNRELU(8,8,1,1)@16")
+    assert not MBV2Engine.supports(arch)
+    with pytest.raises(ValueError, match="does not build"):
+        MBV2Engine().site_sums(arch, init_params(arch, 1, 2), np.zeros((2, 8, 8, 3)), [0, 1], 2)
+
+
+def test_buckets_and_padded_weights():
+    assert [channel_bucket(c) for c in (1, 8, 9, 16, 17, 1536)] == [8, 8, 16, 16, 32, 2048]
+    assert [rows_bucket(p) for p in (1, 9, 16, 17, 12544)] == [1, 16, 16, 32, 16384]
+    arch = parse("SuperConvK3BNRELU(3,12,2,1)SuperResIDWE2K3(12,20,2,12,1)@16")
+    params = init_params(arch, 0, NUM_CLASSES)
+    padded = pad_params(params, NUM_CLASSES)
+    stem = padded["block_00"]["layer_0"]["kernel"]
+    assert stem.shape == (3, 3, 3, 16)
+    np.testing.assert_array_equal(stem[..., :12], params["block_00"]["layer_0"]["kernel"])
+    assert not stem[..., 12:].any()
+    assert padded["block_01"]["layer_0"]["depthwise"]["kernel"].shape == (3, 3, 1, 32)
+    assert padded["classifier"]["kernel"].shape == (32, NUM_CLASSES)
