@@ -26,7 +26,7 @@ from wrcor_jax.proxies.wrcor import mbv2_wrcor  # noqa: E402
 from wrcor_jax.responses import KINDS, SiteSums  # noqa: E402
 from wrcor_jax.scoring import ScoreConfig  # noqa: E402
 from wrcor_jax.spaces.mbv2.arch import parse  # noqa: E402
-from wrcor_jax.spaces.mbv2.capture import site_sums  # noqa: E402
+from wrcor_jax.spaces.mbv2.engine import SE_KINDS, MBV2Engine  # noqa: E402
 from wrcor_jax.spaces.mbv2.measures import MBV2Measurer, _Pass, zen_inputs, zen_params  # noqa: E402
 from wrcor_jax.spaces.mbv2.network import MBV2Network, init_params  # noqa: E402
 from wrcor_jax.spaces.mbv2.space import MBV2Scorer  # noqa: E402
@@ -184,7 +184,7 @@ def test_score_synflow_jacob_cov_wrcor_through_the_cli(tmp_path):
     params = init_params(arch, SEED, NUM_CLASSES)
     measurer = MBV2Measurer(images, labels, NUM_CLASSES, SEED)
     measured = measurer.measure_many(["synflow_grads", "input_jacobian"], arch, params)
-    sums = site_sums(arch, params, images, labels, NUM_CLASSES)
+    sums = MBV2Engine(SE_KINDS).site_sums(arch, params, images, labels, NUM_CLASSES)
     expected = {
         "synflow": PROXIES["synflow"].score(measured["synflow_grads"], params),
         "jacob_cov": PROXIES["jacob_cov"].score(measured["input_jacobian"], params),

@@ -19,7 +19,7 @@ from wrcor_jax.search import ALGORITHMS
 from wrcor_jax.spaces import get_space
 from wrcor_jax.spaces.mbv2 import sampling
 from wrcor_jax.spaces.mbv2.arch import EA_OUR_VOTE_600M, MOBILENET_V2, parse
-from wrcor_jax.spaces.mbv2.capture import site_sums
+from wrcor_jax.spaces.mbv2.engine import SE_KINDS, MBV2Engine
 from wrcor_jax.spaces.mbv2.network import init_params
 from wrcor_jax.vote import hard_vote_compare
 
@@ -264,7 +264,8 @@ def test_score_on_an_imagenet_batch_through_tfds(tmp_path, capsys):
     with out.open(newline="") as f:
         (row,) = csv.DictReader(f)
     arch = parse(SMALL)
-    expected = mbv2_wrcor(site_sums(arch, init_params(arch, 42, 1000), images, labels, 1000))
+    engine = MBV2Engine(SE_KINDS)
+    expected = mbv2_wrcor(engine.site_sums(arch, init_params(arch, 42, 1000), images, labels, 1000))
     assert math.isfinite(expected) and float(row["wrcor"]) == pytest.approx(expected, rel=1e-12)
     assert images.shape == (4, 320, 320, 3)
 

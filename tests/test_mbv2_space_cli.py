@@ -1,6 +1,6 @@
 """The MobileNetV2 space through the CLI: describe (SPEC 8's numbers), the search ranges and
-FLOPs limit, and `score` / `search` (params, flops, and WRCor and act_cor through the Flax
-path; the other proxies: tests/test_mbv2_proxy_parity.py)."""
+FLOPs limit, and `score` / `search` (params, flops, and WRCor and act_cor through the
+compile-bounded engine; the other proxies: tests/test_mbv2_proxy_parity.py)."""
 
 import csv
 import json
@@ -13,8 +13,8 @@ from wrcor_jax.data import load_batch
 from wrcor_jax.proxies.wrcor import mbv2_act_cor, mbv2_wrcor
 from wrcor_jax.spaces import get_space
 from wrcor_jax.spaces.mbv2.arch import EA_OUR_VOTE, EA_OUR_VOTE_600M, MOBILENET_V2, parse
-from wrcor_jax.spaces.mbv2.capture import site_sums
 from wrcor_jax.spaces.mbv2.cost import describe
+from wrcor_jax.spaces.mbv2.engine import SE_KINDS, MBV2Engine
 from wrcor_jax.spaces.mbv2.network import init_params
 
 
@@ -101,8 +101,9 @@ SMALL = [  # narrow networks of the grammar at CIFAR's size, so the test compile
 
 
 def test_score_wrcor_through_the_cli(tmp_path, capsys):
-    """`score --space mbv2` computes WRCor and act_cor with the Flax path on the batch, and
-    the ImageNet network's counts, into a resumable file."""
+    """`score --space mbv2` computes WRCor and act_cor with the compile-bounded engine on the
+    batch (its agreement with the Flax capture: tests/test_mbv2_engine.py), and the ImageNet
+    network's counts, into a resumable file."""
     archs, out = tmp_path / "archs.txt", tmp_path / "scores.csv"
     archs.write_text("\n".join(SMALL) + "\n")
     command = ["score", "--space", "mbv2", "--archs", str(archs), "--batch-size", "8"]
@@ -113,7 +114,7 @@ def test_score_wrcor_through_the_cli(tmp_path, capsys):
     images, labels = load_batch("cifar10", 8, 42, data=SAMPLE)
     for text in SMALL:
         arch = parse(text)
-        sums = site_sums(arch, init_params(arch, 42, 10), images, labels, 10)
+        sums = MBV2Engine(SE_KINDS).site_sums(arch, init_params(arch, 42, 10), images, labels, 10)
         assert float(rows[text]["wrcor"]) == pytest.approx(mbv2_wrcor(sums), rel=1e-12)
         assert float(rows[text]["act_cor"]) == pytest.approx(mbv2_act_cor(sums), rel=1e-12)
         assert float(rows[text]["params"]) == describe(arch, 1000).params
