@@ -108,6 +108,16 @@ def test_npz_labels_belong_to_their_images(sample) -> None:
 
 
 @needs_sample
+def test_unaugmented_batch_is_the_chosen_images_normalised(sample) -> None:
+    """augment=False: the images of rng.choice as they are (shared/data README's protocol)."""
+    train_images, train_labels = sample
+    images, labels = load_batch("cifar10", batch_size=64, data=SAMPLE, seed=42, augment=False)
+    index = np.random.default_rng(42).choice(len(train_images), 64, replace=False)
+    np.testing.assert_array_equal(labels, train_labels[index])
+    np.testing.assert_array_equal(_to_uint8(images, "cifar10"), train_images[index])
+
+
+@needs_sample
 def test_npz_transform_follows_documented_draws(sample) -> None:
     """Recompute the batch from the documented order of random draws, without augmenting."""
     train_images, train_labels = sample

@@ -55,12 +55,15 @@ def load_batch(
     *,
     padding: int | None = None,
     download: bool = True,
+    augment: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Build the proxy batch: (images float32 [B, H, W, 3], labels int32 [B]).
 
     `data` is a local ``.npz`` file; without it the training split is read from
     tensorflow-datasets in `data_dir` (tfds' default when None), downloading it if it is
     absent and `download` is true. `padding` overrides the dataset's crop padding.
+    `augment=False` skips the crop and flip (same images, only normalised): the batch the
+    paper's MobileNetV2 numbers in shared/data/mbv2_reference_sample.csv were scored on.
     """
     info = get_dataset_info(dataset)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
@@ -76,6 +79,8 @@ def load_batch(
         images, labels = _batch_from_npz(Path(data), info, batch_size, rng)
     else:
         images, labels = _batch_from_tfds(info, batch_size, rng, data_dir, download)
+    if not augment:
+        return normalize(images, info), labels
     return train_transform(images, info, rng, padding=pad), labels
 
 
