@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from wrcor_jax.data import load_batch
+from wrcor_jax.proxies import PROXIES
 from wrcor_jax.proxies.wrcor import mbv2_act_cor, mbv2_wrcor, mbv2_wrcor_allrelu
 from wrcor_jax.responses import KINDS
 from wrcor_jax.scoring import CompileCounter
@@ -26,6 +27,7 @@ from wrcor_jax.spaces.mbv2.engine import (
     pad_params,
     rows_bucket,
 )
+from wrcor_jax.spaces.mbv2.measures import MBV2Measurer
 from wrcor_jax.spaces.mbv2.network import init_params
 
 SAMPLE = Path(__file__).parents[1].parent / "shared" / "data" / "cifar10_sample.npz"
@@ -110,10 +112,33 @@ def test_buckets_and_padded_weights():
     assert [rows_bucket(p) for p in (1, 9, 16, 17, 12544)] == [1, 16, 16, 32, 16384]
     arch = parse("SuperConvK3BNRELU(3,12,2,1)SuperResIDWE2K3(12,20,2,12,1)@16")
     params = init_params(arch, 0, NUM_CLASSES)
-    padded = pad_params(params, NUM_CLASSES)
+    padded = pad_params(params)
     stem = padded["block_00"]["layer_0"]["kernel"]
     assert stem.shape == (3, 3, 3, 16)
     np.testing.assert_array_equal(stem[..., :12], params["block_00"]["layer_0"]["kernel"])
     assert not stem[..., 12:].any()
     assert padded["block_01"]["layer_0"]["depthwise"]["kernel"].shape == (3, 3, 1, 32)
     assert padded["classifier"]["kernel"].shape == (32, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("text", [CASES[1]])
+def test_jacobian_and_synflow_equal_the_whole_network_measurements(text, batch):
+    """jacob_cov's input Jacobian (float32) and synflow (float64, BatchNorm off) through the
+    padded pieces against `measures`' whole-network programs."""
+    arch = parse(text)
+    params = init_params(arch, 42, NUM_CLASSES)
+    images, labels = batch
+    measured = MBV2Measurer(images, labels, NUM_CLASSES, 42).measure_many(
+        ["input_jacobian", "synflow_grads"], arch, params
+    )
+    engine = MBV2Engine()
+    jacobian = engine.measure(
+        arch, params, images, labels, NUM_CLASSES, site_sums=False, input_jacobian=True
+    )["input_jacobian"]
+    scale = np.abs(measured["input_jacobian"]).max()
+    np.testing.assert_allclose(jacobian, measured["input_jacobian"], atol=1e-5 * scale)
+    assert PROXIES["jacob_cov"].score(jacobian, params) == pytest.approx(
+        PROXIES["jacob_cov"].score(measured["input_jacobian"], params), rel=1e-6
+    )
+    expected = PROXIES["synflow"].score(measured["synflow_grads"], params)
+    assert engine.synflow(arch, params, images.shape) == pytest.approx(expected, rel=1e-10)

@@ -27,7 +27,7 @@ from wrcor_jax.responses import KINDS, SiteSums  # noqa: E402
 from wrcor_jax.scoring import ScoreConfig  # noqa: E402
 from wrcor_jax.spaces.mbv2.arch import parse  # noqa: E402
 from wrcor_jax.spaces.mbv2.engine import SE_KINDS, MBV2Engine  # noqa: E402
-from wrcor_jax.spaces.mbv2.measures import MBV2Measurer, _Pass, zen_inputs, zen_params  # noqa: E402
+from wrcor_jax.spaces.mbv2.measures import _Pass, zen_inputs, zen_params  # noqa: E402
 from wrcor_jax.spaces.mbv2.network import MBV2Network, init_params  # noqa: E402
 from wrcor_jax.spaces.mbv2.space import MBV2Scorer  # noqa: E402
 from wrcor_jax.torch_ref.proxies import torch_proxy_scores  # noqa: E402
@@ -169,7 +169,8 @@ def test_refused_proxy_is_one_line():
 
 def test_score_synflow_jacob_cov_wrcor_through_the_cli(tmp_path):
     """The CLI writes the three columns of the paper's vote for a MobileNetV2 architecture,
-    equal to the measurements taken directly (~15 s: three compilations)."""
+    equal to the engine's measurements taken directly (their agreement with the
+    whole-network programs: tests/test_mbv2_engine.py)."""
     text = "SuperConvK3BNRELU(3,8,2,1)SuperResIDWE2K3(8,16,2,8,1)SuperConvK1BNRELU(16,16,1,1)@32"
     archs, out = tmp_path / "archs.txt", tmp_path / "scores.csv"
     archs.write_text(text + "\n")
@@ -182,13 +183,12 @@ def test_score_synflow_jacob_cov_wrcor_through_the_cli(tmp_path):
     images, labels = load_batch("cifar10", 8, SEED, data=SAMPLE)
     arch = parse(text)
     params = init_params(arch, SEED, NUM_CLASSES)
-    measurer = MBV2Measurer(images, labels, NUM_CLASSES, SEED)
-    measured = measurer.measure_many(["synflow_grads", "input_jacobian"], arch, params)
-    sums = MBV2Engine(SE_KINDS).site_sums(arch, params, images, labels, NUM_CLASSES)
+    engine = MBV2Engine(SE_KINDS)
+    measured = engine.measure(arch, params, images, labels, NUM_CLASSES, input_jacobian=True)
     expected = {
-        "synflow": PROXIES["synflow"].score(measured["synflow_grads"], params),
+        "synflow": engine.synflow(arch, params, images.shape),
         "jacob_cov": PROXIES["jacob_cov"].score(measured["input_jacobian"], params),
-        "wrcor": mbv2_wrcor(sums),
+        "wrcor": mbv2_wrcor(measured["site_sums"]),
     }
     for name, value in expected.items():
         assert np.isfinite(value)

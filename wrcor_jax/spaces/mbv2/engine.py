@@ -31,13 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wrcor_jax.layers import batch_norm
+from wrcor_jax.layers import batch_norm, conv2d
 from wrcor_jax.responses import KINDS, SiteSums
 from wrcor_jax.spaces.mbv2.arch import ConvBlock, MBV2Arch, ResBlock
 from wrcor_jax.spaces.mbv2.network import (
     BN_EPS,
     block_name,
-    conv_bn,
     layer_name,
     resize_bilinear,
     se_channels,
@@ -163,7 +162,17 @@ def subsample_rows(x: jax.Array, side: jax.Array, p_out: int) -> jax.Array:
 Sites = dict[str, tuple[jax.Array, jax.Array, jax.Array]]
 
 
-def _pointwise(w, inputs, dims, probe, gated: bool):
+def _norm_rows(y: jax.Array, w: dict, rows: jax.Array, norm: bool) -> jax.Array:
+    """`batch_norm_rows`, or nothing when BatchNorm is switched off (synflow)."""
+    return batch_norm_rows(y, w, rows) if norm else y
+
+
+def _norm(y: jax.Array, w: dict, norm: bool) -> jax.Array:
+    """BatchNorm over the batch (the SE's N x C values), or nothing when switched off."""
+    return batch_norm(y, w["scale"], w["bias"], eps=BN_EPS) if norm else y
+
+
+def _pointwise(w, inputs, dims, probe, norm: bool, gated: bool):
     """1x1 conv (of x, gated per channel by the SE when `gated`), BatchNorm, plus the
     residual (when given), ReLU. dims: side, real output channels."""
     x, *rest = inputs
@@ -172,7 +181,7 @@ def _pointwise(w, inputs, dims, probe, gated: bool):
         gate, residual = rest
         x = x * gate[:, None, :]
     y = jnp.einsum("npc,cd->npd", x, w["kernel"][0, 0])
-    z = batch_norm_rows(y, w, side * side)
+    z = _norm_rows(y, w, side * side, norm)
     if gated:
         z = z + residual
     mask = _row_mask(z.shape[1], side * side) & _channel_mask(z.shape[2], channels)
@@ -180,7 +189,7 @@ def _pointwise(w, inputs, dims, probe, gated: bool):
     return (jax.nn.relu(z),)
 
 
-def _depthwise_se(w, inputs, dims, probe, stride: int, p_out: int):
+def _depthwise_se(w, inputs, dims, probe, norm: bool, stride: int, p_out: int):
     """k x k depthwise conv with the stride, BatchNorm, ReLU, then the squeeze-excite gate
     from the real rows' mean. dims: input side, real depthwise channels, real SE channels."""
     (x,) = inputs
@@ -192,21 +201,18 @@ def _depthwise_se(w, inputs, dims, probe, stride: int, p_out: int):
     else:
         y = y * _row_mask(y.shape[1], side * side)
     rows = out_side * out_side
-    z = batch_norm_rows(y, w["depthwise"], rows)
+    z = _norm_rows(y, w["depthwise"], rows, norm)
     mask = _row_mask(z.shape[1], rows) & _channel_mask(z.shape[2], channels)
     h = jax.nn.relu(probe("depthwise", z, mask, rows * channels))
     pooled = h.sum(axis=1) / rows
-    s = batch_norm(pooled @ w["se"]["reduce"]["kernel"][0, 0], **_bn(w["se"]["reduce"]))
+    se = w["se"]
+    s = _norm(pooled @ se["reduce"]["kernel"][0, 0], se["reduce"], norm)
     s = jax.nn.relu(probe("se", s, _channel_mask(s.shape[1], mid), mid))
-    s = batch_norm(s @ w["se"]["restore"]["kernel"][0, 0], **_bn(w["se"]["restore"]))
+    s = _norm(s @ se["restore"]["kernel"][0, 0], se["restore"], norm)
     return h, jax.nn.sigmoid(s)
 
 
-def _bn(w: dict) -> dict:
-    return {"scale": w["scale"], "bias": w["bias"], "eps": BN_EPS}
-
-
-def _shortcut(w, inputs, dims, probe, stride: int, p_out: int):
+def _shortcut(w, inputs, dims, probe, norm: bool, stride: int, p_out: int):
     """The first sub-block's projection: (subsample,) 1x1 conv with bias, BatchNorm."""
     del probe
     (x,) = inputs
@@ -215,16 +221,19 @@ def _shortcut(w, inputs, dims, probe, stride: int, p_out: int):
         x, side = subsample_rows(x, side, p_out), (side + 1) // 2
     y = jnp.einsum("npc,cd->npd", x, w["conv"]["kernel"][0, 0]) + w["conv"]["bias"]
     y = y * _row_mask(y.shape[1], side * side)
-    return (batch_norm_rows(y, w["bn"], side * side),)
+    return (_norm_rows(y, w["bn"], side * side, norm),)
 
 
-def _stem(w, inputs, dims, probe, layers: int, stride: int, resolution: int, p_out: int):
+def _stem(
+    w, inputs, dims, probe, norm: bool, layers: int, stride: int, resolution: int, p_out: int
+):
     """Block 0 on the images, exactly in NHWC: resize, (conv, BN, ReLU) x layers; then the
     output as padded rows. dims: real output channels."""
     (images,) = inputs
     x = resize_bilinear(images, resolution)
     for j in range(layers):
-        y = conv_bn(w[layer_name(j)], x, stride if j == 0 else 1)
+        layer = w[layer_name(j)]
+        y = _norm(conv2d(x, layer["kernel"], stride if j == 0 else 1), layer, norm)
         mask = _channel_mask(y.shape[-1], dims[0])
         x = jax.nn.relu(probe(f"layer_{j}", y, mask, y.shape[1] * y.shape[2] * dims[0]))
     n, h, _, c = x.shape
@@ -232,9 +241,9 @@ def _stem(w, inputs, dims, probe, layers: int, stride: int, resolution: int, p_o
     return (jnp.pad(rows, ((0, 0), (0, p_out - h * h), (0, 0))),)
 
 
-def _head(w, inputs, dims, probe):
+def _head(w, inputs, dims, probe, norm: bool):
     """Mean over the real rows, then the linear classifier: the logits."""
-    del probe
+    del probe, norm
     (x,) = inputs
     return ((x.sum(axis=1) / (dims[0] * dims[0])) @ w["kernel"] + w["bias"],)
 
@@ -249,14 +258,16 @@ def _kind(site: str, backward: bool) -> str:
 
 class Piece:
     """A piece's compiled forward (outputs and its sites' forward correlation terms) and
-    compiled backward (input cotangents and the sites' gradient terms), both for a static
-    set of kinds to reduce. The backward recomputes the piece's forward."""
+    compiled backward (input cotangents, the sites' gradient terms and, with `saliency`,
+    the sum of |w * dw| over its conv and linear kernels), both for a static set of kinds
+    to reduce and BatchNorm on or off (`norm`). The backward recomputes the piece's forward.
+    """
 
     def __init__(self, fn: Callable, static: Sequence[str] = ()):
         self.fn = fn
-        names = ("kinds", *static)
+        names = ("kinds", "norm", *static)
         self.forward = jax.jit(self._forward, static_argnames=names)
-        self.backward = jax.jit(self._backward, static_argnames=names)
+        self.backward = jax.jit(self._backward, static_argnames=(*names, "saliency"))
 
     @staticmethod
     def _terms(sites: dict, kinds: frozenset, backward: bool) -> dict:
@@ -280,7 +291,7 @@ class Piece:
         outputs = self.fn(w, inputs, dims, probe, **static)
         return outputs, self._terms(sites, kinds, backward=False)
 
-    def _backward(self, w, inputs, dims, cotangents, kinds: frozenset, **static):
+    def _backward(self, w, inputs, dims, cotangents, kinds: frozenset, saliency: bool, **static):
         meta: dict = {}
 
         def shapes_probe(name, x, mask, count):
@@ -291,17 +302,30 @@ class Piece:
         zeros = {name: jnp.zeros(x.shape, x.dtype) for name, x in meta.items()}
         masks: dict = {}
 
-        def run(inputs, perturbations):
+        def run(w, inputs, perturbations):
             def probe(name, x, mask, count):
                 masks[name] = (mask, count)
                 return x + perturbations[name]
 
             return self.fn(w, inputs, dims, probe, **static)
 
-        _, vjp = jax.vjp(run, inputs, zeros)
-        d_inputs, d_sites = vjp(cotangents)
+        if saliency:
+            d_w, d_inputs, d_sites = jax.vjp(run, w, inputs, zeros)[1](cotangents)
+            total = sum(jnp.abs(w_k * g_k).sum() for w_k, g_k in _kernel_pairs(w, d_w))
+        else:
+            d_inputs, d_sites = jax.vjp(lambda i, p: run(w, i, p), inputs, zeros)[1](cotangents)
+            total = None
         sites = {name: (d_sites[name], *masks[name]) for name in d_sites}
-        return d_inputs, self._terms(sites, kinds, backward=True)
+        return d_inputs, self._terms(sites, kinds, backward=True), total
+
+
+def _kernel_pairs(w: dict, d_w: dict) -> list[tuple[jax.Array, jax.Array]]:
+    """(kernel, its gradient) for every conv and linear kernel of a piece's weights."""
+    leaves = jax.tree_util.tree_flatten_with_path(w)[0]
+    grads = jax.tree.leaves(d_w)
+    return [
+        (leaf, g) for (path, leaf), g in zip(leaves, grads, strict=True) if path[-1].key == "kernel"
+    ]
 
 
 PIECES = {
@@ -325,10 +349,9 @@ def _pad_axes(leaf: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return np.pad(np.asarray(leaf), pads)
 
 
-def pad_params(params: dict, num_classes: int) -> dict:
+def pad_params(params: dict) -> dict:
     """The parameter tree with every width padded to its bucket with zeros. The stem keeps
     its 3 input channels, a depthwise kernel its 1, the classifier its classes."""
-    del num_classes  # the classes are not padded: the logits are exact
 
     def pad(path: tuple, leaf: np.ndarray) -> np.ndarray:
         keys = [str(getattr(k, "key", k)) for k in path]
@@ -367,8 +390,9 @@ def _out_side(side: int, stride: int) -> int:
 
 
 class MBV2Engine:
-    """WRCor-family correlation sums of MobileNetV2-space architectures through padded
-    pieces. `kinds` are the response kinds to reduce (default: all MobileNetV2 kinds)."""
+    """MobileNetV2-space measurements through padded pieces: the WRCor family's correlation
+    sums at `kinds` (default: every MobileNetV2 kind), the input Jacobian (jacob_cov) from
+    the same forward pass, and synflow."""
 
     def __init__(self, kinds: Sequence[str] = (*SE_KINDS, *BLOCK_KINDS)):
         self.kinds = frozenset(kinds)
@@ -385,27 +409,30 @@ class MBV2Engine:
         )
 
     def _apply(self, piece: str, block: int, w: dict, inputs: tuple, dims, **static) -> tuple:
-        outputs, terms = PIECES[piece].forward(w, inputs, dims, kinds=self.kinds, **static)
+        static["norm"] = self._norm
+        outputs, terms = PIECES[piece].forward(w, inputs, dims, kinds=self._kinds, **static)
         self._calls.append((block, _Call(piece, w, inputs, dims, static, outputs)))
         self._terms.append((block, terms))
         return outputs
 
-    def _forward(self, arch: MBV2Arch, params: dict, images: jax.Array) -> jax.Array:
-        """Run the pieces in order, recording each call; returns the logits."""
+    def _forward(
+        self, arch: MBV2Arch, params: dict, images: jax.Array, kinds: frozenset, norm: bool
+    ) -> jax.Array:
+        """Run the pieces in order, recording each call and the forward terms at `kinds`;
+        returns the logits."""
         if not self.supports(arch):
             raise ValueError(f"the engine does not build {arch.blocks}: see `supports`")
+        self._calls, self._terms, self._kinds, self._norm = [], [], kinds, norm
         stem_block, *rest = arch.blocks
         side = _out_side(arch.resolution, stem_block.stride)
         static = {
             "layers": stem_block.layers,
             "stride": stem_block.stride,
             "resolution": arch.resolution,
+            "p_out": rows_bucket(side * side),
         }
         stem_dims = _dims(stem_block.out_channels)
-        w_stem = params[block_name(0)]
-        (x,) = self._apply(
-            "stem", 0, w_stem, (images,), stem_dims, p_out=rows_bucket(side * side), **static
-        )
+        (x,) = self._apply("stem", 0, params[block_name(0)], (images,), stem_dims, **static)
         for index, block in enumerate(rest, start=1):
             w_block = params[block_name(index)]
             if isinstance(block, ResBlock):
@@ -443,41 +470,86 @@ class MBV2Engine:
             side = out_side
         return x, side
 
-    def _backward(self, cotangent: jax.Array) -> None:
+    def _backward(
+        self, cotangent: jax.Array, kinds: frozenset, saliency: bool = False
+    ) -> tuple[jax.Array, jax.Array | None]:
         """Chain the recorded pieces' backwards from the logits' cotangent, summing the
         cotangents of arrays read by several pieces (a sub-block's input feeds its expand
-        and its shortcut or residual)."""
+        and its shortcut or residual). Adds the gradient terms at `kinds`; returns the
+        gradient at the images and, with `saliency`, the sum of |w * dw| over the kernels."""
         pending: dict[int, jax.Array] = {}
         logits = self._calls[-1][1].outputs[0]
         pending[id(logits)] = cotangent
+        total = None
         for block, call in reversed(self._calls):
             cotangents = tuple(
                 pending.pop(id(out), None) if id(out) in pending else jnp.zeros_like(out)
                 for out in call.outputs
             )
-            d_inputs, terms = PIECES[call.piece].backward(
-                call.w, call.inputs, call.dims, cotangents, kinds=self.kinds, **call.static
-            )
+            d_inputs, terms, piece_total = PIECES[call.piece].backward(
+                call.w, call.inputs, call.dims, cotangents, kinds=kinds, saliency=saliency,
+                **call.static,
+            )  # fmt: skip
             self._terms.append((block, terms))
+            total = piece_total if total is None else total + piece_total
             for array, d in zip(call.inputs, d_inputs, strict=True):
                 key = id(array)
                 pending[key] = d if key not in pending else pending[key] + d
+        images = self._calls[0][1].inputs[0]
+        return pending[id(images)], total
 
-    def site_sums(
+    def measure(
         self,
         arch: MBV2Arch,
         params: dict,
         images: jax.Array,
         labels: jax.Array,
         num_classes: int,
-    ) -> SiteSums:
-        """Per-(block, kind) |corrcoef| sums of `arch` (the sums `capture.site_sums` gives)
-        from its unpadded parameters (`network.init_params`) on one NHWC batch."""
-        self._calls, self._terms = [], []
+        site_sums: bool = True,
+        input_jacobian: bool = False,
+    ) -> dict:
+        """One forward pass of `arch` (unpadded parameters, `network.init_params`) on an NHWC
+        batch, then a backward per measurement asked for: `site_sums`, the per-(block, kind)
+        |corrcoef| sums `capture.site_sums` gives, from the loss gradient; `input_jacobian`,
+        d(sum of logits)/d(images) as NumPy (jacob_cov's input, as `measures` takes it)."""
+        del num_classes  # the classifier's width says it
+        padded = pad_params(params)
+        images = jnp.asarray(images, jnp.float32)
+        out: dict = {}
         try:
-            logits = self._forward(arch, pad_params(params, num_classes), jnp.asarray(images))
-            self._backward(_loss_cotangent(logits, jnp.asarray(labels)))
-            return _gather(self._terms, len(arch.blocks), logits.shape[0])
+            logits = self._forward(
+                arch, padded, images, self.kinds if site_sums else frozenset(), True
+            )
+            if input_jacobian:
+                out["input_jacobian"] = np.asarray(
+                    self._backward(jnp.ones_like(logits), frozenset())[0]
+                )
+            if site_sums:
+                self._backward(_loss_cotangent(logits, jnp.asarray(labels)), self.kinds)
+                out["site_sums"] = _gather(self._terms, len(arch.blocks), logits.shape[0])
+            return out
+        finally:
+            self._calls, self._terms = [], []
+
+    def site_sums(
+        self, arch: MBV2Arch, params: dict, images: jax.Array, labels: jax.Array, num_classes: int
+    ) -> SiteSums:
+        """The WRCor family's correlation sums alone (see `measure`)."""
+        return self.measure(arch, params, images, labels, num_classes)["site_sums"]
+
+    def synflow(self, arch: MBV2Arch, params: dict, image_shape: Sequence[int]) -> float:
+        """SynFlow as `measures` takes it: in float64, BatchNorm off, weights |theta|, one
+        all-ones image of the batch's image shape, R = sum of the logits; the sum over conv
+        and linear kernels of |theta * dR/dtheta| (padded kernels are 0 and add nothing)."""
+        try:
+            with jax.enable_x64(True):
+                padded = jax.tree.map(
+                    lambda t: np.abs(np.asarray(t, np.float64)), pad_params(params)
+                )
+                ones = jnp.ones((1, *image_shape[1:]), jnp.float64)
+                logits = self._forward(arch, padded, ones, frozenset(), norm=False)
+                _, total = self._backward(jnp.ones_like(logits), frozenset(), saliency=True)
+                return float(total)
         finally:
             self._calls, self._terms = [], []
 

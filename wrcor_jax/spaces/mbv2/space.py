@@ -49,10 +49,11 @@ class MBV2Scorer:
     weights drawn per architecture from the seed. `wrcor` and `act_cor` read the reference's
     sites (the SE ReLUs, SPEC 3b), `wrcor_allrelu` every ReLU, all from one pass of the
     compile-bounded `engine.MBV2Engine` (engine "composed"; otherwise one capture of the
-    Flax network per architecture, `capture.site_sums`). synflow, snip, grad_norm,
-    jacob_cov, naswot, meco, zico and zen come from `measures` (site choices there), each
-    measurement taken once per architecture for all the proxies reading it, compiled per
-    architecture. `wrcor_clean` and `act_grad_cor` (NB201 site sets) are refused.
+    Flax network per architecture, `capture.site_sums`); so do synflow and jacob_cov's
+    input Jacobian (from the WRCor sums' forward pass). snip, grad_norm, naswot, meco, zico
+    and zen come from `measures` (site choices there), each measurement taken once per
+    architecture for all the proxies reading it, compiled per architecture. `wrcor_clean`
+    and `act_grad_cor` (NB201 site sets) are refused.
     """
 
     def __init__(self, config: ScoreConfig):
@@ -74,30 +75,41 @@ class MBV2Scorer:
         kinds = (*SE_KINDS, *(BLOCK_KINDS if "wrcor_allrelu" in config.proxies else ()))
         self.engine = MBV2Engine(kinds) if config.engine == "composed" else None
 
-    def _site_sums(self, arch: MBV2Arch, params: dict):
-        inputs = (arch, params, self.images, self.labels, self.num_classes)
+    def _measure(self, arch: MBV2Arch, params: dict, names: Sequence[str]) -> dict:
+        """What the proxies `names` read, each taken once: `site_sums`, `input_jacobian` and
+        `synflow_score` (synflow itself) from the compile-bounded engine where it applies, the
+        rest from `measures`' per-architecture programs."""
+        reads = {PROXIES[name].measurement for name in names if name in MEASURED}
+        sums = any(name in RESPONSE_PROXIES for name in names)
+        batch = (arch, params, self.images, self.labels, self.num_classes)
+        measured: dict = {}
         if self.engine is not None and self.engine.supports(arch):
-            return self.engine.site_sums(*inputs)
-        return site_sums(*inputs)
+            jacobian = "input_jacobian" in reads
+            if sums or jacobian:
+                measured |= self.engine.measure(*batch, site_sums=sums, input_jacobian=jacobian)
+            if "synflow_grads" in reads:
+                measured["synflow_score"] = self.engine.synflow(arch, params, self.images.shape)
+            reads -= {"input_jacobian", "synflow_grads"}
+        elif sums:
+            measured["site_sums"] = site_sums(*batch)
+        if reads:
+            measured |= self.measurer.measure_many(sorted(reads), arch, params)
+        return measured
 
     def _row(self, arch: MBV2Arch, names: Sequence[str]) -> list[float]:
         cost = describe(arch, IMAGENET_CLASSES)
         if all(name in COUNTED for name in names):
             return [float(getattr(cost, name)) for name in names]
         params = init_params(arch, self.config.seed, self.num_classes)
-        reads = sorted({PROXIES[name].measurement for name in names if name in MEASURED})
-        measured = self.measurer.measure_many(reads, arch, params)
-        sums = (
-            self._site_sums(arch, params)
-            if any(name in RESPONSE_PROXIES for name in names)
-            else None
-        )
+        measured = self._measure(arch, params, names)
 
         def score(name: str) -> float:
             if name in COUNTED:
                 return float(getattr(cost, name))
             if name in RESPONSE_PROXIES:
-                return RESPONSE_PROXIES[name](sums)
+                return RESPONSE_PROXIES[name](measured["site_sums"])
+            if name == "synflow" and "synflow_score" in measured:
+                return measured["synflow_score"]
             proxy = PROXIES[name]
             return proxy.score(measured[proxy.measurement], params)
 
