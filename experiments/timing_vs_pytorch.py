@@ -1,4 +1,4 @@
-"""Time NB201 WRCor scoring in PyTorch and in the JAX engines, side by side on one machine.
+"""Time WRCor scoring in PyTorch and in the JAX engines, side by side on one machine.
 
 Every implementation scores the same seeded random architectures on the same batch with the
 same weights (`init_params(42, classes)`), each in its own subprocess so that its peak RSS is
@@ -18,6 +18,23 @@ Implementations (`--only` picks some, `--limit NAME=N` scores only the first N a
   and the second call gives the run alone;
 - jax_vmap: `vmapped_site_sums` over chunks of `--vmap-chunk` archs (skip with --skip-vmap).
 `--profile` adds where the composed engine's time goes (see `_profile`).
+
+`--space mbv2` times the MobileNetV2 space instead (`--proxies`, default wrcor, any of
+wrcor, synflow, jacob_cov): seeded random architectures within 600M FLOPs (1000 classes,
+`spaces.mbv2.sampling.sample`), the 10-class network, weights `init_params(arch, 42, 10)`:
+- paper_code: the paper's own code (`--reference-code` checkout, `torch_ref.paper_code`):
+  its `find_measures` on its own PlainNet with those weights loaded;
+- torch_eager: our PyTorch twin (`torch_ref.mbv2`), the reference's hooks, eager;
+- jax: `MBV2Scorer` (the compile-bounded engine where it applies).
+Both torch rows use `--torch-threads`. Rows add `ratio_vs_paper_code` and the FLOP floor:
+per arch, 2 x the forward multiply-adds (`cost.describe` at 10 classes: convolutions and
+the classifier per image) x (3 x batch for each of wrcor and jacob_cov, one forward and a
+backward of input and weight gradients, + 3 for synflow's one image), over the float32
+matmul rate measured here (`benchmarks.machine.matmul_flops_per_s`); `floor_median_s` is
+its median over the row's timed archs and `x_floor` the row's median over it.
+
+    python experiments/timing_vs_pytorch.py --space mbv2 --proxies synflow,jacob_cov,wrcor \
+        --reference-code /path/to/ZSNAS-WRCor --torch-threads 2 --num-archs 20 --json t.json
 """
 
 from __future__ import annotations
@@ -53,6 +70,8 @@ BEST, MEDIAN = BEST_CIFAR10, MEDIAN_CIFAR10
 NUM_CLASSES = 10
 WEIGHT_SEED = BATCH_SEED = 42
 TORCH_EAGER = ("torch_eager", "torch_eager_1thread")
+MBV2_FLOPS_LIMIT = 600_000_000
+MBV2_PROXIES = ("wrcor", "synflow", "jacob_cov")
 
 
 # --------------------------------------------------------------------------- workers
@@ -64,10 +83,26 @@ def _batch(args: argparse.Namespace, batch_size: int | None = None):
     return load_batch("cifar10", batch_size or args.batch_size, BATCH_SEED, data=args.data)
 
 
-def _archs(args: argparse.Namespace, name: str) -> list[str]:
-    """The first `--limit name=N` (default all) of the seeded architectures."""
-    archs = [arch_string(o) for o in sample_archs(np.random.default_rng(args.seed), args.num_archs)]
+def _archs(args: argparse.Namespace, name: str | None) -> list:
+    """The first `--limit name=N` (default all) of the seeded architectures of `--space`:
+    NB201 strings, or `MBV2Arch`s within 600M FLOPs (1000 classes)."""
+    rng = np.random.default_rng(args.seed)
+    if args.space == "mbv2":
+        from wrcor_jax.spaces.mbv2.sampling import sample
+
+        archs = sample(rng, args.num_archs, flops_limit=MBV2_FLOPS_LIMIT)
+    else:
+        archs = [arch_string(o) for o in sample_archs(rng, args.num_archs)]
     return archs[: args.limits.get(name, len(archs))]
+
+
+def _torch_batch(args: argparse.Namespace):
+    """The batch as torch NCHW images and int64 labels."""
+    import torch
+
+    images, labels = _batch(args)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return x, torch.from_numpy(labels.astype(np.int64))
 
 
 def _torch_worker(args: argparse.Namespace, name: str, result: dict) -> None:
@@ -79,9 +114,7 @@ def _torch_worker(args: argparse.Namespace, name: str, result: dict) -> None:
 
     threads = args.torch_threads if name == "torch_eager" else 1
     torch.set_num_threads(threads)
-    images, labels = _batch(args)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(labels.astype(np.int64))
+    x, y = _torch_batch(args)
     params = init_params(WEIGHT_SEED, NUM_CLASSES)
     result["extra"] = {"torch_threads": threads}
     compiled = name == "torch_compile"
@@ -94,7 +127,7 @@ def _torch_worker(args: argparse.Namespace, name: str, result: dict) -> None:
         if compiled:
             net.compile()
         score = wrcor(net, x, y, "reference").score
-        _record(result, time.perf_counter() - start, [score])
+        _record(result, time.perf_counter() - start, [[score]])
         if compiled:
             result["compiles"] = counters["stats"]["unique_graphs"]
             result["extra"]["graph_breaks"] = sum(counters["graph_break"].values())
@@ -129,7 +162,7 @@ def _jax_worker(args: argparse.Namespace, name: str, result: dict) -> None:
             padded = np.stack(chunk + [chunk[-1]] * (size - len(chunk)))
             start = time.perf_counter()
             sums, counts = jax.device_get(fn(params, padded, x, y))
-            scores = [wrcor(SiteSums.from_stacked(sums[i], counts[i])) for i in range(len(chunk))]
+            scores = [[wrcor(SiteSums.from_stacked(sums[i], counts[i]))] for i in range(len(chunk))]
             _record(result, time.perf_counter() - start, scores)
             result["compiles"] = CompileCounter.count - compiles
         return
@@ -139,7 +172,7 @@ def _jax_worker(args: argparse.Namespace, name: str, result: dict) -> None:
     for o in ops:
         start = time.perf_counter()
         score = wrcor(engine.site_sums(o, params, x, y))
-        _record(result, time.perf_counter() - start, [score])
+        _record(result, time.perf_counter() - start, [[score]])
         if engine.static_per_arch:  # the same arch again: the run without its compile
             start = time.perf_counter()
             wrcor(engine.site_sums(o, params, x, y))
@@ -154,8 +187,71 @@ def _jax_worker(args: argparse.Namespace, name: str, result: dict) -> None:
         }
 
 
-def _record(result: dict, seconds: float, scores: list[float]) -> None:
-    """One timed call that scored `len(scores)` archs: the first call, or steady samples."""
+def _mbv2_torch_worker(args: argparse.Namespace, name: str, result: dict) -> None:
+    """Per arch: build the network (the paper's PlainNet for paper_code, else our twin) with
+    the arch's weights (drawn before the clock starts) and score `--proxies` with it."""
+    import torch
+
+    from wrcor_jax.spaces.mbv2.network import init_params
+
+    torch.set_num_threads(args.torch_threads)
+    result["extra"] = {"torch_threads": args.torch_threads}
+    if name == "paper_code":
+        from wrcor_jax.torch_ref.paper_code import import_paper_code, paper_network, paper_scores
+
+        code = import_paper_code(args.reference_code)
+        images, labels = _batch(args)
+
+        def score(arch, params: dict) -> list[float]:
+            net = paper_network(code, arch, NUM_CLASSES, params)
+            values = paper_scores(code, net, images, labels, NUM_CLASSES, args.proxies)
+            return [values[proxy] for proxy in args.proxies]
+
+    else:
+        from wrcor_jax.torch_ref import mbv2
+        from wrcor_jax.torch_ref.proxies import jacob_cov, synflow
+        from wrcor_jax.torch_ref.wrcor import wrcor
+
+        x, y = _torch_batch(args)
+        compute = {
+            "wrcor": lambda net: wrcor(net, x, y, "reference").score,
+            "synflow": lambda net: synflow(net, tuple(x.shape[1:])),
+            "jacob_cov": lambda net: jacob_cov(net, x),
+        }
+
+        def score(arch, params: dict) -> list[float]:
+            net = mbv2.build_network(arch, NUM_CLASSES, params)
+            return [compute[proxy](net) for proxy in args.proxies]
+
+    for arch in _archs(args, name):
+        params = init_params(arch, WEIGHT_SEED, NUM_CLASSES)
+        start = time.perf_counter()
+        row = score(arch, params)
+        _record(result, time.perf_counter() - start, [row])
+
+
+def _mbv2_jax_worker(args: argparse.Namespace, name: str, result: dict) -> None:
+    """`MBV2Scorer` (its own weights from the seed, the same as the torch rows load) per arch;
+    compilations counted by `CompileCounter` from its first score on."""
+    from wrcor_jax.scoring import CompileCounter, ScoreConfig
+    from wrcor_jax.spaces.mbv2.space import MBV2Scorer
+
+    CompileCounter.install()
+    config = ScoreConfig(
+        "mbv2", "cifar10", args.proxies, BATCH_SEED, args.batch_size, str(args.data)
+    )
+    scorer = MBV2Scorer(config)
+    compiles = CompileCounter.count
+    for arch in _archs(args, name):
+        start = time.perf_counter()
+        rows = scorer.score([arch])
+        _record(result, time.perf_counter() - start, rows)
+        result["compiles"] = CompileCounter.count - compiles
+
+
+def _record(result: dict, seconds: float, scores: list[list[float]]) -> None:
+    """One timed call that scored `len(scores)` archs (a row of `--proxies` scores each):
+    the first call, or steady samples."""
     if result["first_call_s"] is None:
         result["first_call_s"] = seconds
     else:
@@ -174,7 +270,7 @@ def _run_worker(args: argparse.Namespace) -> None:
         "compiles": None,
         "extra": {},
     }
-    worker = _profile if args.worker == "profile" else WORKERS[args.worker]
+    worker = _profile if args.worker == "profile" else SPACE_WORKERS[args.space][args.worker]
     try:
         worker(args, args.worker, result)
     except Exception as exc:  # a failed implementation is a result, not a crash
@@ -191,6 +287,12 @@ WORKERS: dict[str, Callable[[argparse.Namespace, str, dict], None]] = {
     "jax_static_jit": _jax_worker,
     "jax_vmap": _jax_worker,
 }
+MBV2_WORKERS: dict[str, Callable[[argparse.Namespace, str, dict], None]] = {
+    "paper_code": _mbv2_torch_worker,
+    "torch_eager": _mbv2_torch_worker,
+    "jax": _mbv2_jax_worker,
+}
+SPACE_WORKERS = {"nb201": WORKERS, "mbv2": MBV2_WORKERS}
 
 
 # --------------------------------------------------------------------------- profile
@@ -368,7 +470,25 @@ def _spawn(args: argparse.Namespace, name: str) -> dict:
         return result
 
 
-def _summarise(raw: dict, baseline: dict | None) -> dict:
+def _floor_seconds(args: argparse.Namespace, rate: float) -> list[float]:
+    """Per mbv2 arch, the FLOP floor of scoring `--proxies` at `rate` FLOP/s (the module
+    docstring says how it counts)."""
+    from wrcor_jax.spaces.mbv2.cost import describe
+
+    batch_passes = sum(proxy in ("wrcor", "jacob_cov") for proxy in args.proxies)
+    passes = 3 * args.batch_size * batch_passes + 3 * ("synflow" in args.proxies)
+    return [2 * describe(a, NUM_CLASSES).flops * passes / rate for a in _archs(args, None)]
+
+
+def _summarise(
+    raw: dict,
+    baseline: dict | None,
+    proxies: tuple[str, ...],
+    paper: dict | None = None,
+    floors: list[float] | None = None,
+) -> dict:
+    """One implementation's row; `paper` (the paper_code result) and `floors` (per arch)
+    only in mbv2."""
     steady = raw.get("steady_s", [])
     row = {
         "name": raw["name"],
@@ -384,18 +504,27 @@ def _summarise(raw: dict, baseline: dict | None) -> dict:
     }
     if baseline is not None and row["median_s"]:
         row["ratio_vs_torch_eager"] = baseline["median_s"] / row["median_s"]
-        row["wrcor_max_rel_diff_vs_torch_eager"] = _max_rel_diff(raw["scores"], baseline["scores"])
+        for i, proxy in enumerate(proxies):
+            row[f"{proxy}_max_rel_diff_vs_torch_eager"] = _max_rel_diff(
+                [scores[i] for scores in raw["scores"]],
+                [scores[i] for scores in baseline["scores"]],
+            )
+    if paper is not None and paper.get("steady_s") and row["median_s"]:
+        row["ratio_vs_paper_code"] = statistics.median(paper["steady_s"]) / row["median_s"]
+    if floors is not None and steady:
+        row["floor_median_s"] = statistics.median(floors[1 : 1 + len(steady)])
+        row["x_floor"] = row["median_s"] / row["floor_median_s"]
     return row
 
 
 def _max_rel_diff(ours: list[float], theirs: list[float]) -> float | str:
-    """Over the archs both scored; 'disagree on -inf' where one side is -inf alone."""
+    """Over the archs both scored; 'disagree on -inf' (or nan) where one side alone is."""
     worst = 0.0
     for a, b in zip(ours, theirs, strict=False):
-        if np.isneginf(a) and np.isneginf(b):
+        if (np.isneginf(a) and np.isneginf(b)) or (np.isnan(a) and np.isnan(b)):
             continue
-        if np.isneginf(a) or np.isneginf(b):
-            return "disagree on -inf"
+        if not (np.isfinite(a) and np.isfinite(b)):
+            return f"disagree on {b if np.isfinite(a) else a}"
         worst = max(worst, abs(a - b) / abs(b))
     return worst
 
@@ -408,8 +537,18 @@ def _fmt(value: object, digits: int = 3) -> str:
     return str(value)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The summary as a Markdown table (one row per implementation)."""
+def markdown_table(rows: list[dict], proxies: tuple[str, ...] = ("wrcor",)) -> str:
+    """The summary as a Markdown table (one row per implementation); the mbv2 columns (x
+    paper code, the FLOP floor) where some row has them."""
+    differences = [
+        (f"{p}_max_rel_diff_vs_torch_eager", f"{'WRCor' if p == 'wrcor' else p} max rel diff")
+        for p in proxies
+    ]
+    optional = [
+        ("ratio_vs_paper_code", "x paper code"),
+        ("floor_median_s", "FLOP floor s/arch"),
+        ("x_floor", "x floor"),
+    ]
     columns = [
         ("name", "implementation"),
         ("archs", "archs"),
@@ -420,7 +559,8 @@ def markdown_table(rows: list[dict]) -> str:
         ("archs_per_s", "archs/s"),
         ("peak_rss_mb", "peak RSS MB"),
         ("ratio_vs_torch_eager", "x torch eager"),
-        ("wrcor_max_rel_diff_vs_torch_eager", "WRCor max rel diff"),
+        *[(key, title) for key, title in optional if any(key in row for row in rows)],
+        *differences,
         ("status", "status"),
     ]
     lines = [
@@ -448,22 +588,41 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vmap-chunk", type=int, default=4)
     parser.add_argument("--profile", action="store_true", help="also profile jax_composed")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per implementation")
+    parser.add_argument("--space", choices=sorted(SPACE_WORKERS), default="nb201")
+    parser.add_argument(
+        "--proxies",
+        default=("wrcor",),
+        type=lambda text: tuple(text.split(",")),
+        help=f"mbv2: comma-separated, of {', '.join(MBV2_PROXIES)}",
+    )
+    parser.add_argument("--reference-code", type=Path, help="mbv2: a ZSNAS-WRCor checkout")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    workers = SPACE_WORKERS[args.space]
     args.limits = {}
     for item in args.limit:
         name, _, count = item.partition("=")
-        if name not in WORKERS or not count.isdigit():
-            parser.error(f"--limit wants NAME=N with NAME in {', '.join(WORKERS)}; got {item!r}")
+        if name not in workers or not count.isdigit():
+            parser.error(f"--limit wants NAME=N with NAME in {', '.join(workers)}; got {item!r}")
         args.limits[name] = int(count)
-    args.names = args.only.split(",") if args.only else list(WORKERS)
+    args.names = args.only.split(",") if args.only else list(workers)
     if args.skip_vmap:
         args.names = [n for n in args.names if n != "jax_vmap"]
-    unknown = [n for n in args.names if n not in WORKERS]
+    unknown = [n for n in args.names if n not in workers]
     if unknown:
-        parser.error(f"unknown implementation {unknown[0]!r}; known: {', '.join(WORKERS)}")
+        parser.error(f"unknown implementation {unknown[0]!r}; known: {', '.join(workers)}")
+    allowed = MBV2_PROXIES if args.space == "mbv2" else ("wrcor",)
+    if any(proxy not in allowed for proxy in args.proxies):
+        parser.error(f"--proxies in {args.space}: some of {', '.join(allowed)}")
+    if args.space == "mbv2":
+        if args.profile:
+            parser.error("--profile profiles the NB201 engine only")
+        if args.reference_code is None:
+            if args.only and "paper_code" in args.names:
+                parser.error("paper_code needs --reference-code")
+            args.names = [n for n in args.names if n != "paper_code"]
     return args
 
 
@@ -488,7 +647,15 @@ def main(argv: list[str] | None = None) -> None:
     baseline = min(eager, key=lambda r: statistics.median(r["steady_s"]), default=None)
     if baseline is not None:
         baseline = {"median_s": statistics.median(baseline["steady_s"]), **baseline}
-    rows = [_summarise(raw[name], baseline) for name in args.names]
+    mbv2, paper, floors = {}, None, None
+    if args.space == "mbv2":
+        from wrcor_jax.benchmarks.machine import matmul_flops_per_s
+
+        rate = matmul_flops_per_s()
+        floors = _floor_seconds(args, rate)
+        paper = raw.get("paper_code")
+        mbv2 = {"space": "mbv2", "proxies": list(args.proxies), "matmul_gflops": rate / 1e9}
+    rows = [_summarise(raw[n], baseline, args.proxies, paper, floors) for n in args.names]
     report = {
         "machine": {**machine, "load_average_end": os.getloadavg()},
         "command": " ".join(["python", "experiments/timing_vs_pytorch.py", *args.argv]),
@@ -496,12 +663,13 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "arch_seed": args.seed,
         "ratio_baseline": baseline["name"] if baseline else None,
+        **mbv2,
         "implementations": rows,
     }
     if args.profile:
         report["profile"] = _spawn(args, "profile").get("profile")
     write_json(args.json, report, indent=2)
-    print(markdown_table(rows))
+    print(markdown_table(rows, args.proxies))
     if baseline:
         print(f"\nratio baseline: {baseline['name']} (the faster torch eager configuration)")
     if report.get("profile"):
