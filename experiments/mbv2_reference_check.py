@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shlex
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,8 @@ DEFAULT_CSV = SHARED / "mbv2_reference_sample.csv"
 DEFAULT_DATA = SHARED / "cifar10_sample.npz"
 CSV_COLUMNS = {"wrcor": "wrcor_10cls", "synflow": "synflow_10cls", "jacob_cov": "jacob_cov_10cls"}
 VOTE = ("synflow", "jacob_cov", "wrcor")
+RESUME_KEYS = ("archs", "batch_size", "proxies")
+Scorer = Callable[[MBV2Arch], list[float]]
 NUM_CLASSES = 10
 SEED = 42
 
@@ -77,17 +81,15 @@ def proxy_batch(data: Path, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     return load_batch("cifar10", batch_size, SEED, data=data, augment=False)
 
 
-def jax_scores(
-    archs: Sequence[MBV2Arch],
-    batch: tuple[np.ndarray, np.ndarray],
-    proxies: Sequence[str],
-    data: Path,
-) -> tuple[list[list[float]], list[float]]:
-    """Per architecture, `MBV2Scorer`'s scores of `proxies` on `batch` and its seconds.
+def jax_scorer(batch: tuple[np.ndarray, np.ndarray], proxies: Sequence[str], data: Path) -> Scorer:
+    """`MBV2Scorer`'s scores of `proxies` on `batch`, one architecture per call.
 
     The scorer draws SPEC 2's augmented batch itself (the one searches use); for the CSV's
     protocol its batch (images, labels and the measurer holding them) is replaced by `batch`.
+    JAX's caches are cleared after each architecture: kept, the programs compiled for these
+    twelve took the process to 17 GB and the OOM killer after six of them at batch 64.
     """
+    import jax
     import jax.numpy as jnp
 
     from wrcor_jax.scoring import ScoreConfig
@@ -99,39 +101,33 @@ def jax_scores(
     scorer = MBV2Scorer(config)
     scorer.images, scorer.labels = images, labels
     scorer.measurer = MBV2Measurer(images, labels, NUM_CLASSES, SEED)
-    scores, seconds = [], []
-    for index, arch in enumerate(archs):
-        start = time.perf_counter()
-        scores += scorer.score([arch])
-        seconds.append(time.perf_counter() - start)
-        _progress(f"wrcor_jax {index + 1}/{len(archs)}: {seconds[-1]:.1f} s")
-    return scores, seconds
+
+    def score(arch: MBV2Arch) -> list[float]:
+        row = scorer.score([arch])[0]
+        jax.clear_caches()
+        return row
+
+    return score
 
 
-def paper_code_scores(
-    root: Path,
-    archs: Sequence[MBV2Arch],
-    batch: tuple[np.ndarray, np.ndarray],
-    proxies: Sequence[str],
-    seed: int,
-) -> tuple[list[list[float]], list[float]]:
-    """The paper's code, unmodified, on each architecture with `torch.manual_seed(seed)`
-    before building it (its weights from torch's stream), and its seconds."""
+def paper_code_scorer(
+    root: Path, batch: tuple[np.ndarray, np.ndarray], proxies: Sequence[str], seed: int
+) -> Scorer:
+    """The paper's code, unmodified, one architecture per call, with `torch.manual_seed(seed)`
+    before building its network (its weights from torch's stream)."""
     import torch
 
     from wrcor_jax.torch_ref.paper_code import import_paper_code, paper_network, paper_scores
 
     code = import_paper_code(root)
-    scores, seconds = [], []
-    for index, arch in enumerate(archs):
+
+    def score(arch: MBV2Arch) -> list[float]:
         torch.manual_seed(seed)
         net = paper_network(code, arch, NUM_CLASSES)
-        start = time.perf_counter()
         values = paper_scores(code, net, *batch, NUM_CLASSES, proxies)
-        seconds.append(time.perf_counter() - start)
-        scores.append([values[name] for name in proxies])
-        _progress(f"paper code seed {seed} {index + 1}/{len(archs)}: {seconds[-1]:.1f} s")
-    return scores, seconds
+        return [values[name] for name in proxies]
+
+    return score
 
 
 def agreement(
@@ -252,21 +248,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "agreement": {},
     }
 
-    def stage(source: str, scores: list[list[float]], seconds: list[float]) -> None:
-        report["scores"][source] = scores
-        report["seconds"][source] = seconds
-        report["agreement"][source] = agreement(scores, target, args.proxies)
-        write_json(args.out / "report.json", report, indent=2)
+    path = args.out / "report.json"
+    if path.exists():  # a stopped run of the same check continues where it stopped
+        previous = json.loads(path.read_text())
+        if all(previous.get(key) == report[key] for key in RESUME_KEYS):
+            report["scores"], report["seconds"] = previous["scores"], previous["seconds"]
 
-    stage("wrcor_jax", *jax_scores(archs, batch, args.proxies, args.data))
+    def stage(source: str, make_scorer: Callable[[], Scorer]) -> None:
+        """Score the archs `source` has not scored yet, saving the report after each."""
+        scores = report["scores"].setdefault(source, [])
+        seconds = report["seconds"].setdefault(source, [])
+        score = make_scorer() if len(scores) < len(archs) else None
+        for arch in archs[len(scores) :]:
+            start = time.perf_counter()
+            scores.append(score(arch))
+            seconds.append(time.perf_counter() - start)
+            _progress(f"{source} {len(scores)}/{len(archs)}: {seconds[-1]:.1f} s")
+            report["agreement"][source] = agreement(scores, target[: len(scores)], args.proxies)
+            write_json(path, report, indent=2)
+        report["agreement"][source] = agreement(scores, target, args.proxies)
+
+    stage("wrcor_jax", lambda: jax_scorer(batch, args.proxies, args.data))
     if args.reference_seeds:
         import torch
 
         torch.set_num_threads(args.torch_threads)
         report["torch_threads"] = args.torch_threads
     for seed in args.reference_seeds:
-        scores = paper_code_scores(args.reference_code, archs, batch, args.proxies, seed)
-        stage(f"paper code seed {seed}", *scores)
+        make = partial(paper_code_scorer, args.reference_code, batch, args.proxies, seed)
+        stage(f"paper code seed {seed}", make)
+    write_json(path, report, indent=2)
     table = markdown_table(report)
     (args.out / "table.md").write_text(table + "\n")
     print(table)
