@@ -34,10 +34,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from search_nb201 import algo_options, machine, run_one
+from search_nb201 import algo_options, machine, run_one, write_report
 
 from wrcor_jax.cli import parse_count
-from wrcor_jax.jsonio import write_json
 from wrcor_jax.scoring import ScoreConfig
 from wrcor_jax.search import cached_fitness
 from wrcor_jax.spaces import get_space
@@ -214,12 +213,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "searches": searches,
     }
     report["caption"] = caption(report)
-    table = markdown_table(searches, args.proxies)
-    write_json(out / "report.json", report)
-    (out / "table.md").write_text(f"{report['caption']}\n\n{table}\n")
-    print(f"{report['caption']}\n\n{table}")
-    print(f"report: {out / 'report.json'}", file=sys.stderr)
-    return report
+    return write_report(out, report, markdown_table(searches, args.proxies))
 
 
 if __name__ == "__main__":

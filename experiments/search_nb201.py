@@ -398,6 +398,15 @@ def caption(report: Mapping[str, Any]) -> str:
     )
 
 
+def write_report(out: Path, report: dict[str, Any], table: str) -> dict[str, Any]:
+    """report.json, and table.md with the caption over the table, also printed."""
+    write_json(out / "report.json", report)
+    (out / "table.md").write_text(f"{report['caption']}\n\n{table}\n")
+    print(f"{report['caption']}\n\n{table}")
+    print(f"report: {out / 'report.json'}", file=sys.stderr)
+    return report
+
+
 def machine(with_load: bool = True) -> str:
     """CPU model and core count (and the load when the experiment started)."""
     where = f"{cpu_model()}, {os.cpu_count()} cores"
@@ -588,11 +597,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     report["caption"] = caption(report)
     table = markdown_table(rows) + (f"\n\n{drawn_line(drawn)}" if drawn else "")
-    write_json(out / "report.json", report)
-    (out / "table.md").write_text(f"{report['caption']}\n\n{table}\n")
-    print(f"{report['caption']}\n\n{table}")
-    print(f"report: {out / 'report.json'}", file=sys.stderr)
-    return report
+    return write_report(out, report, table)
 
 
 if __name__ == "__main__":

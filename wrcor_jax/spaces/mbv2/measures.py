@@ -57,6 +57,7 @@ from wrcor_jax.spaces.mbv2.network import (
     resize_bilinear,
 )
 from wrcor_jax.spaces.nb201_measures import (
+    MEASUREMENTS,
     _hamming_kernel,
     _l1_distance,
     _log_mean_std,
@@ -64,14 +65,6 @@ from wrcor_jax.spaces.nb201_measures import (
 )
 from wrcor_jax.spaces.nb201_pieces import classify, cross_entropy
 
-MEASUREMENTS = (
-    "loss_grads",
-    "half_batch_grads",
-    "input_jacobian",
-    "synflow_grads",
-    "activations",
-    "zen",
-)
 ON_THE_BATCH = frozenset({"loss_grads", "input_jacobian", "activations"})  # share one forward
 
 
