@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wrcor_jax.layers import avg_pool_2x2, avg_pool_3x3, batch_norm, conv2d, torch_default_init
+from wrcor_jax.layers import BN_EPS, avg_pool_2x2, avg_pool_3x3, conv2d, torch_default_init
 from wrcor_jax.spaces.base import ArchError
+from wrcor_jax.spaces.running_norm import NormMode, running_batch_norm
 from wrcor_jax.weights import BatchNormWeights, ConvWeights, declare_conv_weights, torch_kernel_init
 
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
@@ -169,6 +170,12 @@ def isomorphism_key(ops: np.ndarray) -> str:
 # --------------------------------------------------------------------------- network
 
 
+def _batch_norm(module: nn.Module, name: str, y: jax.Array, w: dict) -> jax.Array:
+    """The BatchNorm of `module` as its `norm` field says (running averages, if any, in its
+    `batch_stats` under `name`)."""
+    return running_batch_norm(module, name, y, w["scale"], w["bias"], module.norm, BN_EPS)
+
+
 def _relu_conv_bn_sites(module: nn.Module, x: jax.Array, w: dict, stride: int = 1) -> jax.Array:
     """ReLUConvBN with its response sites (SPEC 3a): the ReLU input, captured as a value
     (`intermediates/relu_in`) and perturbed for its gradient (`perturbations/relu_in`), and
@@ -176,7 +183,7 @@ def _relu_conv_bn_sites(module: nn.Module, x: jax.Array, w: dict, stride: int = 
     module.sow("intermediates", "relu_in", x)
     x = module.perturb("relu_in", x)
     y = module.perturb("bn_in", conv2d(jax.nn.relu(x), w["kernel"], stride))
-    return batch_norm(y, w["scale"], w["bias"])
+    return _batch_norm(module, "bn_stats", y, w)
 
 
 class ReLUConvBN(nn.Module):
@@ -185,6 +192,7 @@ class ReLUConvBN(nn.Module):
     features: int
     kernel_size: int
     stride: int = 1
+    norm: NormMode = "batch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -199,6 +207,8 @@ class MixedEdge(nn.Module):
     one convolution and one set of sites. Every candidate is computed: use this network for
     vmapped and reference computations, and `nb201_engine` for fast one-at-a-time scoring.
     """
+
+    norm: NormMode = "batch"
 
     @nn.compact
     def __call__(self, x: jax.Array, op: jax.Array) -> jax.Array:
@@ -222,11 +232,13 @@ class MixedEdge(nn.Module):
 class NormalCell(nn.Module):
     """The 4-node NB201 cell: n1 = A(n0); n2 = B(n0) + C(n1); n3 = D(n0) + E(n1) + F(n2)."""
 
+    norm: NormMode = "batch"
+
     @nn.compact
     def __call__(self, x: jax.Array, ops: jax.Array) -> jax.Array:
         nodes = [x, None, None, None]
         for e, (to_node, from_node) in enumerate(EDGES):
-            out = MixedEdge(name=edge_name(e))(nodes[from_node], ops[e])
+            out = MixedEdge(self.norm, name=edge_name(e))(nodes[from_node], ops[e])
             nodes[to_node] = out if nodes[to_node] is None else nodes[to_node] + out
         return nodes[3]
 
@@ -235,11 +247,12 @@ class ReductionCell(nn.Module):
     """NB201's reduction cell: a ResNet basic block with an avg-pool + 1x1 conv shortcut."""
 
     features: int
+    norm: NormMode = "batch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        branch = ReLUConvBN(self.features, 3, stride=2, name="conv_a")(x)
-        branch = ReLUConvBN(self.features, 3, name="conv_b")(branch)
+        branch = ReLUConvBN(self.features, 3, stride=2, norm=self.norm, name="conv_a")(x)
+        branch = ReLUConvBN(self.features, 3, norm=self.norm, name="conv_b")(branch)
         shortcut = ConvWeights(self.features, 1, batch_norm=False, name="shortcut")(x.shape[-1])
         return conv2d(avg_pool_2x2(x), shortcut["kernel"]) + branch
 
@@ -252,12 +265,12 @@ class Head(nn.Module):
     """
 
     num_classes: int
+    norm: NormMode = "batch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        bn = BatchNormWeights(c, name="bn")()
-        pre = batch_norm(x, bn["scale"], bn["bias"])
+        pre = _batch_norm(self, "bn_stats", x, BatchNormWeights(c, name="bn")())
         self.sow("intermediates", "relu_in", pre)
         pre = self.perturb("relu_in", pre)
         post = jax.nn.relu(pre)
@@ -275,20 +288,25 @@ class Head(nn.Module):
 
 
 class NB201Network(nn.Module):
-    """The NAS-Bench-201 network of SPEC section 1; `ops` (int32[6]) may be traced."""
+    """The NAS-Bench-201 network of SPEC section 1; `ops` (int32[6]) may be traced.
+
+    `norm` is "batch" for scoring (batch statistics, no state); the trainer uses "train" and
+    "eval", with running averages in `batch_stats` (`wrcor_jax.spaces.running_norm`).
+    """
 
     num_classes: int = 10
+    norm: NormMode = "batch"
 
     @nn.compact
     def __call__(self, images: jax.Array, ops: jax.Array) -> jax.Array:
         stem = ConvWeights(STEM_CHANNELS, 3, name="stem")(images.shape[-1])
-        x = batch_norm(conv2d(images, stem["kernel"]), stem["scale"], stem["bias"])
+        x = _batch_norm(self, "stem_stats", conv2d(images, stem["kernel"]), stem)
         for index, (_, c_out, reduction) in enumerate(CELL_PLAN):
             if reduction:
-                x = ReductionCell(c_out, name=cell_name(index))(x)
+                x = ReductionCell(c_out, self.norm, name=cell_name(index))(x)
             else:
-                x = NormalCell(name=cell_name(index))(x, ops)
-        return Head(self.num_classes, name="head")(x)
+                x = NormalCell(self.norm, name=cell_name(index))(x, ops)
+        return Head(self.num_classes, self.norm, name="head")(x)
 
 
 @functools.cache

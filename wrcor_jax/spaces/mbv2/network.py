@@ -40,6 +40,7 @@ import numpy as np
 from wrcor_jax.layers import batch_norm, conv2d, torch_default_init
 from wrcor_jax.spaces.mbv2.arch import ConvBlock, MBV2Arch, ResBlock
 from wrcor_jax.spaces.nb201_pieces import classify
+from wrcor_jax.spaces.running_norm import NormMode, running_batch_norm
 from wrcor_jax.weights import BatchNormWeights, declare_conv_weights, torch_kernel_init
 
 BN_EPS = 1e-3  # the reference sets it on every BatchNorm2d of the network
@@ -54,6 +55,19 @@ def no_probe(name: str, x: jax.Array) -> jax.Array:
     """The probe of a plain forward pass: every site passes its value through."""
     del name
     return x
+
+
+Norm = Callable[[str, jax.Array, dict], jax.Array]
+"""A BatchNorm: `norm(name, y, w)` normalises the conv output y of the node called `name`
+(`conv`, `expand`, `depthwise`, `se/reduce`, `se/restore`, `project` or `shortcut`) with the
+`scale` and `bias` of w. The scoring networks use `batch_statistics`; the trainer's also keep
+running averages (`MBV2Network.norm`)."""
+
+
+def batch_statistics(name: str, y: jax.Array, w: dict) -> jax.Array:
+    """Training-mode BatchNorm (eps 1e-3): the batch's own statistics, nothing kept."""
+    del name
+    return batch_norm(y, w["scale"], w["bias"], eps=BN_EPS)
 
 
 def block_name(index: int) -> str:
@@ -125,38 +139,56 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Ar
     )
 
 
-def conv_bn(w: dict, x: jax.Array, stride: int = 1, conv: Callable = conv2d) -> jax.Array:
-    """A bias-free conv and its training-mode BatchNorm (eps 1e-3)."""
-    return batch_norm(conv(x, w["kernel"], stride), w["scale"], w["bias"], eps=BN_EPS)
+def conv_bn(
+    w: dict,
+    x: jax.Array,
+    stride: int = 1,
+    conv: Callable = conv2d,
+    norm: Norm = batch_statistics,
+    name: str = "conv",
+) -> jax.Array:
+    """A bias-free conv and its BatchNorm (`name` tells `norm` which one)."""
+    return norm(name, conv(x, w["kernel"], stride), w)
 
 
-def conv_bn_relu(w: dict, x: jax.Array, stride: int = 1, probe: Probe = no_probe) -> jax.Array:
+def conv_bn_relu(
+    w: dict, x: jax.Array, stride: int = 1, probe: Probe = no_probe, norm: Norm = batch_statistics
+) -> jax.Array:
     """One layer of a SuperConvK{k}BNRELU block; its ReLU's site is `out`."""
-    return jax.nn.relu(probe("out", conv_bn(w, x, stride)))
+    return jax.nn.relu(probe("out", conv_bn(w, x, stride, norm=norm)))
 
 
-def squeeze_excite(w: dict, x: jax.Array, probe: Probe = no_probe) -> jax.Array:
+def squeeze_excite(
+    w: dict, x: jax.Array, probe: Probe = no_probe, norm: Norm = batch_statistics
+) -> jax.Array:
     """x times a per-channel gate: global average pool, 1x1 conv, BN, ReLU (site `se`),
-    1x1 conv, BN, sigmoid. Its BatchNorms see N x 1 x 1 values: batch statistics only."""
-    s = conv_bn(w["reduce"], x.mean(axis=(1, 2), keepdims=True))
-    s = conv_bn(w["restore"], jax.nn.relu(probe("se", s)))
+    1x1 conv, BN, sigmoid. Its BatchNorms see N x 1 x 1 values."""
+    s = conv_bn(w["reduce"], x.mean(axis=(1, 2), keepdims=True), norm=norm, name="se/reduce")
+    s = conv_bn(w["restore"], jax.nn.relu(probe("se", s)), norm=norm, name="se/restore")
     return jax.nn.sigmoid(s) * x
 
 
-def projection(w: dict, x: jax.Array, stride: int) -> jax.Array:
+def projection(w: dict, x: jax.Array, stride: int, norm: Norm = batch_statistics) -> jax.Array:
     """The first sub-block's shortcut: 1x1 conv with bias and the stride, then BN."""
     y = conv2d(x, w["conv"]["kernel"], stride) + w["conv"]["bias"]
-    return batch_norm(y, w["bn"]["scale"], w["bn"]["bias"], eps=BN_EPS)
+    return norm("shortcut", y, w["bn"])
 
 
-def inverted_residual(w: dict, x: jax.Array, stride: int = 1, probe: Probe = no_probe) -> jax.Array:
+def inverted_residual(
+    w: dict,
+    x: jax.Array,
+    stride: int = 1,
+    probe: Probe = no_probe,
+    norm: Norm = batch_statistics,
+) -> jax.Array:
     """One sub-block of a SuperResIDWE{e}K{k} block: expand (1x1), depthwise (k x k, stride),
     SE, project (1x1), plus the shortcut (`projection` when `w` has one, else identity), then
     ReLU. Sites in order: `expand`, `depthwise`, `se`, `out` (after the residual add)."""
-    h = jax.nn.relu(probe("expand", conv_bn(w["expand"], x)))
-    h = jax.nn.relu(probe("depthwise", conv_bn(w["depthwise"], h, stride, depthwise_conv2d)))
-    h = conv_bn(w["project"], squeeze_excite(w["se"], h, probe))
-    shortcut = projection(w["shortcut"], x, stride) if "shortcut" in w else x
+    h = jax.nn.relu(probe("expand", conv_bn(w["expand"], x, norm=norm, name="expand")))
+    h = conv_bn(w["depthwise"], h, stride, depthwise_conv2d, norm, "depthwise")
+    h = jax.nn.relu(probe("depthwise", h))
+    h = conv_bn(w["project"], squeeze_excite(w["se"], h, probe, norm), norm=norm, name="project")
+    shortcut = projection(w["shortcut"], x, stride, norm) if "shortcut" in w else x
     return jax.nn.relu(probe("out", h + shortcut))
 
 
@@ -242,6 +274,20 @@ def _cast(tree: dict, dtype: Any) -> dict:
     return jax.tree.map(lambda leaf: jnp.asarray(leaf, dtype), tree)
 
 
+def _module_norm(module: nn.Module, mode: NormMode, prefix: str = "") -> Norm:
+    """The `Norm` of the pure functions a module calls: with running averages (`mode` train
+    or eval), the BatchNorm `name` keeps them in the module's `batch_stats` under
+    `{prefix}{name}_stats` (`/` as `_`)."""
+    if mode == "batch":
+        return batch_statistics
+
+    def norm(name: str, y: jax.Array, w: dict) -> jax.Array:
+        key = f"{prefix}{name.replace('/', '_')}_stats"
+        return running_batch_norm(module, key, y, w["scale"], w["bias"], mode, BN_EPS)
+
+    return norm
+
+
 class InvertedResidual(nn.Module):
     """One sub-block of a SuperResIDWE block (`first`: the one with the stride and the
     projection shortcut)."""
@@ -249,6 +295,7 @@ class InvertedResidual(nn.Module):
     block: ResBlock
     first: bool
     dtype: Any = jnp.float32
+    norm: NormMode = "batch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -266,7 +313,13 @@ class InvertedResidual(nn.Module):
         sites = {key: stage.relu_site for key, stage in stages.items() if key != "project"}
         sites["out"] = functools.partial(_relu_site, self)
         stride = b.stride if self.first else 1
-        return inverted_residual(_cast(w, self.dtype), x, stride, lambda name, v: sites[name](v))
+        return inverted_residual(
+            _cast(w, self.dtype),
+            x,
+            stride,
+            lambda name, v: sites[name](v),
+            _module_norm(self, self.norm),
+        )
 
 
 class ResBlockStack(nn.Module):
@@ -274,11 +327,13 @@ class ResBlockStack(nn.Module):
 
     block: ResBlock
     dtype: Any = jnp.float32
+    norm: NormMode = "batch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.block.layers):
-            x = InvertedResidual(self.block, j == 0, self.dtype, name=layer_name(j))(x)
+            layer = InvertedResidual(self.block, j == 0, self.dtype, self.norm, name=layer_name(j))
+            x = layer(x)
         return x
 
 
@@ -287,6 +342,7 @@ class ConvStack(nn.Module):
 
     block: ConvBlock
     dtype: Any = jnp.float32
+    norm: NormMode = "batch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -296,7 +352,11 @@ class ConvStack(nn.Module):
             layer = ConvBN(b.out_channels, b.kernel, c_in, name=layer_name(j))
             stride = b.stride if j == 0 else 1
             x = conv_bn_relu(
-                _cast(layer(), self.dtype), x, stride, lambda _, v, site=layer.relu_site: site(v)
+                _cast(layer(), self.dtype),
+                x,
+                stride,
+                lambda _, v, site=layer.relu_site: site(v),
+                _module_norm(self, self.norm, prefix=f"{layer_name(j)}_"),
             )
         return x
 
@@ -305,19 +365,22 @@ class MBV2Network(nn.Module):
     """Bilinear resize to the arch's resolution, the blocks, global average pool, Linear.
 
     `dtype` is the computation dtype: images and weights are cast to it (float64 for parity
-    checks needs `jax.enable_x64`).
+    checks needs `jax.enable_x64`). `norm` is "batch" for scoring (batch statistics, no
+    state); the trainer uses "train" and "eval", with running averages in `batch_stats`
+    (`wrcor_jax.spaces.running_norm`).
     """
 
     arch: MBV2Arch
     num_classes: int = 1000
     dtype: Any = jnp.float32
+    norm: NormMode = "batch"
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         x = resize_bilinear(jnp.asarray(images, self.dtype), self.arch.resolution)
         for index, block in enumerate(self.arch.blocks):
             stack = ConvStack if isinstance(block, ConvBlock) else ResBlockStack
-            x = stack(block, self.dtype, name=block_name(index))(x)
+            x = stack(block, self.dtype, self.norm, name=block_name(index))(x)
         kernel_shape = (self.arch.last_width, self.num_classes)
         w = BiasedWeights(kernel_shape, name="classifier")()
         return classify(_cast(w, self.dtype), x)
