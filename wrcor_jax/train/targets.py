@@ -1,0 +1,31 @@
+"""The training targets, made on device inside the train step: label smoothing, mixup and the
+soft cross-entropy they need (as Zen-NAS's ImageNet script: smoothed one-hot labels, then one
+mixup coefficient per batch with a random partner for every image)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    """One-hot targets (B, C) with `smoothing` of the mass spread evenly over all classes."""
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    return one_hot * (1.0 - smoothing) + smoothing / num_classes
+
+
+def mixup(
+    key: jax.Array, images: jax.Array, targets: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array]:
+    """lam x + (1 - lam) x[perm] for images and targets alike, lam ~ Beta(alpha, alpha) and
+    perm a random permutation of the (global) batch."""
+    beta_key, perm_key = jax.random.split(key)
+    lam = jax.random.beta(beta_key, alpha, alpha)
+    perm = jax.random.permutation(perm_key, images.shape[0])
+    mixed_images = lam * images + (1.0 - lam) * images[perm]
+    return mixed_images.astype(images.dtype), lam * targets + (1.0 - lam) * targets[perm]
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-example cross-entropy against a distribution over classes."""
+    return -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
