@@ -37,7 +37,15 @@ from wrcor_jax.data.batch import (
 from wrcor_jax.data.datasets import DataError, DatasetInfo, get_dataset_info
 from wrcor_jax.train import augment
 
-__all__ = ["DataConfig", "NpzSource", "dataset_info", "eval_batches", "train_loader"]
+__all__ = [
+    "DataConfig",
+    "EvalTransform",
+    "NpzSource",
+    "TrainTransform",
+    "dataset_info",
+    "eval_batches",
+    "train_loader",
+]
 
 # The split evaluated on, per dataset this pipeline trains on (DatasetInfo names).
 _EVAL_SPLIT = {"imagenet1k": "validation", "cifar10": "test", "cifar100": "test"}
