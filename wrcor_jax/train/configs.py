@@ -130,7 +130,7 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if typing.get_origin(option) is tuple and isinstance(value, list | tuple):
             item = typing.get_args(option)[0]
             return tuple(_coerce(v, item, key) for v in value)
-    raise ValueError(f"{key}: {value!r} is not a {_type_name(kind)}")
+    raise ValueError(f"{key}: expected {_type_name(kind)}, got {value!r}")
 
 
 def _type_name(kind: Any) -> str:
@@ -157,7 +157,7 @@ def _parse_text(text: str, kind: Any, key: str) -> Any:
                 return tuple(_parse_text(part.strip(), item, key) for part in text.split(","))
         except (KeyError, ValueError):
             continue
-    raise ValueError(f"--set {key}={text}: not a {_type_name(kind)}")
+    raise ValueError(f"--set {key}={text}: expected {_type_name(kind)}")
 
 
 def load(name_or_path: str) -> TrainConfig:

@@ -118,7 +118,7 @@ def train_step(
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     step_metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": learning_rate_fn(state.step),
     }
     return state.apply_gradients(grads=grads, batch_stats=batch_stats), step_metrics
@@ -156,9 +156,7 @@ def initialize_distributed() -> None:
 def data_mesh() -> Mesh:
     """Every device of every process on one `data` axis, sharded automatically inside the
     step (`Auto`: the compiler places mixup's gather and BatchNorm's reductions)."""
-    return jax.make_mesh(
-        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
@@ -270,7 +268,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict:
     eval_fn = _jit_eval_step(network, replicated)
     is_writer = jax.process_index() == 0
     log = metrics.MetricsLog(workdir / METRICS_FILE, start) if is_writer else None
-    result = {}
+    evals = [r for r in metrics.read(workdir / METRICS_FILE) if "eval_top1" in r]
+    result = {k: v for k, v in evals[-1].items() if k != "step"} if evals else {}
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=not is_writer)
     last_time, last_step = time.perf_counter(), start
     step = start

@@ -1,0 +1,36 @@
+"""Label smoothing, mixup and the soft cross-entropy against hand computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wrcor_jax.train.targets import mixup, smooth_labels, soft_cross_entropy
+
+
+def test_label_smoothing_by_hand():
+    targets = np.asarray(smooth_labels(jnp.array([2, 0]), 4, 0.1))
+    expected = np.array([[0.025, 0.025, 0.925, 0.025], [0.925, 0.025, 0.025, 0.025]])
+    np.testing.assert_allclose(targets, expected, rtol=1e-6)
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_mixup_by_hand():
+    key = jax.random.key(3)
+    images = jnp.arange(4 * 2 * 2 * 1, dtype=jnp.float32).reshape(4, 2, 2, 1)
+    targets = smooth_labels(jnp.array([0, 1, 2, 3]), 4, 0.0)
+    mixed, mixed_targets = mixup(key, images, targets, 0.4)
+    beta_key, perm_key = jax.random.split(key)
+    lam = float(jax.random.beta(beta_key, 0.4, 0.4))
+    perm = np.asarray(jax.random.permutation(perm_key, 4))
+    np.testing.assert_allclose(mixed, lam * images + (1 - lam) * images[perm], rtol=1e-6)
+    expected = lam * np.eye(4) + (1 - lam) * np.eye(4)[perm]
+    np.testing.assert_allclose(mixed_targets, expected, rtol=1e-6)
+    assert 0 <= lam <= 1 and sorted(perm) == [0, 1, 2, 3]
+
+
+def test_soft_cross_entropy_by_hand():
+    logits = jnp.array([[1.0, 2.0, 3.0]])
+    targets = jnp.array([[0.2, 0.3, 0.5]])
+    log_p = np.array([1.0, 2.0, 3.0]) - np.log(np.exp([1.0, 2.0, 3.0]).sum())
+    expected = -(0.2 * log_p[0] + 0.3 * log_p[1] + 0.5 * log_p[2])
+    np.testing.assert_allclose(soft_cross_entropy(logits, targets), [expected], rtol=1e-6)
