@@ -34,6 +34,10 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
+import threading
+import urllib.parse
+import urllib.request
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -215,6 +219,13 @@ def _batch_from_npz(
 
 
 def _open_tfds_source(info: DatasetInfo, data_dir: str | None, download: bool) -> Sequence[Any]:
+    """`tfds.data_source` of the training split, downloading it only when it is absent.
+
+    The prepared dataset is tried first without any network access. Before tfds is asked to
+    download, every host it would reach is resolved and connected to with a timeout of a few
+    seconds (`_unreachable_host`): offline, tfds' own downloader retries a failed name
+    resolution 10 times with exponential backoff (3.5 minutes) before it gives up.
+    """
     if info.tfds_name is None:
         raise DataError(
             f"dataset {info.name} is not read from tensorflow-datasets here: "
@@ -232,19 +243,114 @@ def _open_tfds_source(info: DatasetInfo, data_dir: str | None, download: bool) -
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
-        return tfds.data_source(info.tfds_name, split="train", data_dir=data_dir, download=download)
-    except Exception as exc:  # tfds raises many kinds here: not found, network, formats
-        if info.prepare is not None:
-            steps = info.prepare.format(data_dir=data_dir or "~/tensorflow_datasets")
-            raise DataError(
-                f"dataset {info.tfds_name} is not prepared (as ArrayRecord) in {where}: {steps}"
-            ) from exc
-        raise DataError(
-            f"dataset {info.tfds_name} not found in {where} and could not be "
-            f"downloaded: pass --data PATH.npz for local images ({_one_line(exc)})"
-        ) from exc
+        try:
+            return tfds.data_source(
+                info.tfds_name, split="train", data_dir=data_dir, download=False
+            )
+        except Exception as exc:  # tfds raises many kinds here: not found, formats
+            if not download:
+                raise _not_found(info, data_dir, where, _one_line(exc)) from exc
+        unreachable = _unreachable_host(_download_urls(tfds, info.tfds_name, data_dir))
+        if unreachable is not None:
+            raise _not_found(info, data_dir, where, unreachable)
+        try:
+            return tfds.data_source(info.tfds_name, split="train", data_dir=data_dir, download=True)
+        except Exception as exc:  # not found, network, formats
+            raise _not_found(info, data_dir, where, _one_line(exc)) from exc
     finally:
         absl.setLevel(level)
+
+
+def _not_found(info: DatasetInfo, data_dir: str | None, where: str, reason: str) -> DataError:
+    """The one-line error of an absent tfds dataset: what happened and what to do."""
+    if info.prepare is not None:
+        steps = info.prepare.format(data_dir=data_dir or "~/tensorflow_datasets")
+        return DataError(
+            f"dataset {info.tfds_name} is not prepared (as ArrayRecord) in {where}: {steps}"
+        )
+    return DataError(
+        f"dataset {info.tfds_name} not found in {where} and could not be downloaded "
+        f"({reason}): pass --data PATH.npz for local images, or --data-dir DIR where "
+        f"`tfds build {info.tfds_name} --data_dir DIR --file_format array_record` has "
+        "prepared it on a machine with network access"
+    )
+
+
+# Seconds one download host may take to resolve and accept a TCP connection.
+HOST_CHECK_TIMEOUT = 5.0
+
+
+def _download_urls(tfds: Any, name: str, data_dir: str | None) -> list[str]:
+    """The URLs tfds would download `name` from (its registered checksums); [] if unknown."""
+    try:
+        return sorted(tfds.builder(name, data_dir=data_dir).url_infos or {})
+    except Exception:  # no checksums registered: leave the check to tfds itself
+        return []
+
+
+def _unreachable_host(urls: Sequence[str], timeout: float | None = None) -> str | None:
+    """None when every host of `urls` (or the proxy configured for it) resolves and accepts
+    a TCP connection within `timeout` seconds (`HOST_CHECK_TIMEOUT` by default); otherwise
+    why not, in a few words."""
+    timeout = HOST_CHECK_TIMEOUT if timeout is None else timeout
+    seen: set[tuple[str, int]] = set()
+    for url in urls:
+        target = _connect_target(url)
+        if target is None or target in seen:
+            continue
+        seen.add(target)
+        problem = _check_host(*target, timeout=timeout)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _connect_target(url: str) -> tuple[str, int] | None:
+    """(host, port) a download of `url` connects to first: its proxy's when one applies."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    default_port = 443 if parts.scheme == "https" else 80
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):
+        proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if proxy_parts.hostname:
+            return proxy_parts.hostname, proxy_parts.port or 80
+    return parts.hostname, parts.port or default_port
+
+
+def _check_host(host: str, port: int, timeout: float) -> str | None:
+    """Resolve `host` and open a TCP connection to `port`, all within `timeout` seconds.
+
+    `socket.getaddrinfo` takes no timeout (an unreachable resolver can block it for tens of
+    seconds), so it runs in a daemon thread that is abandoned when the time is up.
+    """
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )[0]
+        except (OSError, UnicodeError) as exc:
+            outcome.append(f"cannot resolve {host}: {_one_line(exc)}; no network?")
+            return
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(timeout)
+                sock.connect(address)
+        except OSError as exc:
+            outcome.append(f"cannot connect to {host}:{port}: {_one_line(exc)}; no network?")
+            return
+        outcome.append(None)
+
+    thread = threading.Thread(target=attempt, name=f"check {host}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        return f"{host}:{port} did not answer within {timeout:g} s; no network?"
+    return outcome[0]
 
 
 def _read_record(source: Sequence[Any], index: int) -> tuple[np.ndarray, int]:
