@@ -55,18 +55,21 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
+CIFAR10_DATA = DataConfig(
+    dataset="cifar10",
+    resolution=32,
+    crop="pad_crop",
+    color_jitter=None,
+    lighting=0.0,
+    autoaugment=False,
+    random_erasing=0.0,
+)
+"""CIFAR-10 as the NB201 and proof-run recipes read it: pad-and-crop and flip only."""
+
 PRESETS: dict[str, TrainConfig] = {
     "imagenet_mbv2": TrainConfig(),
     "cifar10": TrainConfig(
-        data=DataConfig(
-            dataset="cifar10",
-            resolution=32,
-            crop="pad_crop",
-            color_jitter=None,
-            lighting=0.0,
-            autoaugment=False,
-            random_erasing=0.0,
-        ),
+        data=CIFAR10_DATA,
         num_epochs=30,
         batch_size=128,
         weight_decay=5e-4,
@@ -76,15 +79,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     "nb201_cifar10": TrainConfig(
         space="nb201",
-        data=DataConfig(
-            dataset="cifar10",
-            resolution=32,
-            crop="pad_crop",
-            color_jitter=None,
-            lighting=0.0,
-            autoaugment=False,
-            random_erasing=0.0,
-        ),
+        data=CIFAR10_DATA,
         num_epochs=200,
         nesterov=True,
         weight_decay=5e-4,
