@@ -132,3 +132,16 @@ def test_cli_errors_are_one_line(tmp_path):
     missing[missing.index("--data") + 1] = str(tmp_path / "absent.npz")
     result = subprocess.run(missing, capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_distillation_from_another_run(tmp_path):
+    train_and_evaluate(_tiny_config(2), tmp_path / "teacher")
+    student = configs.override(
+        _tiny_config(2), [f"teacher_workdir={tmp_path / 'teacher'}", "kd_ratio=0.5"]
+    )
+    result = train_and_evaluate(student, tmp_path / "student")
+    assert 0 <= result["eval_top1"] <= 1
+    with pytest.raises(ValueError, match="holds no training run"):
+        train_and_evaluate(
+            configs.override(student, [f"teacher_workdir={tmp_path}"]), tmp_path / "orphan"
+        )

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wrcor_jax.train.targets import mixup, smooth_labels, soft_cross_entropy
+from wrcor_jax.train.targets import distill, mixup, smooth_labels, soft_cross_entropy
 
 
 def test_label_smoothing_by_hand():
@@ -34,3 +34,20 @@ def test_soft_cross_entropy_by_hand():
     log_p = np.array([1.0, 2.0, 3.0]) - np.log(np.exp([1.0, 2.0, 3.0]).sum())
     expected = -(0.2 * log_p[0] + 0.3 * log_p[1] + 0.5 * log_p[2])
     np.testing.assert_allclose(soft_cross_entropy(logits, targets), [expected], rtol=1e-6)
+
+
+def test_distillation_mixes_the_teachers_softmax_in():
+    targets = jnp.array([[1.0, 0.0, 0.0]])
+    teacher_logits = jnp.array([[0.0, 1.0, 2.0]])
+    soft = np.exp([0.0, 1.0, 2.0]) / np.exp([0.0, 1.0, 2.0]).sum()
+    np.testing.assert_allclose(
+        distill(targets, teacher_logits, 0.25),
+        0.75 * np.array([[1, 0, 0]]) + 0.25 * soft,
+        rtol=1e-6,
+    )
+    logits = jnp.array([[0.3, -0.2, 0.5]])
+    combined = soft_cross_entropy(logits, distill(targets, teacher_logits, 0.25))
+    separate = 0.75 * soft_cross_entropy(logits, targets) + 0.25 * soft_cross_entropy(
+        logits, jax.nn.softmax(teacher_logits)
+    )
+    np.testing.assert_allclose(combined, separate, rtol=1e-6)

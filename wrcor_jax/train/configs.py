@@ -42,6 +42,10 @@ class TrainConfig:
     mixup_alpha: float = 0.4
     """0 turns mixup off."""
     clip_norm: float | None = 5.0
+    teacher_workdir: str | None = None
+    """Knowledge distillation from the last checkpoint of another run of this trainer."""
+    kd_ratio: float = 0.5
+    """The teacher's share of the loss: (1 - r) CE(targets) + r CE(teacher's softmax)."""
     compute_dtype: str = "float32"
     """`bfloat16` on accelerators; parameters and BatchNorm statistics stay float32."""
     seed: int = 0

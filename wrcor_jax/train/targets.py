@@ -1,6 +1,6 @@
-"""The training targets, made on device inside the train step: label smoothing, mixup and the
-soft cross-entropy they need (as Zen-NAS's ImageNet script: smoothed one-hot labels, then one
-mixup coefficient per batch with a random partner for every image)."""
+"""The training targets, made on device inside the train step: label smoothing, mixup,
+distillation and the soft cross-entropy they need (as Zen-NAS's ImageNet script: smoothed
+one-hot labels, then one mixup coefficient per batch with a random partner for every image)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ def mixup(
     perm = jax.random.permutation(perm_key, images.shape[0])
     mixed_images = lam * images + (1.0 - lam) * images[perm]
     return mixed_images.astype(images.dtype), lam * targets + (1.0 - lam) * targets[perm]
+
+
+def distill(targets: jax.Array, teacher_logits: jax.Array, ratio: float) -> jax.Array:
+    """Targets moved `ratio` of the way to the teacher's softmax. The soft cross-entropy
+    being linear in its targets, this is (1 - ratio) CE(targets) + ratio CE(teacher)."""
+    teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits))
+    return (1.0 - ratio) * targets + ratio * teacher
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

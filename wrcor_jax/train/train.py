@@ -32,7 +32,7 @@ from wrcor_jax.train import configs, input_pipeline, metrics
 from wrcor_jax.train.checkpoints import Checkpoints
 from wrcor_jax.train.configs import TrainConfig
 from wrcor_jax.train.models import Network, build_network
-from wrcor_jax.train.targets import mixup, smooth_labels, soft_cross_entropy
+from wrcor_jax.train.targets import distill, mixup, smooth_labels, soft_cross_entropy
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -98,17 +98,22 @@ def create_train_state(
 def train_step(
     state: TrainState,
     batch: dict,
+    teacher_variables: dict | None = None,
     *,
     network: Network,
     config: TrainConfig,
     learning_rate_fn: optax.Schedule,
+    teacher: Network | None = None,
 ) -> tuple[TrainState, dict]:
-    """One SGD step on a (global) batch: smoothed labels, mixup, soft cross-entropy."""
+    """One SGD step on a (global) batch: smoothed labels, mixup, the teacher's distribution
+    (if any) on the mixed images, soft cross-entropy."""
     targets = smooth_labels(batch["label"], network.num_classes, config.label_smoothing)
     images = batch["image"]
     if config.mixup_alpha > 0:
         key = jax.random.fold_in(jax.random.key(config.seed), state.step)
         images, targets = mixup(key, images, targets, config.mixup_alpha)
+    if teacher is not None:
+        targets = distill(targets, teacher.apply_eval(teacher_variables, images), config.kd_ratio)
 
     def loss_fn(params: Any) -> tuple[jax.Array, Any]:
         variables = {"params": params, "batch_stats": state.batch_stats}
@@ -257,10 +262,15 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict:
     state = jax.device_put(state, replicated)
     if start:
         state = checkpoints.restore(start, state, iterator)
+    teacher, teacher_variables = load_teacher(config, num_classes, mesh)
 
     step_fn = jax.jit(
         functools.partial(
-            train_step, network=network, config=config, learning_rate_fn=learning_rate_fn
+            train_step,
+            network=network,
+            config=config,
+            learning_rate_fn=learning_rate_fn,
+            teacher=teacher,
         ),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
@@ -275,7 +285,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict:
     step = start
     with _Preemption() as preemption:
         for step in range(start + 1, total_steps + 1):
-            state, step_metrics = step_fn(state, global_batch(next(iterator), data_sharding))
+            batch = global_batch(next(iterator), data_sharding)
+            state, step_metrics = step_fn(state, batch, teacher_variables)
             bar.update()
             if step % config.log_every_steps == 0 or step == total_steps:
                 record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -306,28 +317,48 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict:
     return result
 
 
-def evaluate_checkpoint(workdir: str | Path, step: int | None = None) -> dict:
-    """Re-evaluate the checkpoint of `step` (default: the latest) of the run in `workdir`."""
+def restore_run(
+    workdir: str | Path, mesh: Mesh, step: int | None = None
+) -> tuple[TrainConfig, Network, TrainState, int]:
+    """The config, network and replicated state of a run's checkpoint `step` (default: the
+    latest), for re-evaluation or as a distillation teacher."""
     workdir = Path(workdir)
     path = workdir / CONFIG_FILE
     if not path.exists():
         raise ValueError(f"{workdir} holds no training run ({CONFIG_FILE} missing)")
     config = configs.from_json(path.read_text())
-    checkpoints = Checkpoints(workdir / "checkpoints", config.checkpoint_every_steps, 1)
+    checkpoints = Checkpoints(
+        workdir / "checkpoints", config.checkpoint_every_steps, config.keep_checkpoints
+    )
     step = step or checkpoints.latest_step()
     if step is None:
         raise ValueError(f"{workdir} holds no checkpoint yet")
     _, _, num_classes = input_pipeline.dataset_info(config.data)
     network = build_network(config.space, config.arch, num_classes, config.compute_dtype)
-    mesh = data_mesh()
-    replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    template = jax.device_put(
-        create_train_state(config, network, optax.constant_schedule(0.0)), replicated
-    )
-    state = checkpoints.restore(step, template)
+    template = create_train_state(config, network, optax.constant_schedule(0.0))
+    state = checkpoints.restore(step, jax.device_put(template, NamedSharding(mesh, P())))
     checkpoints.close()
+    return config, network, state, step
+
+
+def load_teacher(
+    config: TrainConfig, num_classes: int, mesh: Mesh
+) -> tuple[Network | None, dict | None]:
+    """The distillation teacher of `config` and its variables (None, None without one)."""
+    if config.teacher_workdir is None:
+        return None, None
+    _, teacher, state, _ = restore_run(config.teacher_workdir, mesh)
+    if teacher.num_classes != num_classes:
+        raise ValueError(
+            f"teacher {config.teacher_workdir} has {teacher.num_classes} classes, not {num_classes}"
+        )
+    return teacher, {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def evaluate_checkpoint(workdir: str | Path, step: int | None = None) -> dict:
+    """Re-evaluate the checkpoint of `step` (default: the latest) of the run in `workdir`."""
+    mesh = data_mesh()
+    config, network, state, step = restore_run(workdir, mesh, step)
     batches = input_pipeline.eval_batches(config.data, config.batch_size)
-    return {
-        "step": step,
-        **evaluate(state, batches, _jit_eval_step(network, replicated), data_sharding),
-    }
+    eval_fn = _jit_eval_step(network, NamedSharding(mesh, P()))
+    return {"step": step, **evaluate(state, batches, eval_fn, NamedSharding(mesh, P("data")))}
