@@ -4,8 +4,10 @@ Samples architectures from the reference ranges under the FLOPs limit and comput
 site sums for each with `MBV2Engine`, reporting after 20, 40, 100 and 200 architectures (or
 whatever `--checkpoints` says) the compilations so far, their seconds, the wall time and the
 median seconds per architecture of the last stretch. One JSON line per checkpoint on stdout
-and in `--out`. Compilations are counted as in `scoring.CompileCounter` (every backend
-compile, eager ops included); the persistent compilation cache is off so each is real.
+and in `--out`. Compilations are counted as in `compilation.CompileCounter` (every backend
+compile, eager ops included). XLA:CPU keeps every executable in memory, so, as `score`
+does, the run releases them when it outgrows `--memory-budget-mb` and reads them back from
+a persistent cache that starts empty (`loads`, `releases`): every compilation is real.
 
     python experiments/mbv2_compiles.py --archs 200 --batch-size 64 --out compiles.jsonl
 """
@@ -15,15 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from wrcor_jax.compilation import (
+    CompileCounter,
+    ExecutableBudget,
+    resident_mb,
+    use_persistent_cache,
+)
 from wrcor_jax.data import load_batch
 from wrcor_jax.proxies.wrcor import mbv2_wrcor
-from wrcor_jax.scoring import CompileCounter
 from wrcor_jax.spaces.mbv2 import sampling
 from wrcor_jax.spaces.mbv2.engine import SE_KINDS, MBV2Engine
 from wrcor_jax.spaces.mbv2.network import init_params
@@ -40,9 +48,11 @@ def main() -> None:
     parser.add_argument("--sample-seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=SAMPLE)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--memory-budget-mb", type=float, help="default: a third of the RAM")
     args = parser.parse_args()
 
-    jax.config.update("jax_enable_compilation_cache", False)
+    use_persistent_cache(tempfile.mkdtemp(prefix="mbv2-compiles-"))
+    budget = ExecutableBudget(args.memory_budget_mb)
     CompileCounter.install()
     checkpoints = {int(c) for c in args.checkpoints.split(",")}
     archs = sampling.sample(
@@ -56,12 +66,17 @@ def main() -> None:
         tick = time.perf_counter()
         score = mbv2_wrcor(engine.site_sums(arch, init_params(arch, 42, 10), images, labels, 10))
         seconds.append(time.perf_counter() - tick)
+        budget.check()
         print(f"{count:4d} {arch.resolution} {seconds[-1]:6.2f}s wrcor {score:.4f}", flush=True)
         if count in checkpoints:
             row = {
                 "archs": count,
                 "compiles": CompileCounter.count,
                 "compile_s": round(CompileCounter.seconds, 1),
+                "loads": CompileCounter.loads,
+                "load_s": round(CompileCounter.load_seconds, 1),
+                "releases": budget.releases,
+                "rss_mb": round(resident_mb()),
                 "wall_s": round(time.perf_counter() - start, 1),
                 "median_s_per_arch": round(statistics.median(seconds), 2),
                 "batch_size": args.batch_size,

@@ -23,8 +23,9 @@ import numpy as np
 from wrcor_jax import jsonio
 from wrcor_jax.benchmarks.machine import cpu_model
 from wrcor_jax.benchmarks.nb201 import evaluate_scores, load_ground_truth
+from wrcor_jax.compilation import CompileCounter
 from wrcor_jax.results import ResultsFile
-from wrcor_jax.scoring import CompileCounter, NB201Scorer, ScoreConfig
+from wrcor_jax.scoring import NB201Scorer, ScoreConfig
 from wrcor_jax.spaces import nb201
 from wrcor_jax.spaces.nb201_engine import NB201Engine
 

@@ -528,7 +528,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the experiment; print the table; write and return the report."""
     from wrcor_jax.benchmarks.nb201 import load_ground_truth
-    from wrcor_jax.scoring import CompileCounter
+    from wrcor_jax.compilation import CompileCounter
 
     args = parse_args(argv)
     out = Path(args.out)

@@ -138,9 +138,9 @@ def _jax_worker(args: argparse.Namespace, name: str, result: dict) -> None:
     import jax
     import jax.numpy as jnp
 
+    from wrcor_jax.compilation import CompileCounter
     from wrcor_jax.proxies import RESPONSE_PROXIES
     from wrcor_jax.responses import SiteSums
-    from wrcor_jax.scoring import CompileCounter
     from wrcor_jax.spaces.nb201 import init_params
     from wrcor_jax.spaces.nb201_capture import vmapped_site_sums
     from wrcor_jax.spaces.nb201_engine import NB201Engine
@@ -233,7 +233,8 @@ def _mbv2_torch_worker(args: argparse.Namespace, name: str, result: dict) -> Non
 def _mbv2_jax_worker(args: argparse.Namespace, name: str, result: dict) -> None:
     """`MBV2Scorer` (its own weights from the seed, the same as the torch rows load) per arch;
     compilations counted by `CompileCounter` from its first score on."""
-    from wrcor_jax.scoring import CompileCounter, ScoreConfig
+    from wrcor_jax.compilation import CompileCounter
+    from wrcor_jax.scoring import ScoreConfig
     from wrcor_jax.spaces.mbv2.space import MBV2Scorer
 
     CompileCounter.install()

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wrcor_jax.compilation import CompileCounter
 from wrcor_jax.data import load_batch
 from wrcor_jax.proxies import PROXIES
 from wrcor_jax.proxies.wrcor import mbv2_act_cor, mbv2_wrcor, mbv2_wrcor_allrelu
 from wrcor_jax.responses import KINDS
-from wrcor_jax.scoring import CompileCounter
 from wrcor_jax.spaces.mbv2.arch import parse
 from wrcor_jax.spaces.mbv2.capture import site_sums
 from wrcor_jax.spaces.mbv2.engine import (

@@ -7,7 +7,8 @@ import pytest
 from conftest import GROUND_TRUTH, SAMPLE, SMALL_BATCH, require
 
 from wrcor_jax import cli
-from wrcor_jax.scoring import CompileCounter, NB201Scorer, ScoreConfig, score_archs
+from wrcor_jax.compilation import CompileCounter
+from wrcor_jax.scoring import NB201Scorer, ScoreConfig, score_archs
 from wrcor_jax.spaces import nb201
 
 PROXIES = ("wrcor", "wrcor_clean", "act_cor", "act_grad_cor")

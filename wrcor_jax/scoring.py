@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-import threading
 import time
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from wrcor_jax.compilation import CompileCounter
 from wrcor_jax.data import get_dataset_info, load_batch
 from wrcor_jax.proxies import PROXIES
 from wrcor_jax.proxies.zen import zen_inputs, zen_params
@@ -67,29 +67,6 @@ class ScoreConfig:
             raise ValueError(f"unknown engine {self.engine!r}; known: {', '.join(ENGINES)}")
         if self.batch_size < 2 or self.chunk_size < 1 or self.workers < 1:
             raise ValueError("batch size must be >= 2, chunk size and workers >= 1")
-
-
-class CompileCounter:
-    """Counts XLA backend compilations in this process (every jit, eager op included)."""
-
-    _lock = threading.Lock()
-    count = 0
-    seconds = 0.0
-
-    @classmethod
-    def install(cls) -> None:
-        """Register the listener once per process."""
-        if getattr(cls, "_installed", False):
-            return
-        cls._installed = True
-
-        def listener(event: str, duration: float, **_: object) -> None:
-            if event == "/jax/core/compile/backend_compile_duration":
-                with cls._lock:
-                    cls.count += 1
-                    cls.seconds += duration
-
-        jax.monitoring.register_event_duration_secs_listener(listener)
 
 
 class NB201Scorer:

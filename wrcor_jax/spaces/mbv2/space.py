@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import jax.numpy as jnp
 import numpy as np
 
+from wrcor_jax.compilation import ExecutableBudget
 from wrcor_jax.proxies import PROXIES
 from wrcor_jax.proxies.wrcor import mbv2_act_cor, mbv2_wrcor, mbv2_wrcor_allrelu
 from wrcor_jax.spaces.base import Space
@@ -53,7 +54,8 @@ class MBV2Scorer:
     input Jacobian (from the WRCor sums' forward pass). snip, grad_norm, naswot, meco, zico
     and zen come from `measures` (site choices there), each measurement taken once per
     architecture for all the proxies reading it, compiled per architecture. `wrcor_clean`
-    and `act_grad_cor` (NB201 site sets) are refused.
+    and `act_grad_cor` (NB201 site sets) are refused. The compiled programs are released
+    whenever the process outgrows its `ExecutableBudget` (a third of the machine's memory).
     """
 
     def __init__(self, config: ScoreConfig):
@@ -74,6 +76,7 @@ class MBV2Scorer:
             self.measurer = MBV2Measurer(self.images, self.labels, self.num_classes, config.seed)
         kinds = (*SE_KINDS, *(BLOCK_KINDS if "wrcor_allrelu" in config.proxies else ()))
         self.engine = MBV2Engine(kinds) if config.engine == "composed" else None
+        self.executables = ExecutableBudget()
 
     def _measure(self, arch: MBV2Arch, params: dict, names: Sequence[str]) -> dict:
         """What the proxies `names` read, each taken once: `site_sums`, `input_jacobian` and
@@ -125,7 +128,11 @@ class MBV2Scorer:
                 f"proxy {foreign[0]!r} is not one this scorer was configured for "
                 f"({', '.join(self.config.proxies)})"
             )
-        return [self._row(arch, names) for arch in archs]
+        rows = []
+        for arch in archs:
+            rows.append(self._row(arch, names))
+            self.executables.check()  # nearly every arch compiles new pieces or programs
+        return rows
 
 
 class MBV2Space(Space):

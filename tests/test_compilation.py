@@ -1,0 +1,63 @@
+"""Compile counting, the persistent compilation cache and the executable memory budget."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from wrcor_jax.compilation import ExecutableBudget, default_cache_dir, resident_mb
+
+# Run apart: the persistent cache is process-wide configuration.
+RELOAD = """
+import json, sys
+import jax, jax.numpy as jnp
+from wrcor_jax.compilation import CompileCounter, use_persistent_cache
+use_persistent_cache(sys.argv[1])
+CompileCounter.install()
+f = jax.jit(lambda x: jnp.tanh(x) * 3.0)
+f(jnp.ones(17)).block_until_ready()
+first = (CompileCounter.count, CompileCounter.loads)
+jax.clear_caches()
+f(jnp.ones(17)).block_until_ready()
+print(json.dumps([first, (CompileCounter.count, CompileCounter.loads)]))
+"""
+
+
+def test_released_programs_reload_from_the_persistent_cache(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(tmp_path / "xla")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    (compiles, loads), (compiles_after, loads_after) = json.loads(run.stdout.splitlines()[-1])
+    assert compiles >= 1 and loads == 0
+    assert compiles_after == compiles  # nothing compiled again
+    assert loads_after >= 1  # read back instead
+    assert any((tmp_path / "xla").iterdir())
+
+
+def test_budget_releases_only_when_over_it() -> None:
+    f = jax.jit(lambda x: x + 1.0)
+    assert float(f(jnp.ones(()))) == 2.0
+    assert resident_mb() > 0
+    generous = ExecutableBudget(limit_mb=10**9)
+    assert not generous.check() and generous.releases == 0
+    tight = ExecutableBudget(limit_mb=0)
+    assert tight.check() and tight.releases == 1
+    assert float(f(jnp.ones(()))) == 2.0  # recompiled on demand
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere/jax")
+    assert default_cache_dir() == Path("/somewhere/jax")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/home/u/.cache2")
+    assert default_cache_dir() == Path("/home/u/.cache2/wrcor_jax/xla")

@@ -1,0 +1,124 @@
+"""Compiled programs: counting them, keeping them across processes, bounding their memory.
+
+XLA:CPU keeps every loaded executable in memory (about 2-5 MB each here, measured in
+docs/mbv2_engine.md) until `jax.clear_caches()`, and a MobileNetV2-space search meets
+thousands of them; so long runs release them when the process grows past a budget, and the
+persistent compilation cache turns the recompilations that follow into disk reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import threading
+from pathlib import Path
+
+import jax
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+class CompileCounter:
+    """Counts XLA backend compilations in this process (every jit, eager op included).
+
+    `count`/`seconds` are real compilations; `loads`/`load_seconds` are executables read
+    back from the persistent cache (JAX reports both as the same compile event, a cache
+    hit is announced just before its event)."""
+
+    _lock = threading.Lock()
+    _hit = threading.local()
+    count = 0
+    seconds = 0.0
+    loads = 0
+    load_seconds = 0.0
+
+    @classmethod
+    def install(cls) -> None:
+        """Register the listeners once per process."""
+        if getattr(cls, "_installed", False):
+            return
+        cls._installed = True
+
+        def on_event(event: str, **_: object) -> None:
+            if event == CACHE_HIT_EVENT:
+                cls._hit.pending = True
+
+        def on_duration(event: str, duration: float, **_: object) -> None:
+            if event != COMPILE_EVENT:
+                return
+            with cls._lock:
+                if getattr(cls._hit, "pending", False):
+                    cls._hit.pending = False
+                    cls.loads += 1
+                    cls.load_seconds += duration
+                else:
+                    cls.count += 1
+                    cls.seconds += duration
+
+        jax.monitoring.register_event_listener(on_event)
+        jax.monitoring.register_event_duration_secs_listener(on_duration)
+
+
+def default_cache_dir() -> Path:
+    """`$JAX_COMPILATION_CACHE_DIR` if set, else `wrcor_jax/xla` in the user's cache dir."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "wrcor_jax" / "xla"
+
+
+def use_persistent_cache(directory: str | Path | None) -> Path | None:
+    """Keep every compiled program in `directory` (None: keep none) for later processes and
+    for reloads after `ExecutableBudget` releases them; returns the directory in use."""
+    if directory is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    path = Path(directory).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # The engines' pieces compile in 0.05-0.5 s each: cache them all, not only slow ones.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
+def resident_mb() -> float:
+    """This process's resident memory in MiB (Linux /proc; 0 where unavailable)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def physical_mb() -> float:
+    """The machine's memory in MiB."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class ExecutableBudget:
+    """Releases every loaded executable (`jax.clear_caches()`) once the process holds more
+    than `limit_mb` of memory; call `check()` between units of work, never inside one."""
+
+    def __init__(self, limit_mb: float | None = None):
+        self.limit_mb = physical_mb() / 3 if limit_mb is None else limit_mb
+        self.releases = 0
+
+    def check(self) -> bool:
+        """Release the executables if over the budget; whether it did."""
+        if resident_mb() <= self.limit_mb:
+            return False
+        jax.clear_caches()
+        gc.collect()
+        _return_freed_memory()
+        self.releases += 1
+        return True
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
