@@ -1,4 +1,4 @@
-"""`wrcor-jax`: score, search and describe architectures; evaluate scores against NAS-Bench-201.
+"""`wrcor-jax`: score, search, describe and train architectures; evaluate scores on NB201.
 
     wrcor-jax score --space nb201 --dataset cifar10 --data PATH.npz --sample 1000 \\
         --proxies 'wrcor,act_cor,vote(wrcor,act_cor,act_grad_cor)' --seed 42 \\
@@ -10,6 +10,8 @@
         [--ground-truth nb201.csv] [--cache-dir DIR] [--cache-preload results.csv]
     wrcor-jax describe --space mbv2 --arch 'SuperConvK3BNRELU(3,32,2,1)...@224' \
         [--num-classes 1000] [--json] [--check-ranges] [--flops-limit 600M]
+    wrcor-jax train --space mbv2 --arch 'S@R' --dataset cifar10 --data PATH.npz --workdir DIR
+        (and evaluate-checkpoint: see `wrcor_jax.train.cli`)
 
 Errors are one line on stderr with a non-zero exit code; progress goes to stderr.
 """
@@ -96,6 +98,7 @@ def _score(args: argparse.Namespace) -> None:
 
     proxies, votes = parse_columns(args.proxies, PROXIES)
     config = _score_config(args, proxies, args.seed, chunk_size=args.chunk_size)
+    _use_compile_cache(args)
     summary = score_archs(
         _select_archs(args), config, args.out, progress=not args.quiet, votes=votes
     )
@@ -187,6 +190,7 @@ def _search(args: argparse.Namespace) -> None:
     if args.ground_truth and args.space != "nb201":
         raise ValueError(f"--ground-truth is NAS-Bench-201's; the {args.space} space has none")
     truth = load_ground_truth(args.ground_truth) if args.ground_truth else None
+    _use_compile_cache(args)
     fitness = cached_fitness(config, args.cache_dir)
     if args.cache_preload:
         added = fitness.cache.preload(args.cache_preload)
@@ -266,6 +270,23 @@ def _table(rows: Sequence[dict]) -> str:
     )
 
 
+def _add_compile_cache_options(command: argparse.ArgumentParser) -> None:
+    cache = command.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--compile-cache",
+        help="keep compiled programs here for later runs "
+        "(default: $JAX_COMPILATION_CACHE_DIR or ~/.cache/wrcor_jax/xla)",
+    )
+    cache.add_argument("--no-compile-cache", action="store_true", help="keep none on disk")
+
+
+def _use_compile_cache(args: argparse.Namespace) -> None:
+    from wrcor_jax.compilation import default_cache_dir, use_persistent_cache
+
+    directory = None if args.no_compile_cache else args.compile_cache or default_cache_dir()
+    use_persistent_cache(directory)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `wrcor-jax` argument parser."""
     from wrcor_jax.spaces import SPACES
@@ -296,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--workers", type=int, default=2, help="archs in flight (composed)")
     score.add_argument("--out", required=True, help="results CSV (appended, resumable)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_compile_cache_options(score)
     score.set_defaults(run=_score)
 
     evaluate = commands.add_parser("evaluate", help="rank correlations against ground truth")
@@ -334,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--cache-dir", help="score cache shared between searches")
     search.add_argument("--cache-preload", help="a `wrcor-jax score` file of this config")
     search.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_compile_cache_options(search)
     search.set_defaults(run=_search)
 
     describe = commands.add_parser("describe", help="block table, FLOPs and parameters")
@@ -350,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     describe.add_argument("--flops-limit", help="with --check-ranges: the FLOPs limit")
     describe.set_defaults(run=_describe)
+
+    from wrcor_jax.train.cli import register as register_training
+
+    register_training(commands)
     return parser
 
 
