@@ -2,7 +2,10 @@
 
     wrcor-jax score --space nb201 --dataset cifar10 --data PATH.npz --sample 1000 \\
         --proxies 'wrcor,act_cor,vote(wrcor,act_cor,act_grad_cor)' --seed 42 \\
-        --batch-size 64 --out results.csv
+        --batch-size 64 --out results.csv \\
+        [--coordinator HOST:PORT --num-processes N --process-id I | --distributed auto]
+    wrcor-jax merge results.csv.part-0-of-2 results.csv.part-1-of-2 --out results.csv \\
+        [--proxies 'wrcor,act_cor,vote(wrcor,act_cor)']
     wrcor-jax evaluate results.csv --ground-truth nb201.csv --dataset cifar10 [--json] \\
         [--bootstrap 1000] [--plot ranks.png] [--scored-on cifar10]
     wrcor-jax search --space nb201 --algo evolution --proxies wrcor,act_cor --vote hard \
@@ -99,10 +102,34 @@ def _score(args: argparse.Namespace) -> None:
     proxies, votes = parse_columns(args.proxies, PROXIES)
     config = _score_config(args, proxies, args.seed, chunk_size=args.chunk_size)
     _use_compile_cache(args)
-    summary = score_archs(
-        _select_archs(args), config, args.out, progress=not args.quiet, votes=votes
+    hosts = (args.coordinator, args.num_processes, args.process_id)
+    if args.distributed == "off" and hosts == (None, None, None):
+        summary = score_archs(
+            _select_archs(args), config, args.out, progress=not args.quiet, votes=votes
+        )
+        print(summary.line(), file=sys.stderr)
+        return
+    from wrcor_jax import distributed
+
+    cluster = distributed.connect(
+        args.coordinator, args.num_processes, args.process_id, args.init_timeout
     )
-    print(summary.line(), file=sys.stderr)
+    summary, outcome = distributed.score_share(
+        _select_archs(args), config, args.out, cluster, not args.quiet, votes, args.wait_timeout
+    )
+    where = f"process {cluster.process_id} of {cluster.num_processes}"
+    print(f"{where}: {summary.line()}\n{where}: {outcome}", file=sys.stderr)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from wrcor_jax.distributed import Part, merge_parts
+    from wrcor_jax.vote import parse_columns
+
+    proxies, votes = parse_columns(args.proxies, PROXIES) if args.proxies else (None, ())
+    header = None if proxies is None else ["arch", *proxies]
+    parts = [Part.read(path, header) for path in args.parts]
+    rows = merge_parts(parts, args.out, votes)
+    print(f"merged {rows} rows from {len(parts)} part(s) into {args.out}", file=sys.stderr)
 
 
 def _batch_note(args: argparse.Namespace) -> str:
@@ -318,7 +345,39 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True, help="results CSV (appended, resumable)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_compile_cache_options(score)
+    hosts = score.add_argument_group(
+        "many hosts (jax.distributed; each process scores its share into OUT.part-I-of-N, "
+        "process 0 merges them into OUT)"
+    )
+    hosts.add_argument(
+        "--distributed",
+        default="off",
+        choices=["off", "auto"],
+        help="auto: join a job from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, "
+        "$JAX_PROCESS_ID or JAX's cluster detection (Cloud TPU, SLURM); implied by the options "
+        "below",
+    )
+    hosts.add_argument("--coordinator", help="HOST:PORT of process 0")
+    hosts.add_argument("--num-processes", type=int)
+    hosts.add_argument("--process-id", type=int)
+    hosts.add_argument(
+        "--init-timeout", type=int, default=300, help="seconds to reach the coordinator"
+    )
+    hosts.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=86400.0,
+        help="seconds to wait for another process's part or the merge",
+    )
     score.set_defaults(run=_score)
+
+    merge = commands.add_parser("merge", help="merge the part files of a multi-process score")
+    merge.add_argument("parts", nargs="+", help="OUT.part-I-of-N files, all N of them")
+    merge.add_argument("--out", required=True, help="merged results CSV")
+    merge.add_argument(
+        "--proxies", help="the score run's --proxies, for its vote columns (default: no votes)"
+    )
+    merge.set_defaults(run=_merge)
 
     evaluate = commands.add_parser("evaluate", help="rank correlations against ground truth")
     evaluate.add_argument("results")

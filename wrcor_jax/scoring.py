@@ -17,9 +17,10 @@ import dataclasses
 import functools
 import sys
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -192,10 +193,10 @@ class RunSummary:
 
 
 # What a resumed run must share with the file's sidecar: scores of another batch do not mix.
-_SAME_BATCH = ("space", "dataset", "seed", "batch_size")
+SAME_BATCH = ("space", "dataset", "seed", "batch_size")
 
 
-def _batch_meta(config: ScoreConfig) -> dict:
+def batch_meta(config: ScoreConfig) -> dict:
     """The sidecar of a results file: the batch its scores were computed on."""
     return {
         "space": config.space,
@@ -208,12 +209,13 @@ def _batch_meta(config: ScoreConfig) -> dict:
     }
 
 
-def _check_meta(out: str | Path, config: ScoreConfig, has_rows: bool) -> None:
+def check_meta(out: str | Path, config: ScoreConfig, has_rows: bool) -> None:
+    """Refuse `out` when its sidecar records another batch: scores of two batches do not mix."""
     meta = read_meta(out)
     if not has_rows or meta is None:
         return
-    ours = _batch_meta(config)
-    differs = [k for k in _SAME_BATCH if k in meta and meta[k] != ours[k]]
+    ours = batch_meta(config)
+    differs = [k for k in SAME_BATCH if k in meta and meta[k] != ours[k]]
     if differs:
         theirs = ", ".join(f"{k} {meta[k]}" for k in differs)
         raise ResultsError(
@@ -223,12 +225,20 @@ def _check_meta(out: str | Path, config: ScoreConfig, has_rows: bool) -> None:
         )
 
 
+def check_votes(votes: Sequence[VoteColumn], proxies: Sequence[str]) -> None:
+    """Refuse a vote over a proxy that is not scored: its column could never be filled."""
+    missing = [p for v in votes for p in v.proxies if p not in proxies]
+    if missing:
+        raise ValueError(f"vote needs proxy {missing[0]!r}; add it to the proxies scored")
+
+
 def score_archs(
     archs: Sequence[str],
     config: ScoreConfig,
     out: str | Path,
     progress: bool = True,
     votes: Sequence[VoteColumn] = (),
+    meta: Mapping[str, Any] | None = None,
 ) -> RunSummary:
     """Score architectures (text forms of `config.space`) into `out`, resuming whatever the
     file already holds.
@@ -237,22 +247,21 @@ def score_archs(
     written; rows are appended one chunk at a time. Vote columns rank an architecture
     against all the others, so they are computed only once every row is scored, over all
     rows of the file, and written by one atomic rewrite; until then their cells are empty.
-    Their proxies must be among `config.proxies`.
+    Their proxies must be among `config.proxies`. `meta` adds entries to the sidecar (a
+    part file's share of a multi-process run).
     """
     space = get_space(config.space)
     parsed = [space.read(a) for a in archs]
     unique = dict(zip(map(space.format, parsed), parsed, strict=True))
-    missing = [p for v in votes for p in v.proxies if p not in config.proxies]
-    if missing:
-        raise ValueError(f"vote needs proxy {missing[0]!r}; add it to the proxies scored")
+    check_votes(votes, config.proxies)
     results = ResultsFile(out, config.proxies, [v.name for v in votes])
     done = results.done()
-    _check_meta(out, config, bool(done))
+    check_meta(out, config, bool(done))
     todo = [(text, arch) for text, arch in unique.items() if text not in done]
     start, compiles, compile_s = time.perf_counter(), CompileCounter.count, CompileCounter.seconds
     scorer = space.scorer(config) if todo else None
     if todo:
-        write_meta(out, _batch_meta(config))
+        write_meta(out, batch_meta(config) | dict(meta or {}))
     bar = tqdm(total=len(todo), unit="arch", file=sys.stderr, disable=not progress)
     for begin in range(0, len(todo), config.chunk_size):
         chunk = todo[begin : begin + config.chunk_size]

@@ -1,0 +1,221 @@
+"""`wrcor-jax score` as a 2-process `jax.distributed` job on this machine (issue 14, item 2).
+
+The processes are real: separate interpreters on the CPU backend, process 0 hosting the
+coordinator on 127.0.0.1 at a free port. Every subprocess is bounded in time and killed in
+`finally`. The one-process reference and the job share one compile cache, so only the first
+run compiles.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SAMPLE, SMALL_BATCH, require
+from wrcor_jax.cli import main
+from wrcor_jax.distributed import part_path, share
+from wrcor_jax.results import ResultsFile
+from wrcor_jax.spaces import get_space
+
+PROXIES = "wrcor,act_cor,vote(wrcor,act_cor)"
+LIMIT_S = 240  # a bound for any one process; each takes ~20 s on a quiet 2-core machine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _score_args(tmp: Path, out: Path) -> list[str]:
+    return [
+        "score",
+        "--archs",
+        str(tmp / "archs.txt"),
+        "--data",
+        str(require(SAMPLE)),
+        "--batch-size",
+        str(SMALL_BATCH),
+        "--proxies",
+        PROXIES,
+        "--chunk-size",
+        "1",
+        "--out",
+        str(out),
+        "--compile-cache",
+        str(tmp / "xla"),
+        "--quiet",
+    ]
+
+
+class Job:
+    """Processes of one command, their stderr in files; `kill_all` ends what still runs."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.procs, self.logs = tmp, [], []
+
+    def start(self, args: list[str], name: str) -> subprocess.Popen:
+        log = self.tmp / f"{name}.{len(self.logs)}.log"
+        env = os.environ | {"JAX_PLATFORMS": "cpu"}
+        with log.open("w") as f:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "wrcor_jax.cli", *args], stderr=f, stdout=f, env=env
+            )
+        self.procs.append(proc)
+        self.logs.append(log)
+        return proc
+
+    def launch(self, args: list[str], port: int, rank: int, n: int = 2) -> subprocess.Popen:
+        hosts = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n)]
+        return self.start([*args, *hosts, "--process-id", str(rank)], f"p{rank}")
+
+    def finish(self, proc: subprocess.Popen) -> tuple[int, str]:
+        """Exit code and the lines of stderr that are not JAX's own logging."""
+        code = proc.wait(timeout=LIMIT_S)
+        text = self.logs[self.procs.index(proc)].read_text()
+        return code, "\n".join(line for line in text.splitlines() if line[:1] not in "IWE")
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def job(tmp_path):
+    job = Job(tmp_path)
+    try:
+        yield job
+    finally:
+        job.kill_all()
+
+
+def _rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    with path.open(newline="") as f:
+        header, *rows = csv.reader(f)
+    return header, sorted(rows)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A one-process run and a 2-process job of the same command on 6 archs."""
+    tmp = tmp_path_factory.mktemp("multihost")
+    archs = get_space("nb201").draw(6, 0)
+    (tmp / "archs.txt").write_text("\n".join(archs) + "\n")
+    job = Job(tmp)
+    try:
+        code, err = job.finish(job.start(_score_args(tmp, tmp / "one.csv"), "one"))
+        assert code == 0, err
+        port = _free_port()
+        args = _score_args(tmp, tmp / "two.csv")
+        procs = [job.launch(args, port, rank) for rank in (0, 1)]
+        outcomes = [job.finish(proc) for proc in procs]
+    finally:
+        job.kill_all()
+    return tmp, archs, outcomes
+
+
+def test_two_processes_merge_into_the_one_process_file(scored):
+    tmp, archs, outcomes = scored
+    for rank, (code, err) in enumerate(outcomes):
+        assert code == 0, err
+        assert f"process {rank} of 2: scored 3 archs" in err
+        assert f"merged 6 rows from 2 part(s) into {tmp / 'two.csv'}" in err.splitlines()[-1]
+    assert _rows(tmp / "two.csv") == _rows(tmp / "one.csv")
+    canonical = [get_space("nb201").format(get_space("nb201").read(a)) for a in archs]
+    for rank in (0, 1):
+        part = part_path(tmp / "two.csv", rank, 2)
+        header, rows = _rows(part)
+        assert header == ["arch", "wrcor", "act_cor"]
+        assert [row[0] for row in rows] == sorted(share(canonical, rank, 2))
+        meta = json.loads(Path(f"{part}.json").read_text())
+        assert meta | {"process": rank, "num_processes": 2, "share": 3} == meta
+    one, two = (json.loads((tmp / f"{n}.csv.json").read_text()) for n in ("one", "two"))
+    assert one == two
+
+
+def test_merge_command_rebuilds_the_file_from_the_parts(scored, capsys):
+    tmp, _, _ = scored
+    parts = [str(part_path(tmp / "two.csv", rank, 2)) for rank in (0, 1)]
+    out = tmp / "by_hand.csv"
+    assert main(["merge", *parts, "--out", str(out), "--proxies", PROXIES]) == 0
+    assert _rows(out) == _rows(tmp / "one.csv")
+    assert "merged 6 rows from 2 part(s)" in capsys.readouterr().err
+
+
+def _foreign(tmp: Path, change: dict) -> str:
+    """A copy of part 1 whose sidecar says it was scored otherwise."""
+    part = part_path(tmp / "two.csv", 1, 2)
+    copy = tmp / f"foreign.{'_'.join(change)}.part-1-of-2"
+    shutil.copy(part, copy)
+    meta = json.loads(Path(f"{part}.json").read_text())
+    Path(f"{copy}.json").write_text(json.dumps(meta | change))
+    return str(copy)
+
+
+@pytest.mark.parametrize(
+    "second, message",
+    [
+        (lambda tmp: _foreign(tmp, {"seed": 7}), "another configuration"),
+        (lambda tmp: _foreign(tmp, {"num_processes": 3}), "another configuration"),
+        (lambda tmp: _foreign(tmp, {"share": 4}), "re-run process 1"),
+        (lambda tmp: str(part_path(tmp / "two.csv", 0, 2)), "must be given once"),
+        (lambda tmp: str(tmp / "one.csv"), "has no part sidecar"),
+    ],
+)
+def test_merge_refuses_parts_that_are_not_one_run(scored, capsys, second, message):
+    tmp, _, _ = scored
+    first = str(part_path(tmp / "two.csv", 0, 2))
+    out = tmp / "refused.csv"
+    assert main(["merge", first, second(tmp), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wrcor-jax: error:") and "\n" not in err and message in err
+    assert not out.exists()
+
+
+def test_unreachable_coordinator_fails_in_one_line(tmp_path, capsys):
+    (tmp_path / "archs.txt").write_text(get_space("nb201").draw(1, 0)[0] + "\n")
+    args = _score_args(tmp_path, tmp_path / "r.csv")
+    hosts = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
+    start = time.monotonic()
+    code = main([*args, *hosts, "--process-id", "1", "--init-timeout", "2"])
+    assert code == 1 and time.monotonic() - start < 10
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wrcor-jax: error: cannot reach the coordinator 127.0.0.1:")
+    assert "\n" not in err
+    assert not (tmp_path / "r.csv.part-1-of-2").exists()
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_its_part(scored, job):
+    """Process 1 is killed (SIGKILL) after its first row; restarted with the same arguments
+    it rejoins the job, scores only what its part lacks, and the merge is the same."""
+    tmp, _, _ = scored
+    out = tmp / "killed.csv"
+    args, port = _score_args(tmp, out), _free_port()
+    first = job.launch(args, port, 0)
+    victim = job.launch(args, port, 1)
+    part = part_path(out, 1, 2)
+    deadline = time.monotonic() + LIMIT_S
+    while not (part.exists() and len(part.read_text().splitlines()) > 1):
+        assert victim.poll() is None and time.monotonic() < deadline, "no row before the kill"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=LIMIT_S)
+    kept = len(ResultsFile(part, ["wrcor", "act_cor"]).done())
+    code, err = job.finish(job.launch(args, port, 1))
+    assert code == 0, err
+    assert f"({kept} already in the file)" in err
+    assert job.finish(first)[0] == 0
+    assert _rows(out) == _rows(tmp / "one.csv")
