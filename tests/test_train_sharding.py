@@ -14,8 +14,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import SAMPLE, require
-
-TINY = "SuperConvK3BNRELU(3,8,2,1)SuperResIDWE2K3(8,16,2,8,1)SuperConvK1BNRELU(16,32,1,1)@16"
+from train_tiny import TINY
 
 
 def _run(workdir, devices: int) -> list[dict]:

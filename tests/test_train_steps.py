@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_tiny import TINY
 
 from wrcor_jax.spaces.running_norm import running_batch_norm
 from wrcor_jax.train import configs
@@ -21,8 +22,6 @@ from wrcor_jax.train.train import (
     train_step,
     weight_decay_mask,
 )
-
-TINY = "SuperConvK3BNRELU(3,8,2,1)SuperResIDWE2K3(8,16,2,8,1)SuperConvK1BNRELU(16,32,1,1)@16"
 
 
 def test_learning_rate_scales_with_batch_warms_up_and_decays_by_cosine():

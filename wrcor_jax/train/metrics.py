@@ -8,6 +8,7 @@ the step it resumes from, so the file reads as one uninterrupted run.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 
@@ -29,6 +30,23 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class Throughput:
+    """Images per second over the steps since the last reading; `pause_ended` leaves the
+    time of an evaluation out."""
+
+    def __init__(self, batch_size: int, step: int):
+        self.batch_size, self.step, self.time = batch_size, step, time.perf_counter()
+
+    def read(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self.step) * self.batch_size / (now - self.time)
+        self.step, self.time = step, now
+        return rate
+
+    def pause_ended(self) -> None:
+        self.time = time.perf_counter()
 
 
 def plot(path: Path, png: Path) -> None:

@@ -14,7 +14,6 @@ import functools
 import math
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -172,6 +171,18 @@ def global_batch(local: dict, sharding: NamedSharding) -> dict:
     }
 
 
+def run_length(config: TrainConfig, num_train: int) -> tuple[int, int]:
+    """Steps per epoch and in all; the batch must split over the devices and fit the data."""
+    if config.batch_size % jax.device_count():
+        raise ValueError(
+            f"batch size {config.batch_size} does not split over {jax.device_count()} devices"
+        )
+    steps_per_epoch = num_train // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {config.batch_size} exceeds the {num_train} train images")
+    return steps_per_epoch, config.num_steps or math.ceil(config.num_epochs * steps_per_epoch)
+
+
 def check_workdir(workdir: Path, config: TrainConfig) -> None:
     """Record `config` in a new workdir; refuse one that holds another run's config."""
     path = workdir / CONFIG_FILE
@@ -237,20 +248,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict:
     its last checkpoint; returns the final evaluation (`eval_top1`, `eval_top5`, ...)."""
     initialize_distributed()
     workdir = Path(workdir)
-    check_workdir(workdir, config)
     num_train, _, num_classes = input_pipeline.dataset_info(config.data)
-    if config.batch_size % jax.device_count():
-        raise ValueError(
-            f"batch size {config.batch_size} does not split over {jax.device_count()} devices"
-        )
-    steps_per_epoch = num_train // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch size {config.batch_size} exceeds the {num_train} train images")
-    total_steps = config.num_steps or math.ceil(config.num_epochs * steps_per_epoch)
-    eval_every = config.eval_every_steps or steps_per_epoch
-
     network = build_network(config.space, config.arch, num_classes, config.compute_dtype)
+    steps_per_epoch, total_steps = run_length(config, num_train)
+    eval_every = config.eval_every_steps or steps_per_epoch
     mesh = data_mesh()
+    teacher, teacher_variables = load_teacher(config, num_classes, mesh)
+    check_workdir(workdir, config)
+
     replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
     state = create_train_state(config, network, learning_rate_fn)
@@ -262,7 +267,6 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict:
     state = jax.device_put(state, replicated)
     if start:
         state = checkpoints.restore(start, state, iterator)
-    teacher, teacher_variables = load_teacher(config, num_classes, mesh)
 
     step_fn = jax.jit(
         functools.partial(
@@ -281,7 +285,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict:
     evals = [r for r in metrics.read(workdir / METRICS_FILE) if "eval_top1" in r]
     result = {k: v for k, v in evals[-1].items() if k != "step"} if evals else {}
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=not is_writer)
-    last_time, last_step = time.perf_counter(), start
+    throughput = metrics.Throughput(config.batch_size, start)
     step = start
     with _Preemption() as preemption:
         for step in range(start + 1, total_steps + 1):
@@ -290,9 +294,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict:
             bar.update()
             if step % config.log_every_steps == 0 or step == total_steps:
                 record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                now = time.perf_counter()
-                record["images_per_s"] = (step - last_step) * config.batch_size / (now - last_time)
-                last_time, last_step = now, step
+                record["images_per_s"] = throughput.read(step)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
                 if log:
                     log.write({"step": step, **record})
@@ -305,7 +307,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict:
                 )
                 if log:
                     log.write({"step": step, **result})
-                last_time = time.perf_counter()
+                throughput.pause_ended()
             finished = step == total_steps
             checkpoints.save(step, state, iterator, force=finished or preemption.requested)
             if preemption.requested:
