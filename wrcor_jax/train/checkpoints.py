@@ -48,6 +48,11 @@ class Checkpoints:
             items["data"] = grain.checkpoint.CheckpointRestore(iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether the processes agreed to stop at `step` (JAX's preemption service, on
+        several hosts; always False on one)."""
+        return self.manager.reached_preemption(step)
+
     def close(self) -> None:
         """Wait for the saves in flight, then release the manager."""
         self.manager.wait_until_finished()

@@ -205,13 +205,16 @@ def check_workdir(workdir: Path, config: TrainConfig) -> None:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (then: save, exit 0)."""
+    """Turns SIGTERM into a flag the loop checks after each step (then: save, exit 0). On
+    several processes JAX's preemption service catches the signal instead and every process
+    stops at the same step (`Checkpoints.reached_preemption`)."""
 
     def __init__(self):
         self.requested = False
 
     def __enter__(self) -> _Preemption:
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        handler = self._handle if jax.process_count() == 1 else signal.getsignal(signal.SIGTERM)
+        self.previous = signal.signal(signal.SIGTERM, handler)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -308,9 +311,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict:
                 if log:
                     log.write({"step": step, **result})
                 throughput.pause_ended()
-            finished = step == total_steps
-            checkpoints.save(step, state, iterator, force=finished or preemption.requested)
-            if preemption.requested:
+            stop = preemption.requested or checkpoints.reached_preemption(step)
+            checkpoints.save(step, state, iterator, force=step == total_steps or stop)
+            if stop:
                 break
     bar.close()
     checkpoints.close()
