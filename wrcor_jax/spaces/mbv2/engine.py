@@ -288,7 +288,9 @@ class Piece:
     """A piece's compiled forward (outputs and its sites' forward correlation terms) and
     compiled backward (input cotangents, the sites' gradient terms and, with `saliency`,
     the sum of |w * dw| over its conv and linear kernels), both for a static set of kinds
-    to reduce and BatchNorm on or off (`norm`). The backward recomputes the piece's forward.
+    to reduce and BatchNorm on or off (`norm`). The backward recomputes the piece's forward
+    and adds to each input's cotangent the one `carried` from other readers of that input
+    (None: none), so no eager add compiles per shape outside the pieces.
     """
 
     def __init__(self, fn: Callable, static: Sequence[str] = ()):
@@ -319,7 +321,9 @@ class Piece:
         outputs = self.fn(w, inputs, dims, probe, **static)
         return outputs, self._terms(sites, kinds, backward=False)
 
-    def _backward(self, w, inputs, dims, cotangents, kinds: frozenset, saliency: bool, **static):
+    def _backward(
+        self, w, inputs, dims, cotangents, carried, kinds: frozenset, saliency: bool, **static
+    ):
         meta: dict = {}
 
         def shapes_probe(name, x, mask, count):
@@ -343,6 +347,7 @@ class Piece:
         else:
             d_inputs, d_sites = jax.vjp(lambda i, p: run(w, i, p), inputs, zeros)[1](cotangents)
             total = None
+        d_inputs = tuple(d if c is None else d + c for d, c in zip(d_inputs, carried, strict=True))
         sites = {name: (d_sites[name], *masks[name]) for name in d_sites}
         return d_inputs, self._terms(sites, kinds, backward=True), total
 
@@ -503,7 +508,7 @@ class MBV2Engine:
     ) -> tuple[jax.Array, jax.Array | None]:
         """Chain the recorded pieces' backwards from the logits' cotangent, summing the
         cotangents of arrays read by several pieces (a sub-block's input feeds its expand
-        and its shortcut or residual). Adds the gradient terms at `kinds`; returns the
+        and its shortcut or residual) inside the backward of the reader run last. Adds the gradient terms at `kinds`; returns the
         gradient at the images and, with `saliency`, the sum of |w * dw| over the kernels."""
         pending: dict[int, jax.Array] = {}
         logits = self._calls[-1][1].outputs[0]
@@ -514,15 +519,15 @@ class MBV2Engine:
                 pending.pop(id(out), None) if id(out) in pending else jnp.zeros_like(out)
                 for out in call.outputs
             )
+            carried = tuple(pending.pop(id(array), None) for array in call.inputs)
             d_inputs, terms, piece_total = PIECES[call.piece].backward(
-                call.w, call.inputs, call.dims, cotangents, kinds=kinds, saliency=saliency,
-                **call.static,
+                call.w, call.inputs, call.dims, cotangents, carried, kinds=kinds,
+                saliency=saliency, **call.static,
             )  # fmt: skip
             self._terms.append((block, terms))
             total = piece_total if total is None else total + piece_total
             for array, d in zip(call.inputs, d_inputs, strict=True):
-                key = id(array)
-                pending[key] = d if key not in pending else pending[key] + d
+                pending[id(array)] = d
         images = self._calls[0][1].inputs[0]
         return pending[id(images)], total
 
