@@ -37,11 +37,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _score_args(tmp: Path, out: Path) -> list[str]:
+def _score_args(tmp: Path, out: Path, archs: str = "archs.txt") -> list[str]:
     return [
         "score",
         "--archs",
-        str(tmp / "archs.txt"),
+        str(tmp / archs),
         "--data",
         str(require(SAMPLE)),
         "--batch-size",
@@ -64,9 +64,9 @@ class Job:
     def __init__(self, tmp: Path):
         self.tmp, self.procs, self.logs = tmp, [], []
 
-    def start(self, args: list[str], name: str) -> subprocess.Popen:
+    def start(self, args: list[str], name: str, **env: str) -> subprocess.Popen:
         log = self.tmp / f"{name}.{len(self.logs)}.log"
-        env = os.environ | {"JAX_PLATFORMS": "cpu"}
+        env = os.environ | {"JAX_PLATFORMS": "cpu"} | env
         with log.open("w") as f:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "wrcor_jax.cli", *args], stderr=f, stdout=f, env=env
@@ -79,9 +79,9 @@ class Job:
         hosts = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n)]
         return self.start([*args, *hosts, "--process-id", str(rank)], f"p{rank}")
 
-    def finish(self, proc: subprocess.Popen) -> tuple[int, str]:
+    def finish(self, proc: subprocess.Popen, limit: float = LIMIT_S) -> tuple[int, str]:
         """Exit code and the lines of stderr that are not JAX's own logging."""
-        code = proc.wait(timeout=LIMIT_S)
+        code = proc.wait(timeout=limit)
         text = self.logs[self.procs.index(proc)].read_text()
         return code, "\n".join(line for line in text.splitlines() if line[:1] not in "IWE")
 
@@ -109,25 +109,29 @@ def _rows(path: Path) -> tuple[list[str], list[list[str]]]:
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    """A one-process run and a 2-process job of the same command on 6 archs."""
+    """A one-process run (its stderr) and a 2-process job of the same command on 6 archs."""
     tmp = tmp_path_factory.mktemp("multihost")
     archs = get_space("nb201").draw(6, 0)
     (tmp / "archs.txt").write_text("\n".join(archs) + "\n")
     job = Job(tmp)
     try:
-        code, err = job.finish(job.start(_score_args(tmp, tmp / "one.csv"), "one"))
-        assert code == 0, err
+        code, one = job.finish(job.start(_score_args(tmp, tmp / "one.csv"), "one"))
+        assert code == 0, one
         port = _free_port()
         args = _score_args(tmp, tmp / "two.csv")
         procs = [job.launch(args, port, rank) for rank in (0, 1)]
         outcomes = [job.finish(proc) for proc in procs]
     finally:
         job.kill_all()
-    return tmp, archs, outcomes
+    return tmp, archs, one, outcomes
+
+
+def test_engine_auto_is_composed_on_cpu(scored):
+    assert "archs/s, composed engine, " in scored[2]
 
 
 def test_two_processes_merge_into_the_one_process_file(scored):
-    tmp, archs, outcomes = scored
+    tmp, archs, _, outcomes = scored
     for rank, (code, err) in enumerate(outcomes):
         assert code == 0, err
         assert f"process {rank} of 2: scored 3 archs" in err
@@ -146,7 +150,7 @@ def test_two_processes_merge_into_the_one_process_file(scored):
 
 
 def test_merge_command_rebuilds_the_file_from_the_parts(scored, capsys):
-    tmp, _, _ = scored
+    tmp = scored[0]
     parts = [str(part_path(tmp / "two.csv", rank, 2)) for rank in (0, 1)]
     out = tmp / "by_hand.csv"
     assert main(["merge", *parts, "--out", str(out), "--proxies", PROXIES]) == 0
@@ -175,12 +179,29 @@ def _foreign(tmp: Path, change: dict) -> str:
     ],
 )
 def test_merge_refuses_parts_that_are_not_one_run(scored, capsys, second, message):
-    tmp, _, _ = scored
+    tmp = scored[0]
     first = str(part_path(tmp / "two.csv", 0, 2))
     out = tmp / "refused.csv"
     assert main(["merge", first, second(tmp), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("wrcor-jax: error:") and "\n" not in err and message in err
+    assert not out.exists()
+
+
+def test_stale_part_of_another_seed_fails_both_processes_in_one_line(scored, job):
+    """Process 1 refuses its part file scored with another seed; process 0 learns it through
+    the coordination service instead of waiting, and nothing is merged."""
+    tmp = scored[0]
+    out = tmp / "stale.csv"
+    stale = part_path(out, 1, 2)
+    shutil.copy(_foreign(tmp, {"seed": 7}), stale)
+    shutil.copy(f"{_foreign(tmp, {'seed': 7})}.json", f"{stale}.json")
+    args, port = _score_args(tmp, out), _free_port()
+    procs = [job.launch(args, port, rank) for rank in (0, 1)]
+    (code0, err0), (code1, err1) = (job.finish(proc) for proc in procs)
+    assert code1 == 1 and err1.splitlines()[-1].startswith("wrcor-jax: error: ")
+    assert "was scored with seed 7" in err1.splitlines()[-1]
+    assert code0 == 1 and "error: process 1 failed: " in err0.splitlines()[-1]
     assert not out.exists()
 
 
@@ -201,7 +222,7 @@ def test_unreachable_coordinator_fails_in_one_line(tmp_path, capsys):
 def test_killed_process_resumes_its_part(scored, job):
     """Process 1 is killed (SIGKILL) after its first row; restarted with the same arguments
     it rejoins the job, scores only what its part lacks, and the merge is the same."""
-    tmp, _, _ = scored
+    tmp = scored[0]
     out = tmp / "killed.csv"
     args, port = _score_args(tmp, out), _free_port()
     first = job.launch(args, port, 0)
@@ -219,3 +240,22 @@ def test_killed_process_resumes_its_part(scored, job):
     assert f"({kept} already in the file)" in err
     assert job.finish(first)[0] == 0
     assert _rows(out) == _rows(tmp / "one.csv")
+
+
+@pytest.mark.slow
+def test_vmap_engine_spreads_a_chunk_over_4_local_devices(scored, job):
+    """NB201 (the MobileNetV2 vmap engine runs on one device): 3 archs in a chunk of 4 (one
+    slot of padding) over 4 forced host devices score as the composed engine does, to
+    test_vmap_engine's tolerance. One vmap compilation: ~8 min on 2 loaded cores."""
+    tmp, archs, _, _ = scored
+    (tmp / "three.txt").write_text("\n".join(archs[:3]) + "\n")
+    out = tmp / "vmap4.csv"
+    args = [*_score_args(tmp, out, "three.txt"), "--engine", "vmap", "--chunk-size", "4"]
+    flags = "--xla_force_host_platform_device_count=4"
+    code, err = job.finish(job.start(args, "vmap4", XLA_FLAGS=flags), limit=1800)
+    assert code == 0, err
+    assert "vmap engine on 4 device(s)" in err
+    composed = {row[0]: row for row in _rows(tmp / "one.csv")[1]}
+    for arch, *scores in _rows(out)[1]:
+        expected = [float(v) for v in composed[arch][1:3]]
+        assert [float(v) for v in scores[:2]] == pytest.approx(expected, rel=1e-5)

@@ -339,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--seed", type=int, default=42, help="init and batch seed")
     score.add_argument("--batch-size", type=int, default=64)
-    score.add_argument("--engine", default="composed", choices=["composed", "vmap"])
+    score.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "composed", "vmap"],
+        help="auto: composed on CPU, vmap (over every local device) on GPU/TPU",
+    )
     score.add_argument("--chunk-size", type=int, default=8, help="archs per appended chunk")
     score.add_argument("--workers", type=int, default=2, help="archs in flight (composed)")
     score.add_argument("--out", required=True, help="results CSV (appended, resumable)")

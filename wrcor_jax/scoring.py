@@ -5,7 +5,10 @@ compiled pieces) and turns chunks of architectures into proxy scores. Two engine
 - `composed` (default): compiled pieces composed per architecture in Python; the fast path
   on CPU, where vmap would run all five ops of every edge;
 - `vmap`: the traced-architecture Flax network vmapped over a chunk of architectures (fixed
-  chunk size, last chunk padded, so one compilation); meant for GPUs and TPUs.
+  chunk size, last chunk padded, so one compilation); meant for GPUs and TPUs. The chunk's
+  architecture axis is sharded over a mesh of every local device (the chunk is padded to a
+  multiple of their count), so each device runs its slice of the chunk;
+- `auto`: composed on CPU, vmap on GPU and TPU (`resolve_engine`, when scoring starts).
 On CPU the composed engine keeps about one core busy per architecture, so `workers`
 architectures are scored concurrently from threads (XLA releases the GIL while it runs).
 `score_archs` drives a run: validation first, then chunks appended to the results file.
@@ -25,6 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from wrcor_jax.compilation import CompileCounter
@@ -39,7 +44,7 @@ from wrcor_jax.spaces.nb201_engine import NB201Engine
 from wrcor_jax.spaces.nb201_measures import MEASUREMENTS, NB201Measurer
 from wrcor_jax.vote import VoteColumn, vote_scores
 
-ENGINES = ("composed", "vmap")
+ENGINES = ("auto", "composed", "vmap")
 GRADIENT_MEASUREMENTS = frozenset({"loss_grads", "half_batch_grads", "synflow_grads"})
 
 
@@ -70,6 +75,15 @@ class ScoreConfig:
             raise ValueError("batch size must be >= 2, chunk size and workers >= 1")
 
 
+def resolve_engine(engine: str) -> str:
+    """`auto` -> the engine this backend runs fastest: composed on CPU (vmap would run all
+    five ops of every edge), vmap elsewhere. Touches the backend, so it runs only once
+    scoring starts (after `jax.distributed.initialize`, when there is one)."""
+    if engine != "auto":
+        return engine
+    return "composed" if jax.default_backend() == "cpu" else "vmap"
+
+
 class NB201Scorer:
     """Scores NB201 architectures on one batch with one set of (seeded) supernet weights.
 
@@ -79,7 +93,7 @@ class NB201Scorer:
 
     def __init__(self, config: ScoreConfig):
         CompileCounter.install()
-        self.config = config
+        self.config = config = dataclasses.replace(config, engine=resolve_engine(config.engine))
         info = get_dataset_info(config.dataset)
         images, labels = load_batch(
             config.dataset, config.batch_size, config.seed, config.data, config.data_dir
@@ -113,15 +127,31 @@ class NB201Scorer:
                 self.engine.site_sums, params=self.params, images=self.images, labels=self.labels
             )
             return self._map(one, ops)
-        size = self.config.chunk_size
+        fn, archs, shared = self._sharded
+        devices = archs.mesh.size
+        size = -(-self.config.chunk_size // devices) * devices
         out = []
         for start in range(0, len(ops), size):
             chunk = ops[start : start + size]
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
-            fn = vmapped_site_sums(self.num_classes)
-            sums, counts = jax.device_get(fn(self.params, padded, self.images, self.labels))
+            sums, counts = jax.device_get(fn(shared[0], jax.device_put(padded, archs), *shared[1:]))
             out += [SiteSums.from_stacked(sums[i], counts[i]) for i in range(len(chunk))]
         return out
+
+    @functools.cached_property
+    def _sharded(self) -> tuple:
+        """The vmapped site sums with the architecture axis sharded over a mesh of every
+        local device (each process of a multi-host run scores its own share), the sharding
+        of the architectures, and the weights and batch replicated on every device."""
+        mesh = Mesh(np.array(jax.local_devices()), ("archs",))
+        archs, replicated = NamedSharding(mesh, P("archs")), NamedSharding(mesh, P())
+        fn = jax.jit(
+            vmapped_site_sums(self.num_classes),
+            in_shardings=(replicated, archs, replicated, replicated),
+            out_shardings=archs,
+        )
+        shared = jax.device_put((self.params, self.images, self.labels), replicated)
+        return fn, archs, shared
 
     def measure(self, ops: np.ndarray, measurements: Collection[str | None]) -> dict:
         """The non-engine `measurements` of one architecture (gradient trees cut to its
@@ -176,6 +206,7 @@ class RunSummary:
     compile_seconds: float
     votes: tuple[str, ...] = ()  # vote columns filled at the end, over `rows` rows
     rows: int = 0
+    engine: str = ""  # the engine that scored, e.g. "vmap engine on 4 devices"; "": none
 
     @property
     def archs_per_second(self) -> float:
@@ -185,7 +216,8 @@ class RunSummary:
         text = (
             f"scored {self.archs} archs ({self.skipped} already in the file) in "
             f"{self.seconds:.1f} s, {self.archs_per_second:.2f} archs/s, "
-            f"{self.compilations} compilations ({self.compile_seconds:.1f} s)"
+            + (f"{self.engine}, " if self.engine else "")
+            + f"{self.compilations} compilations ({self.compile_seconds:.1f} s)"
         )
         if self.votes:
             text += f"; {len(self.votes)} vote column(s) filled over {self.rows} rows"
@@ -259,10 +291,14 @@ def score_archs(
     check_meta(out, config, bool(done))
     todo = [(text, arch) for text, arch in unique.items() if text not in done]
     start, compiles, compile_s = time.perf_counter(), CompileCounter.count, CompileCounter.seconds
-    scorer = space.scorer(config) if todo else None
+    engine = resolve_engine(config.engine) if todo else ""
+    scorer = space.scorer(dataclasses.replace(config, engine=engine)) if todo else None
     if todo:
         write_meta(out, batch_meta(config) | dict(meta or {}))
-    bar = tqdm(total=len(todo), unit="arch", file=sys.stderr, disable=not progress)
+    if engine:  # said in the progress line; only NB201's vmap engine spreads over devices
+        sharded = engine == "vmap" and config.space == "nb201"
+        engine += f" engine on {jax.local_device_count()} device(s)" if sharded else " engine"
+    bar = tqdm(total=len(todo), desc=engine, unit="arch", file=sys.stderr, disable=not progress)
     for begin in range(0, len(todo), config.chunk_size):
         chunk = todo[begin : begin + config.chunk_size]
         scores = scorer.score([arch for _, arch in chunk])
@@ -280,4 +316,5 @@ def score_archs(
         compile_seconds=CompileCounter.seconds - compile_s,
         votes=tuple(v.name for v in votes),
         rows=rows,
+        engine=engine,
     )
