@@ -218,6 +218,16 @@ def test_unreachable_coordinator_fails_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "r.csv.part-1-of-2").exists()
 
 
+def test_distributed_auto_without_a_job_fails_in_one_line(tmp_path, capsys, monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "archs.txt").write_text(get_space("nb201").draw(1, 0)[0] + "\n")
+    args = _score_args(tmp_path, tmp_path / "r.csv")
+    assert main([*args, "--distributed", "auto"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wrcor-jax: error: no jax.distributed job found") and "\n" not in err
+
+
 @pytest.mark.slow
 def test_killed_process_resumes_its_part(scored, job):
     """Process 1 is killed (SIGKILL) after its first row; restarted with the same arguments

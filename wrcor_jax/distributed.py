@@ -108,9 +108,15 @@ def connect(
     if coordinator and process_id:
         _wait_for(coordinator, timeout)
     jax.config.update("jax_enable_recoverability", True)
-    jax.distributed.initialize(
-        coordinator, num_processes, process_id, initialization_timeout=timeout
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator, num_processes, process_id, initialization_timeout=timeout
+        )
+    except ValueError as exc:  # nothing given and no cluster detected
+        raise ValueError(
+            f"no jax.distributed job found ({exc}): give --coordinator, --num-processes and "
+            "--process-id, or set $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID"
+        ) from None
     return Cluster(jax.process_index(), jax.process_count())
 
 
