@@ -107,7 +107,8 @@ def main() -> None:
         score = mbv2_wrcor(engine.site_sums(arch, init_params(arch, 42, 10), images, labels, 10))
         seconds.append(time.perf_counter() - tick)
         budget.check()
-        print(f"{count:4d} {arch.resolution} {seconds[-1]:6.2f}s wrcor {score:.4f}", flush=True)
+        shown = "(traced)" if keys else f"wrcor {score:.4f}"
+        print(f"{count:4d} {arch.resolution} {seconds[-1]:6.2f}s {shown}", flush=True)
         if count in checkpoints:
             row = {
                 "archs": count,
