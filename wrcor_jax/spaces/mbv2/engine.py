@@ -508,8 +508,9 @@ class MBV2Engine:
     ) -> tuple[jax.Array, jax.Array | None]:
         """Chain the recorded pieces' backwards from the logits' cotangent, summing the
         cotangents of arrays read by several pieces (a sub-block's input feeds its expand
-        and its shortcut or residual) inside the backward of the reader run last. Adds the gradient terms at `kinds`; returns the
-        gradient at the images and, with `saliency`, the sum of |w * dw| over the kernels."""
+        and its shortcut or residual) inside the backward of the reader run last. Adds the
+        gradient terms at `kinds`; returns the gradient at the images and, with `saliency`,
+        the sum of |w * dw| over the kernels."""
         pending: dict[int, jax.Array] = {}
         logits = self._calls[-1][1].outputs[0]
         pending[id(logits)] = cotangent
