@@ -209,7 +209,10 @@ def _interval(ci: Sequence[float] | None) -> str:
 
 
 def _search(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from wrcor_jax.benchmarks.nb201 import load_ground_truth
+    from wrcor_jax.scoring import resolve_engine
     from wrcor_jax.search import ALGORITHMS, cached_fitness
 
     space = _space(args)
@@ -218,6 +221,8 @@ def _search(args: argparse.Namespace) -> None:
         raise ValueError(f"--ground-truth is NAS-Bench-201's; the {args.space} space has none")
     truth = load_ground_truth(args.ground_truth) if args.ground_truth else None
     _use_compile_cache(args)
+    # resolved here: the spaces' scorers take composed or vmap (search has no progress line)
+    config = replace(config, engine=resolve_engine(config.engine))
     fitness = cached_fitness(config, args.cache_dir)
     if args.cache_preload:
         added = fitness.cache.preload(args.cache_preload)
@@ -411,7 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--data", help="local .npz of training images (default: tfds)")
     search.add_argument("--data-dir", help="tfds data_dir")
     search.add_argument("--batch-size", type=int, default=64)
-    search.add_argument("--engine", default="composed", choices=["composed", "vmap"])
+    search.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "composed", "vmap"],
+        help="auto: composed on CPU, vmap on GPU/TPU",
+    )
     search.add_argument("--workers", type=int, default=2, help="archs in flight (composed)")
     search.add_argument("--children", type=int, help="evolution: mutants per generation (1)")
     search.add_argument("--flops-limit", help="search under this many FLOPs, e.g. 600M (mbv2)")
