@@ -35,7 +35,9 @@ class Network:
 
     def module(self, norm: NormMode) -> nn.Module:
         if self.space == "mbv2":
-            return mbv2_network.MBV2Network(self.arch, self.num_classes, self.dtype, norm)
+            return mbv2_network.MBV2Network(
+                self.arch, self.num_classes, self.dtype, norm, mbv2_network.depthwise_conv2d_taps
+            )
         return nb201.NB201Network(self.num_classes, norm)
 
     def _inputs(self, images: jax.Array) -> tuple:

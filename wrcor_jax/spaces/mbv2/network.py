@@ -139,6 +139,25 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Ar
     )
 
 
+def depthwise_conv2d_taps(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+    """`depthwise_conv2d` as the sum over taps of a strided slice times its weights: the
+    same sums in another order (equal in float64), 3x faster forward and backward on
+    XLA:CPU, a MobileNetV2 training step 6x faster. The trainer's choice; scoring keeps the
+    grouped conv, whose float32 summation order its parity bars were measured with."""
+    k = kernel.shape[0]
+    pad = (k - 1) // 2
+    n, h, w, c = x.shape
+    h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = jnp.zeros((n, h_out, w_out, c), x.dtype)
+    for i in range(k):
+        for j in range(k):
+            end = (n, i + (h_out - 1) * stride + 1, j + (w_out - 1) * stride + 1, c)
+            tap = jax.lax.slice(padded, (0, i, j, 0), end, (1, stride, stride, 1))
+            out = out + tap * kernel[i, j, 0]
+    return out
+
+
 def conv_bn(
     w: dict,
     x: jax.Array,
@@ -180,12 +199,13 @@ def inverted_residual(
     stride: int = 1,
     probe: Probe = no_probe,
     norm: Norm = batch_statistics,
+    depthwise: Callable = depthwise_conv2d,
 ) -> jax.Array:
     """One sub-block of a SuperResIDWE{e}K{k} block: expand (1x1), depthwise (k x k, stride),
     SE, project (1x1), plus the shortcut (`projection` when `w` has one, else identity), then
     ReLU. Sites in order: `expand`, `depthwise`, `se`, `out` (after the residual add)."""
     h = jax.nn.relu(probe("expand", conv_bn(w["expand"], x, norm=norm, name="expand")))
-    h = conv_bn(w["depthwise"], h, stride, depthwise_conv2d, norm, "depthwise")
+    h = conv_bn(w["depthwise"], h, stride, depthwise, norm, "depthwise")
     h = jax.nn.relu(probe("depthwise", h))
     h = conv_bn(w["project"], squeeze_excite(w["se"], h, probe, norm), norm=norm, name="project")
     shortcut = projection(w["shortcut"], x, stride, norm) if "shortcut" in w else x
@@ -296,6 +316,7 @@ class InvertedResidual(nn.Module):
     first: bool
     dtype: Any = jnp.float32
     norm: NormMode = "batch"
+    depthwise: Callable = depthwise_conv2d
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -319,6 +340,7 @@ class InvertedResidual(nn.Module):
             stride,
             lambda name, v: sites[name](v),
             _module_norm(self, self.norm),
+            self.depthwise,
         )
 
 
@@ -328,11 +350,15 @@ class ResBlockStack(nn.Module):
     block: ResBlock
     dtype: Any = jnp.float32
     norm: NormMode = "batch"
+    depthwise: Callable = depthwise_conv2d
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.block.layers):
-            layer = InvertedResidual(self.block, j == 0, self.dtype, self.norm, name=layer_name(j))
+            first = j == 0
+            layer = InvertedResidual(
+                self.block, first, self.dtype, self.norm, self.depthwise, name=layer_name(j)
+            )
             x = layer(x)
         return x
 
@@ -367,20 +393,25 @@ class MBV2Network(nn.Module):
     `dtype` is the computation dtype: images and weights are cast to it (float64 for parity
     checks needs `jax.enable_x64`). `norm` is "batch" for scoring (batch statistics, no
     state); the trainer uses "train" and "eval", with running averages in `batch_stats`
-    (`wrcor_jax.spaces.running_norm`).
+    (`wrcor_jax.spaces.running_norm`). `depthwise` computes the depthwise convs (the trainer
+    takes `depthwise_conv2d_taps`).
     """
 
     arch: MBV2Arch
     num_classes: int = 1000
     dtype: Any = jnp.float32
     norm: NormMode = "batch"
+    depthwise: Callable = depthwise_conv2d
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         x = resize_bilinear(jnp.asarray(images, self.dtype), self.arch.resolution)
         for index, block in enumerate(self.arch.blocks):
-            stack = ConvStack if isinstance(block, ConvBlock) else ResBlockStack
-            x = stack(block, self.dtype, self.norm, name=block_name(index))(x)
+            name = block_name(index)
+            if isinstance(block, ConvBlock):
+                x = ConvStack(block, self.dtype, self.norm, name=name)(x)
+            else:
+                x = ResBlockStack(block, self.dtype, self.norm, self.depthwise, name=name)(x)
         kernel_shape = (self.arch.last_width, self.num_classes)
         w = BiasedWeights(kernel_shape, name="classifier")()
         return classify(_cast(w, self.dtype), x)
