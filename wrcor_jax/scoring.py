@@ -207,6 +207,7 @@ class RunSummary:
     votes: tuple[str, ...] = ()  # vote columns filled at the end, over `rows` rows
     rows: int = 0
     engine: str = ""  # the engine that scored, e.g. "vmap engine on 4 devices"; "": none
+    loads: int = 0  # compiled programs read back from the persistent cache instead
 
     @property
     def archs_per_second(self) -> float:
@@ -218,6 +219,7 @@ class RunSummary:
             f"{self.seconds:.1f} s, {self.archs_per_second:.2f} archs/s, "
             + (f"{self.engine}, " if self.engine else "")
             + f"{self.compilations} compilations ({self.compile_seconds:.1f} s)"
+            + (f", {self.loads} programs from the compile cache" if self.loads else "")
         )
         if self.votes:
             text += f"; {len(self.votes)} vote column(s) filled over {self.rows} rows"
@@ -291,6 +293,7 @@ def score_archs(
     check_meta(out, config, bool(done))
     todo = [(text, arch) for text, arch in unique.items() if text not in done]
     start, compiles, compile_s = time.perf_counter(), CompileCounter.count, CompileCounter.seconds
+    loads = CompileCounter.loads
     engine = resolve_engine(config.engine) if todo else ""
     scorer = space.scorer(dataclasses.replace(config, engine=engine)) if todo else None
     if todo:
@@ -317,4 +320,5 @@ def score_archs(
         votes=tuple(v.name for v in votes),
         rows=rows,
         engine=engine,
+        loads=CompileCounter.loads - loads,
     )
