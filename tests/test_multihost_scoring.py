@@ -218,14 +218,17 @@ def test_unreachable_coordinator_fails_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "r.csv.part-1-of-2").exists()
 
 
-def test_distributed_auto_without_a_job_fails_in_one_line(tmp_path, capsys, monkeypatch):
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        monkeypatch.delenv(name, raising=False)
+def test_distributed_auto_without_a_job_fails_in_one_line(tmp_path):
+    """In a fresh process, as a user runs it: this one's JAX backend is already started."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     (tmp_path / "archs.txt").write_text(get_space("nb201").draw(1, 0)[0] + "\n")
     args = _score_args(tmp_path, tmp_path / "r.csv")
-    assert main([*args, "--distributed", "auto"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("wrcor-jax: error: no jax.distributed job found") and "\n" not in err
+    command = [sys.executable, "-m", "wrcor_jax.cli", *args, "--distributed", "auto"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LIMIT_S)
+    assert run.returncode == 1
+    err = run.stderr.strip().splitlines()[-1]
+    assert err.startswith("wrcor-jax: error: no jax.distributed job found")
+    assert not (tmp_path / "r.csv").exists()
 
 
 @pytest.mark.slow

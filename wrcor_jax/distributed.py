@@ -117,6 +117,8 @@ def connect(
             f"no jax.distributed job found ({exc}): give --coordinator, --num-processes and "
             "--process-id, or set $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID"
         ) from None
+    except RuntimeError as exc:  # JAX already started in this process (library use)
+        raise ValueError(f"cannot join a jax.distributed job: {exc}") from None
     return Cluster(jax.process_index(), jax.process_count())
 
 
