@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.multihost import Job
 from wrcor_jax.spaces import nb201
 from wrcor_jax.spaces.nb201_engine import NB201Engine
 
@@ -59,3 +60,13 @@ def one_torch_thread():
 def engine() -> NB201Engine:
     """One composed engine for the whole session, so its pieces compile once."""
     return NB201Engine()
+
+
+@pytest.fixture
+def job(tmp_path):
+    """Processes of a `jax.distributed` job, killed at the end if still running."""
+    job = Job(tmp_path)
+    try:
+        yield job
+    finally:
+        job.kill_all()

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,19 +21,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SAMPLE, SMALL_BATCH, require
+from tests.multihost import LIMIT_S, Job, free_port
 from wrcor_jax.cli import main
 from wrcor_jax.distributed import part_path, share
 from wrcor_jax.results import ResultsFile
 from wrcor_jax.spaces import get_space
 
 PROXIES = "wrcor,act_cor,vote(wrcor,act_cor)"
-LIMIT_S = 240  # a bound for any one process; each takes ~20 s on a quiet 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _score_args(tmp: Path, out: Path, archs: str = "archs.txt") -> list[str]:
@@ -58,49 +51,6 @@ def _score_args(tmp: Path, out: Path, archs: str = "archs.txt") -> list[str]:
     ]
 
 
-class Job:
-    """Processes of one command, their stderr in files; `kill_all` ends what still runs."""
-
-    def __init__(self, tmp: Path):
-        self.tmp, self.procs, self.logs = tmp, [], []
-
-    def start(self, args: list[str], name: str, **env: str) -> subprocess.Popen:
-        log = self.tmp / f"{name}.{len(self.logs)}.log"
-        env = os.environ | {"JAX_PLATFORMS": "cpu"} | env
-        with log.open("w") as f:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "wrcor_jax.cli", *args], stderr=f, stdout=f, env=env
-            )
-        self.procs.append(proc)
-        self.logs.append(log)
-        return proc
-
-    def launch(self, args: list[str], port: int, rank: int, n: int = 2) -> subprocess.Popen:
-        hosts = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n)]
-        return self.start([*args, *hosts, "--process-id", str(rank)], f"p{rank}")
-
-    def finish(self, proc: subprocess.Popen, limit: float = LIMIT_S) -> tuple[int, str]:
-        """Exit code and the lines of stderr that are not JAX's own logging."""
-        code = proc.wait(timeout=limit)
-        text = self.logs[self.procs.index(proc)].read_text()
-        return code, "\n".join(line for line in text.splitlines() if line[:1] not in "IWE")
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture
-def job(tmp_path):
-    job = Job(tmp_path)
-    try:
-        yield job
-    finally:
-        job.kill_all()
-
-
 def _rows(path: Path) -> tuple[list[str], list[list[str]]]:
     with path.open(newline="") as f:
         header, *rows = csv.reader(f)
@@ -117,7 +67,7 @@ def scored(tmp_path_factory):
     try:
         code, one = job.finish(job.start(_score_args(tmp, tmp / "one.csv"), "one"))
         assert code == 0, one
-        port = _free_port()
+        port = free_port()
         args = _score_args(tmp, tmp / "two.csv")
         procs = [job.launch(args, port, rank) for rank in (0, 1)]
         outcomes = [job.finish(proc) for proc in procs]
@@ -196,7 +146,7 @@ def test_stale_part_of_another_seed_fails_both_processes_in_one_line(scored, job
     stale = part_path(out, 1, 2)
     shutil.copy(_foreign(tmp, {"seed": 7}), stale)
     shutil.copy(f"{_foreign(tmp, {'seed': 7})}.json", f"{stale}.json")
-    args, port = _score_args(tmp, out), _free_port()
+    args, port = _score_args(tmp, out), free_port()
     procs = [job.launch(args, port, rank) for rank in (0, 1)]
     (code0, err0), (code1, err1) = (job.finish(proc) for proc in procs)
     assert code1 == 1 and err1.splitlines()[-1].startswith("wrcor-jax: error: ")
@@ -208,7 +158,7 @@ def test_stale_part_of_another_seed_fails_both_processes_in_one_line(scored, job
 def test_unreachable_coordinator_fails_in_one_line(tmp_path, capsys):
     (tmp_path / "archs.txt").write_text(get_space("nb201").draw(1, 0)[0] + "\n")
     args = _score_args(tmp_path, tmp_path / "r.csv")
-    hosts = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
+    hosts = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
     start = time.monotonic()
     code = main([*args, *hosts, "--process-id", "1", "--init-timeout", "2"])
     assert code == 1 and time.monotonic() - start < 10
@@ -237,7 +187,7 @@ def test_killed_process_resumes_its_part(scored, job):
     it rejoins the job, scores only what its part lacks, and the merge is the same."""
     tmp = scored[0]
     out = tmp / "killed.csv"
-    args, port = _score_args(tmp, out), _free_port()
+    args, port = _score_args(tmp, out), free_port()
     first = job.launch(args, port, 0)
     victim = job.launch(args, port, 1)
     part = part_path(out, 1, 2)

@@ -101,6 +101,7 @@ def test_same_seed_same_search(algo, tmp_path):
         ("evolution", {"vote": "soft", "children": 4}),
         ("reinforce", {}),
         ("reinforce", {"vote": "soft"}),
+        ("reinforce", {"draws": 7}),
     ],
 )
 @pytest.mark.parametrize("stop_after", [5, 90])
@@ -194,6 +195,21 @@ def test_reinforce_policy_moves_toward_reward(tmp_path):
     np.testing.assert_allclose(policy.sum(axis=1), 1, atol=1e-5)
     assert (policy.argmax(axis=1) == 3).all()
     assert (policy[:, 3] > 0.21).all()  # from 0.2
+
+
+def test_batched_reinforce_draws_a_round_from_one_policy(tmp_path):
+    """draws=5: each round's five architectures are scored in one call; the policy still
+    learns; draws=1 is the reference course (its search.json names no draws)."""
+    scorer = OneProxy()
+    calls = []
+    score = scorer.score
+    scorer.score = lambda ops: calls.append(len(np.atleast_2d(ops))) or score(ops)
+    found = reinforce(scorer, 400, 0, tmp_path / "five", draws=5)
+    assert calls[-60:] == [5] * 60  # after the warm-up's chunks, 60 rounds of 5
+    assert (np.array(found.details["policy"]).argmax(axis=1) == 3).all()
+    assert json.loads((tmp_path / "five" / "search.json").read_text())["options"]["draws"] == 5
+    reinforce(Toy(), 30, 0, tmp_path / "one", warmup=20)
+    assert "draws" not in json.loads((tmp_path / "one" / "search.json").read_text())["options"]
 
 
 def test_criterion_single_proxy_hard_and_soft():
@@ -331,6 +347,7 @@ def test_cli_search_from_a_preloaded_cache(tmp_path, capsys):
         (["--out", str(tmp_path / "out"), "--seed", "1"], "another search"),
         (["--out", str(tmp_path / "o2"), "--budget", "0"], "positive"),
         (["--out", str(tmp_path / "o3"), "--algo", "random", "--children", "2"], "--children"),
+        (["--out", str(tmp_path / "o5"), "--draws", "2"], "--draws applies to --algo reinforce"),
         (["--out", str(tmp_path / "o4"), "--proxies", "nope"], "unknown proxy"),
     ]:
         assert main([*base, *extra]) == 1

@@ -102,8 +102,8 @@ def _score(args: argparse.Namespace) -> None:
     proxies, votes = parse_columns(args.proxies, PROXIES)
     config = _score_config(args, proxies, args.seed, chunk_size=args.chunk_size)
     _use_compile_cache(args)
-    hosts = (args.coordinator, args.num_processes, args.process_id)
-    if args.distributed == "off" and hosts == (None, None, None):
+    cluster = _join(args)
+    if cluster is None:
         summary = score_archs(
             _select_archs(args), config, args.out, progress=not args.quiet, votes=votes
         )
@@ -111,9 +111,6 @@ def _score(args: argparse.Namespace) -> None:
         return
     from wrcor_jax import distributed
 
-    cluster = distributed.connect(
-        args.coordinator, args.num_processes, args.process_id, args.init_timeout
-    )
     summary, outcome = distributed.score_share(
         _select_archs(args), config, args.out, cluster, not args.quiet, votes, args.wait_timeout
     )
@@ -213,8 +210,9 @@ def _search(args: argparse.Namespace) -> None:
 
     from wrcor_jax.benchmarks.nb201 import load_ground_truth
     from wrcor_jax.scoring import resolve_engine
-    from wrcor_jax.search import ALGORITHMS, cached_fitness
+    from wrcor_jax.search import cached_fitness
 
+    cluster = _join(args)
     space = _space(args)
     config = _score_config(args, parse_proxies(args.proxies), args.score_seed)
     if args.ground_truth and args.space != "nb201":
@@ -223,32 +221,64 @@ def _search(args: argparse.Namespace) -> None:
     _use_compile_cache(args)
     # resolved here: the spaces' scorers take composed or vmap (search has no progress line)
     config = replace(config, engine=resolve_engine(config.engine))
-    fitness = cached_fitness(config, args.cache_dir)
+    options = {}
+    for flag, key, algo in _ALGO_OPTIONS:
+        value = getattr(args, flag)
+        if value is not None:
+            if args.algo != algo:
+                raise ValueError(f"--{flag} applies to --algo {algo} only")
+            options[key] = value
+    cache_dir, out = args.cache_dir, args.out
+    if cluster is not None:  # process I > 0 writes below OUT (and CACHE_DIR), never beside 0
+        from wrcor_jax.distributed import search_dir
+
+        where = (cluster.process_id, cluster.num_processes)
+        out = search_dir(args.out, *where)
+        cache_dir = cache_dir and search_dir(cache_dir, *where)
+    fitness = cached_fitness(config, cache_dir)
     if args.cache_preload:
         added = fitness.cache.preload(args.cache_preload)
         print(f"preloaded {added} scores from {args.cache_preload}", file=sys.stderr)
-    options = {}
-    if args.children is not None:
-        if args.algo != "evolution":
-            raise ValueError("--children applies to --algo evolution only")
-        options["children"] = args.children
-    result = ALGORITHMS[args.algo](
-        fitness,
-        args.budget,
-        args.seed,
-        args.out,
-        vote=args.vote,
-        ground_truth=truth,
-        progress=not args.quiet,
-        space=space,
-        **options,
-    )
+    result = _run_search(args, fitness, cluster, out, space, truth, options)
     print(
         f"best {result.best_arch} after {result.evaluations} evaluations in "
         f"{result.seconds:.1f} s ({fitness.scored} scored, {fitness.hits} from the cache)",
         file=sys.stderr,
     )
     print(jsonio.dumps(result.as_dict()))
+
+
+_ALGO_OPTIONS = (  # search flag, the algorithm's keyword, the algorithm
+    ("population", "population_size", "evolution"),
+    ("children", "children", "evolution"),
+    ("draws", "draws", "reinforce"),
+)
+
+
+def _run_search(args, fitness, cluster, out, space, truth, options):
+    """The search of `args`, its batches shared among the processes of `cluster` if any."""
+    from wrcor_jax.search import ALGORITHMS
+
+    shared = None
+    if cluster is not None:
+        from wrcor_jax.distributed import SharedFitness
+
+        shared = SharedFitness(fitness, cluster, args.wait_timeout)
+    try:
+        return ALGORITHMS[args.algo](
+            shared or fitness,
+            args.budget,
+            args.seed,
+            out,
+            vote=args.vote,
+            ground_truth=truth,
+            progress=not args.quiet,
+            space=space,
+            **options,
+        )
+    finally:
+        if shared is not None:
+            shared.leave()
 
 
 def _describe(args: argparse.Namespace) -> None:
@@ -319,6 +349,39 @@ def _use_compile_cache(args: argparse.Namespace) -> None:
     use_persistent_cache(directory)
 
 
+def _add_hosts_options(command: argparse.ArgumentParser, what: str, waits_for: str) -> None:
+    """The `jax.distributed` options of a command that can run on many hosts."""
+    hosts = command.add_argument_group(f"many hosts (jax.distributed; {what})")
+    hosts.add_argument(
+        "--distributed",
+        default="off",
+        choices=["off", "auto"],
+        help="auto: join a job from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, "
+        "$JAX_PROCESS_ID or JAX's cluster detection (Cloud TPU, SLURM); implied by the options "
+        "below",
+    )
+    hosts.add_argument("--coordinator", help="HOST:PORT of process 0")
+    hosts.add_argument("--num-processes", type=int)
+    hosts.add_argument("--process-id", type=int)
+    hosts.add_argument(
+        "--init-timeout", type=int, default=300, help="seconds to reach the coordinator"
+    )
+    hosts.add_argument(
+        "--wait-timeout", type=float, default=86400.0, help=f"seconds to wait for {waits_for}"
+    )
+
+
+def _join(args: argparse.Namespace):
+    """The command's place in a `jax.distributed` job, or None when it runs alone; must run
+    before anything starts a JAX backend."""
+    hosts = (args.coordinator, args.num_processes, args.process_id)
+    if args.distributed == "off" and hosts == (None, None, None):
+        return None
+    from wrcor_jax import distributed
+
+    return distributed.connect(*hosts, args.init_timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `wrcor-jax` argument parser."""
     from wrcor_jax.spaces import SPACES
@@ -355,29 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True, help="results CSV (appended, resumable)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_compile_cache_options(score)
-    hosts = score.add_argument_group(
-        "many hosts (jax.distributed; each process scores its share into OUT.part-I-of-N, "
-        "process 0 merges them into OUT)"
-    )
-    hosts.add_argument(
-        "--distributed",
-        default="off",
-        choices=["off", "auto"],
-        help="auto: join a job from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, "
-        "$JAX_PROCESS_ID or JAX's cluster detection (Cloud TPU, SLURM); implied by the options "
-        "below",
-    )
-    hosts.add_argument("--coordinator", help="HOST:PORT of process 0")
-    hosts.add_argument("--num-processes", type=int)
-    hosts.add_argument("--process-id", type=int)
-    hosts.add_argument(
-        "--init-timeout", type=int, default=300, help="seconds to reach the coordinator"
-    )
-    hosts.add_argument(
-        "--wait-timeout",
-        type=float,
-        default=86400.0,
-        help="seconds to wait for another process's part or the merge",
+    _add_hosts_options(
+        score,
+        "each process scores its share into OUT.part-I-of-N, process 0 merges them into OUT",
+        "another process's part or the merge",
     )
     score.set_defaults(run=_score)
 
@@ -423,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: composed on CPU, vmap on GPU/TPU",
     )
     search.add_argument("--workers", type=int, default=2, help="archs in flight (composed)")
+    search.add_argument("--population", type=int, help="evolution: population size (64)")
     search.add_argument("--children", type=int, help="evolution: mutants per generation (1)")
+    search.add_argument("--draws", type=int, help="reinforce: architectures per policy round (1)")
     search.add_argument("--flops-limit", help="search under this many FLOPs, e.g. 600M (mbv2)")
     search.add_argument("--out", required=True, help="folder: history.csv, result.json")
     search.add_argument("--ground-truth", help="NAS-Bench-201 accuracy CSV")
@@ -431,6 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--cache-preload", help="a `wrcor-jax score` file of this config")
     search.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_compile_cache_options(search)
+    _add_hosts_options(
+        search,
+        "every process runs the search and scores its share of each batch; process I > 0 "
+        "writes OUT/process-I-of-N",
+        "another process's scores",
+    )
     search.set_defaults(run=_search)
 
     describe = commands.add_parser("describe", help="block table, FLOPs and parameters")

@@ -1,4 +1,4 @@
-"""Scoring on many hosts through JAX's own distributed runtime (`jax.distributed`).
+"""Scoring and search on many hosts through JAX's own distributed runtime (`jax.distributed`).
 
 Every process of a job scores a fixed share of the architectures (every N-th of their sorted,
 distinct canonical texts) into its own part file next to `--out`, `results.csv.part-I-of-N`,
@@ -11,12 +11,18 @@ publishes the outcome, which every process prints.
 The service runs with JAX's recoverability switch on: a process killed mid-run and restarted
 with the same arguments rejoins the job and resumes its part while the others wait. If process
 0 (which hosts the service) dies, the whole job stops; re-running it resumes every part.
+
+A search runs the same program in every process (`SharedFitness`): each scores its share of
+every batch of candidates and reads the others' shares from the same store, so all take the
+one-process course and write the same history and result.json, process 0 into `--out` and
+process I into `--out/process-I-of-N` (`search_dir`).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import socket
@@ -40,6 +46,7 @@ from wrcor_jax.vote import VoteColumn, vote_scores
 
 SHARE_KEYS = ("process", "num_processes", "share")  # what a part's sidecar adds
 _PART_KEY, _OUTCOME_KEY = "wrcor_jax/part/{}", "wrcor_jax/merged"
+_BATCH_KEY = "wrcor_jax/search/{}/{}"  # a batch's digest, the process that scored a share
 _ERROR = "error: "  # what a failed process publishes instead of its part or the outcome
 
 
@@ -350,3 +357,66 @@ def _leave(client, cluster: Cluster) -> None:
     if cluster.process_id == 0:
         client.get_live_nodes(list(range(cluster.num_processes)))
     jax.distributed.shutdown()
+
+
+def search_dir(out: str | Path, process_id: int, num_processes: int) -> Path:
+    """Where process I of N keeps its copy of a search: `--out` for process 0, else
+    `OUT/process-I-of-N` (distinct even when the hosts share a filesystem)."""
+    if process_id == 0:
+        return Path(out)
+    return Path(out) / f"process-{process_id}-of-{num_processes}"
+
+
+class SharedFitness:
+    """A search's fitness split over the processes of a job.
+
+    Every process runs the same search program with the same seed, so all ask for the same
+    batches in the same order: each scores its share of a batch (every N-th of its sorted
+    distinct architectures, as `share`) with its own fitness and reads the other shares from
+    the key-value store. Every process's search so sees the same scores as a one-process
+    run. A batch's key is its content (and the fitness identity), so a process restarted
+    behind the others reads back the batches they have finished instead of waiting.
+    """
+
+    def __init__(self, fitness: Any, cluster: Cluster, wait_s: float = 86400.0):
+        self.fitness, self.cluster, self.wait_s = fitness, cluster, wait_s
+        self.proxies, self.identity = fitness.proxies, fitness.identity
+        self._client = _client()
+
+    @property
+    def space(self):
+        """The fitness's space."""
+        return self.fitness.space
+
+    def score(self, candidates: Sequence[Any]) -> list[list[float]]:
+        """One row of scores per candidate, the same in every process."""
+        rank, size = self.cluster.process_id, self.cluster.num_processes
+        texts = [self.space.format(arch) for arch in candidates]
+        by_text = dict(zip(texts, candidates, strict=True))
+        digest = hashlib.sha256("\n".join([self.identity, *sorted(by_text)]).encode())
+        key = _BATCH_KEY.format(digest.hexdigest()[:24], "{}")
+        mine = share(texts, rank, size)
+        try:
+            rows = self.fitness.score([by_text[text] for text in mine]) if mine else []
+        except (ValueError, OSError) as exc:
+            self._client.key_value_set_bytes(key.format(rank), f"{_ERROR}{exc}".encode(), True)
+            raise
+        self._client.key_value_set_bytes(key.format(rank), json.dumps(rows).encode(), True)
+        table = dict(zip(mine, rows, strict=True))
+        for other in range(size):
+            if other == rank:
+                continue
+            payload = _blocking_get(
+                self._client.blocking_key_value_get_bytes,
+                key.format(other),
+                self.wait_s,
+                f"process {other}'s scores",
+            )
+            if payload.startswith(_ERROR.encode()):
+                raise ResultsError(f"process {other} failed: {payload[len(_ERROR) :].decode()}")
+            table.update(zip(share(texts, other, size), json.loads(payload), strict=True))
+        return [table[text] for text in texts]
+
+    def leave(self) -> None:
+        """Leave the job in order (process 0, the service's host, last)."""
+        _leave(self._client, self.cluster)

@@ -174,6 +174,7 @@ def reinforce(
     warmup: int = 100,
     learning_rate: float = 1e-3,
     momentum: float = 0.9,
+    draws: int = 1,
 ) -> SearchResult:
     """REINFORCE with a factorised categorical policy: one categorical per decision of the
     space (NB201: 6 edges x 5 ops), logits start at 0. A draw the space rejects (over its
@@ -186,9 +187,26 @@ def reinforce(
     exponential moving average of the rewards (bias-corrected, current reward included);
     one Adam step per sampled architecture. `vote` only decides the best architecture.
     The final policy's probabilities are in the result's details.
+
+    With `draws` = k > 1 (the batched variant) each round draws k architectures from the
+    same policy and scores them in one fitness call (so a scorer or several processes can
+    work on them together), then takes their k steps in order; k = 1 is the reference.
     """
-    if warmup < 1 or learning_rate <= 0 or not 0 <= momentum < 1:
-        raise ValueError("warmup >= 1, learning rate > 0 and momentum in [0, 1) required")
+    if warmup < 1 or learning_rate <= 0 or not 0 <= momentum < 1 or draws < 1:
+        raise ValueError(
+            "warmup >= 1, learning rate > 0, momentum in [0, 1) and draws >= 1 required"
+        )
+
+    def draw(rng: np.random.Generator, logits: jax.Array, space: Space, counts: np.ndarray):
+        for _ in range(MAX_POLICY_DRAWS):
+            indices = _draw(rng, logits, counts)
+            arch = space.from_choices(indices)
+            if arch is not None:
+                return arch, indices
+        raise ValueError(
+            f"the policy drew no architecture within the {space.name} space's limits "
+            f"in {MAX_POLICY_DRAWS} tries"
+        )
 
     def program(evaluations: Evaluations, rng: np.random.Generator) -> dict[str, Any]:
         space = evaluations.space
@@ -205,26 +223,23 @@ def reinforce(
         state = optimizer.init(logits)
         ema, weight = 0.0, 0.0
         while evaluations.remaining:
-            for _ in range(MAX_POLICY_DRAWS):
-                indices = _draw(rng, logits, counts)
-                arch = space.from_choices(indices)
-                if arch is not None:
-                    break
-            else:
-                raise ValueError(
-                    f"the policy drew no architecture within the {space.name} space's limits "
-                    f"in {MAX_POLICY_DRAWS} tries"
-                )
-            z = zscores(evaluations.evaluate([arch]), reference=reference)[0]
-            z = np.where(np.isnan(z) | (z == -np.inf), low, np.where(z == np.inf, high, z))
-            reward = float(z.sum())
-            ema, weight = momentum * ema + (1 - momentum) * reward, momentum * weight + 1 - momentum
-            advantage = reward - ema / weight
-            logits, state = step(logits, state, jnp.asarray(indices, jnp.int32), advantage)
+            drawn = [
+                draw(rng, logits, space, counts) for _ in range(min(draws, evaluations.remaining))
+            ]
+            rows = evaluations.evaluate([arch for arch, _ in drawn])
+            for (_, indices), z in zip(drawn, zscores(rows, reference=reference), strict=True):
+                z = np.where(np.isnan(z) | (z == -np.inf), low, np.where(z == np.inf, high, z))
+                reward = float(z.sum())
+                ema = momentum * ema + (1 - momentum) * reward
+                weight = momentum * weight + 1 - momentum
+                advantage = reward - ema / weight
+                logits, state = step(logits, state, jnp.asarray(indices, jnp.int32), advantage)
         policy = _softmax(logits).round(6).tolist()
         return {"policy": [row[:n] for row, n in zip(policy, counts, strict=True)]}
 
     options = {"warmup": warmup, "learning_rate": learning_rate, "momentum": momentum}
+    if draws > 1:  # absent at 1, so the folders of searches from before the option resume
+        options["draws"] = draws
     return run_search(
         "reinforce",
         program,
