@@ -180,13 +180,35 @@ def _as_process(monkeypatch, index: int, count: int) -> None:
     monkeypatch.setattr(jax, "process_count", lambda: count)
 
 
-@pytest.mark.parametrize("records", [60, 61])
-def test_two_processes_read_disjoint_shares_covering_the_epoch(
-    monkeypatch, tmp_path: Path, records: int
-) -> None:
+def _process_batches(monkeypatch, cfg: DataConfig, global_batch: int, count: int) -> list:
+    """Each of `count` processes' first 3 local batches (seed 0)."""
+    shares = []
+    for index in range(count):
+        _as_process(monkeypatch, index, count)
+        shares.append(_take(iter(train_loader(cfg, global_batch, seed=0)), 3))
+    return shares
+
+
+def test_two_processes_interleave_into_the_one_process_batches(monkeypatch) -> None:
+    """Row k of process r's local batch j is row 2k + r of the one-process batch j: the same
+    record with the same augmentation (every one of SPEC 9's on), so the global batch of a
+    step does not depend on the process count."""
+    cfg = _sample_config(resolution=16)
+    (one,) = _process_batches(monkeypatch, cfg, 8, 1)
+    shares = _process_batches(monkeypatch, cfg, 8, 2)
+    for j, batch in enumerate(one):
+        for r, share in enumerate(shares):
+            assert share[j]["image"].shape == (4, 16, 16, 3)
+            np.testing.assert_array_equal(share[j]["image"], batch["image"][r::2])
+            np.testing.assert_array_equal(share[j]["label"], batch["label"][r::2])
+
+
+def test_processes_together_read_each_epoch_once(monkeypatch, tmp_path: Path) -> None:
+    """61 records, 2 processes, global batches of 10: the first 61 records read are an epoch
+    (the global sampler's; no remainder dropped per process), the next ones a reshuffle."""
     cfg = DataConfig(
         dataset="cifar10",
-        data=_indexed_npz(tmp_path / "i.npz", records, 4),
+        data=_indexed_npz(tmp_path / "i.npz", 61, 4),
         resolution=8,
         crop_pct=1.0,
         **OFF_ALL,
@@ -194,13 +216,10 @@ def test_two_processes_read_disjoint_shares_covering_the_epoch(
     shares = []
     for index in range(2):
         _as_process(monkeypatch, index, 2)
-        iterator = iter(train_loader(cfg, 10, seed=0))
-        epochs = [np.concatenate([_indices(b) for b in _take(iterator, 6)]) for _ in range(2)]
-        assert all(len(e) == len(set(e)) == 30 for e in epochs)  # 5 a batch, 30 an epoch
-        assert set(epochs[0]) == set(epochs[1]) and not np.array_equal(*epochs)  # reshuffled
-        shares.append(set(epochs[0]))
-    assert not shares[0] & shares[1]
-    assert len(shares[0] | shares[1]) == 60  # of 61: the remainder is dropped
+        shares.append([_indices(b) for b in _take(iter(train_loader(cfg, 10, seed=0)), 7)])
+    order = np.stack([np.concatenate(share) for share in shares], axis=1).reshape(-1)
+    assert sorted(order[:61]) == list(range(61)) and len(set(order[61:])) == 9
+    assert not np.array_equal(order[:9], order[61:])
 
 
 def test_eval_covers_every_example_once_across_processes(monkeypatch, tmp_path: Path) -> None:

@@ -2,9 +2,11 @@
 
 Sources are random access, so grain can shuffle, shard and checkpoint by index:
 ``tfds.data_source`` (ArrayRecord; records decode with Pillow or OpenCV, no TensorFlow at read
-time) or a local ``.npz`` (`NpzSource`). Each JAX process reads its own share of the records
-(``ShardByJaxProcess``) and yields process-local batches; the trainer assembles the global
-array with ``jax.make_array_from_process_local_data``.
+time) or a local ``.npz`` (`NpzSource`). One sampler orders every record of the run, the
+same in every process; process r of N reads the positions r, r + N, r + 2N, ... of it
+(``ShardByJaxProcess`` on the DataLoader), so the processes' local batches j together hold
+exactly the records and augmentations of a one-process run's global batch j, whatever N. The
+trainer assembles the global array with ``jax.make_array_from_process_local_data``.
 
 Training records go through SPEC 9's augmentations (`train.augment`), each switchable in
 `DataConfig`, driven by grain's per-record rng (a Philox generator keyed by the seed and the
@@ -259,18 +261,23 @@ def train_loader(cfg: DataConfig, global_batch_size: int, seed: int) -> grain.Da
     """Endless shuffled training batches of this process's share, `global_batch_size //
     jax.process_count()` each: {"image": float32 (B, R, R, 3), "label": int32 (B,)}.
 
-    Each epoch is reshuffled from `seed`; every process reads a disjoint, equally long share
-    (the remainder of the division is dropped). `iter(loader)` has get_state/set_state and
-    works with grain.checkpoint.CheckpointSave / CheckpointRestore in orbax."""
+    The sampler is global: one endless sequence, every epoch a reshuffle of all the records
+    from `seed`, each element with its own augmentation rng (keyed by `seed` and its position
+    in the sequence). Process r of N reads positions r, r + N, ... (grain's DataLoader reads
+    sampler index i * N + r for its i-th element), so row k of its local batch j is row
+    N * k + r of the one-process global batch j: the N local batches interleave into it,
+    records and augmentations alike. `iter(loader)` has get_state/set_state and works with
+    grain.checkpoint.CheckpointSave / CheckpointRestore in orbax."""
     info = _dataset(cfg)
     batch = _local_batch_size(global_batch_size)
     source = _open(cfg, info, "train")
-    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    if len(source) < shard.shard_count:
-        raise DataError(f"{len(source)} training images cannot feed {shard.shard_count} processes")
     _worker_ready(cfg)
     sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=seed
+        num_records=len(source),
+        shard_options=grain.sharding.NoSharding(),
+        shuffle=True,
+        num_epochs=None,
+        seed=seed,
     )
     return grain.DataLoader(
         data_source=source,
@@ -278,7 +285,7 @@ def train_loader(cfg: DataConfig, global_batch_size: int, seed: int) -> grain.Da
         operations=[TrainTransform(cfg, info), grain.transforms.Batch(batch, drop_remainder=True)],
         worker_count=cfg.worker_count,
         worker_buffer_size=cfg.worker_buffer_size,
-        shard_options=shard,
+        shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
     )
 
 
