@@ -28,6 +28,22 @@ def test_mixup_by_hand():
     assert 0 <= lam <= 1 and sorted(perm) == [0, 1, 2, 3]
 
 
+def test_mixup_pairs_the_same_examples_whatever_the_row_order():
+    """2 processes' batches of 4 assembled process-major: canonical row t = 2k + r sits at
+    row 4r + k. With that order, every example is mixed as in the canonical batch."""
+    key = jax.random.key(5)
+    order = np.array([4 * (t % 2) + t // 2 for t in range(8)])
+    images = jax.random.normal(jax.random.key(0), (8, 2, 2, 3))
+    targets = smooth_labels(jnp.arange(8) % 4, 4, 0.1)
+    canonical = mixup(key, images, targets, 0.4)
+    rows = np.argsort(order)  # the assembled batch: its row p is canonical row rows[p]
+    assembled = mixup(key, images[rows], targets[rows], 0.4, order)
+    for got, expected in zip(assembled, canonical, strict=True):
+        np.testing.assert_array_equal(np.asarray(got)[order], expected)
+    identity = mixup(key, images, targets, 0.4, np.arange(8))
+    np.testing.assert_array_equal(identity[0], canonical[0])
+
+
 def test_soft_cross_entropy_by_hand():
     logits = jnp.array([[1.0, 2.0, 3.0]])
     targets = jnp.array([[0.2, 0.3, 0.5]])

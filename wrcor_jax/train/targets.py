@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -15,13 +16,25 @@ def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.
 
 
 def mixup(
-    key: jax.Array, images: jax.Array, targets: jax.Array, alpha: float
+    key: jax.Array,
+    images: jax.Array,
+    targets: jax.Array,
+    alpha: float,
+    order: np.ndarray | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """lam x + (1 - lam) x[perm] for images and targets alike, lam ~ Beta(alpha, alpha) and
-    perm a random permutation of the (global) batch."""
+    perm a random permutation of the (global) batch.
+
+    `order` (static) says where the batch's rows are: row t of the canonical batch (the
+    one-process run's) is row `order[t]` of `images`. The permutation is drawn over canonical
+    rows and carried to these rows, so every example gets the partner it has in a one-process
+    run, however the processes' local batches were assembled. None: canonical order."""
     beta_key, perm_key = jax.random.split(key)
     lam = jax.random.beta(beta_key, alpha, alpha)
     perm = jax.random.permutation(perm_key, images.shape[0])
+    if order is not None:  # row order[t] takes the row of t's partner, order[perm[t]]
+        order = np.asarray(order)
+        perm = jnp.asarray(order)[perm][np.argsort(order)]
     mixed_images = lam * images + (1.0 - lam) * images[perm]
     return mixed_images.astype(images.dtype), lam * targets + (1.0 - lam) * targets[perm]
 

@@ -3,9 +3,12 @@ sharded the modern way: one `jax.jit`ed step over a `Mesh` of every device.
 
 Batches become global arrays split along the mesh's `data` axis
 (`jax.make_array_from_process_local_data`); the state is replicated. BatchNorm statistics are
-therefore those of the global batch, and 1 or N devices compute the same step. Mixup, label
-smoothing and the per-step randomness (`fold_in(seed, step)`) live inside the step, so a
-resumed run replays exactly the batches and keys of an uninterrupted one.
+therefore those of the global batch, and 1 or N devices compute the same step. On N
+processes the global batch holds the one-process batch's rows in another order
+(`canonical_order`) and mixup pairs the same examples, so N processes compute the step of one
+too (to float rounding). Mixup, label smoothing and the per-step randomness
+(`fold_in(seed, step)`) live inside the step, so a resumed run replays exactly the batches
+and keys of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -103,14 +106,16 @@ def train_step(
     config: TrainConfig,
     learning_rate_fn: optax.Schedule,
     teacher: Network | None = None,
+    order: np.ndarray | None = None,
 ) -> tuple[TrainState, dict]:
     """One SGD step on a (global) batch: smoothed labels, mixup, the teacher's distribution
-    (if any) on the mixed images, soft cross-entropy."""
+    (if any) on the mixed images, soft cross-entropy. `order`: where the batch's rows are
+    (`canonical_order`)."""
     targets = smooth_labels(batch["label"], network.num_classes, config.label_smoothing)
     images = batch["image"]
     if config.mixup_alpha > 0:
         key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-        images, targets = mixup(key, images, targets, config.mixup_alpha)
+        images, targets = mixup(key, images, targets, config.mixup_alpha, order)
     if teacher is not None:
         targets = distill(targets, teacher.apply_eval(teacher_variables, images), config.kd_ratio)
 
@@ -148,13 +153,17 @@ def eval_step(state: TrainState, batch: dict, *, network: Network) -> dict:
 
 
 def initialize_distributed() -> None:
-    """Join the other processes when launched on several hosts (JAX's coordinator
-    variables, or a TPU slice of several workers); a no-op on one host."""
+    """Join the other processes when launched on several hosts ($JAX_COORDINATOR_ADDRESS with
+    $JAX_NUM_PROCESSES and $JAX_PROCESS_ID or a cluster JAX detects, or a TPU slice of several
+    workers), as `wrcor-jax train --distributed auto` does; a no-op on one host or when
+    already joined. Cross-process collectives on CPU go through gloo (JAX's default)."""
     several_tpu_hosts = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if (os.environ.get("JAX_COORDINATOR_ADDRESS") or several_tpu_hosts) and not (
         jax.distributed.is_initialized()
     ):
-        jax.distributed.initialize()
+        from wrcor_jax.distributed import connect
+
+        connect()
 
 
 def data_mesh() -> Mesh:
@@ -169,6 +178,27 @@ def global_batch(local: dict, sharding: NamedSharding) -> dict:
         key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
         for key, value in local.items()
     }
+
+
+def canonical_order(sharding: NamedSharding, batch_size: int) -> np.ndarray | None:
+    """Where the rows of a one-process global batch lie in the assembled one, or None when
+    in place (one process).
+
+    Process r's local row k is row N * k + r of the one-process batch (the loader's
+    interleaving); `jax.make_array_from_process_local_data` puts a process's rows, in order,
+    into the slices its devices hold: on a process-major mesh, row r * (B / N) + k. The
+    result, order[t] = assembled row of canonical row t, is read off the sharding, so it
+    holds for any device order."""
+    count = jax.process_count()
+    if count == 1:
+        return None
+    slices: dict[int, list[int]] = {}
+    for device, (rows,) in sharding.devices_indices_map((batch_size,)).items():
+        slices.setdefault(device.process_index, []).extend(range(batch_size)[rows])
+    order = np.empty(batch_size, np.int64)
+    for process, rows in slices.items():
+        order[process::count] = sorted(set(rows))
+    return order
 
 
 def run_length(config: TrainConfig, num_train: int) -> tuple[int, int]:
@@ -278,6 +308,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict:
             config=config,
             learning_rate_fn=learning_rate_fn,
             teacher=teacher,
+            order=canonical_order(data_sharding, config.batch_size),
         ),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
