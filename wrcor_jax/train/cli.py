@@ -3,11 +3,17 @@
     wrcor-jax train --space mbv2 --arch 'S@R' --dataset imagenet2012 --data-dir TFDS_DIR \\
         --workdir runs/NAME [--config NAME_OR_JSON] [--set key=value ...] \\
         [--epochs N | --steps N] [--batch-size B] [--resolution R] [--checkpoint-every N] \\
-        [--seed S]
+        [--seed S] [--coordinator HOST:PORT --num-processes N --process-id I | --distributed auto]
     wrcor-jax evaluate-checkpoint --workdir runs/NAME [--step N]
 
 `register(commands)` adds both to wrcor-jax's subcommands; `python -m wrcor_jax.train.cli`
 runs them on their own. Re-running the same `train` command resumes the run.
+
+On many hosts every process runs the same `train` command in a `jax.distributed` job (the
+options above, or $JAX_COORDINATOR_ADDRESS and JAX's cluster detection): each reads its share
+of every global batch, and the run is the one-process run with the same --batch-size (to float
+rounding). Process 0 writes metrics.jsonl; the workdir must be one directory for all (a shared
+filesystem or a bucket), where every process saves its part of the checkpoints.
 """
 
 from __future__ import annotations
@@ -62,11 +68,37 @@ def train_config(args: argparse.Namespace) -> configs.TrainConfig:
     return dataclasses.replace(config, data=data, **given)
 
 
+def _join(args: argparse.Namespace):
+    """This process's place in a `jax.distributed` job (joined now, before anything starts a
+    JAX backend), or None when the options ask for none."""
+    hosts = (args.coordinator, args.num_processes, args.process_id)
+    if args.distributed == "off" and hosts == (None, None, None):
+        return None
+    from wrcor_jax import distributed
+
+    return distributed.connect(*hosts, args.init_timeout)
+
+
+def _leave() -> None:
+    """Leave a `jax.distributed` job in order (process 0, which hosts the coordination
+    service, last), however it was joined; nothing on one process."""
+    import jax
+
+    if not jax.distributed.is_initialized():
+        return
+    from wrcor_jax import distributed
+
+    cluster = distributed.Cluster(jax.process_index(), jax.process_count())
+    distributed._leave(distributed._client(), cluster)
+
+
 def _train(args: argparse.Namespace) -> None:
+    _join(args)
     from wrcor_jax.train.train import train_and_evaluate
 
     result = train_and_evaluate(train_config(args), args.workdir)
     print(json.dumps(result))
+    _leave()
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> None:
@@ -101,6 +133,24 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--resolution", type=int, help="crop (and mbv2 network) resolution")
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     train.add_argument("--seed", type=int)
+    hosts = train.add_argument_group(
+        "many hosts (jax.distributed; every process runs the same command and reads its share "
+        "of each global batch)"
+    )
+    hosts.add_argument(
+        "--distributed",
+        default="off",
+        choices=["off", "auto"],
+        help="auto: join a job from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, "
+        "$JAX_PROCESS_ID or JAX's cluster detection (Cloud TPU, SLURM); implied by the options "
+        "below (off: $JAX_COORDINATOR_ADDRESS or a multi-worker TPU slice still starts one)",
+    )
+    hosts.add_argument("--coordinator", help="HOST:PORT of process 0")
+    hosts.add_argument("--num-processes", type=int)
+    hosts.add_argument("--process-id", type=int)
+    hosts.add_argument(
+        "--init-timeout", type=int, default=300, help="seconds to reach the coordinator"
+    )
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser(
