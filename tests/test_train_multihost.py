@@ -10,7 +10,7 @@ augmentations (interleaved over the processes), mixup's same pairs. The losses a
 float32 rounding of the reductions split over the 2 processes' devices: measured here 0.0
 (bitwise) for the loss and at most 2.3e-7 relative for the gradient norm over the 6 steps
 (tolerance 1e-5, as tests/test_train_sharding.py); the final parameters at most 1.2e-7 apart
-(tolerance 1e-6); eval top-1 equal. ~50 s on 2 loaded cores.
+(tolerance 1e-6); eval top-1 equal. ~65 s on 2 loaded cores.
 """
 
 from __future__ import annotations
@@ -42,30 +42,38 @@ def _records(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _job(job: Job, args: list[str]) -> list[tuple[int, str]]:
+    """Process 0 joins through the options, process 1 through JAX's variables alone."""
+    port = free_port()
+    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+    procs = [job.launch(args, port, 0), job.start(args, "p1", **env, JAX_PROCESS_ID="1")]
+    return [job.finish(proc) for proc in procs]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The one-process run and the 2-process job of the same command, and their outputs."""
+    """The one-process run, the 2-process job of the same command, and that job run again
+    (it restores its last checkpoint, data iterators included, and has nothing left to do):
+    the workdir, the metrics file after the first job, the outputs."""
     tmp = tmp_path_factory.mktemp("train_multihost")
     job = Job(tmp)
+    args = _train_args(tmp / "two")
     try:
         code, one = job.finish(job.start(_train_args(tmp / "one"), "one"))
         assert code == 0, one
-        port = free_port()
-        args = _train_args(tmp / "two")
-        env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
-        procs = [job.launch(args, port, 0), job.start(args, "p1", **env, JAX_PROCESS_ID="1")]
-        outcomes = [job.finish(proc) for proc in procs]
+        first = _job(job, args)
+        written = (tmp / "two" / "metrics.jsonl").read_text()
+        again = _job(job, args)
     finally:
         job.kill_all()
-    for code, err in outcomes:
+    for code, err in (*first, *again):
         assert code == 0, err
-    return tmp, one, outcomes
+    return tmp, written, [one, *(out for _, out in first)], [out for _, out in again]
 
 
 @pytest.mark.slow
 def test_two_processes_train_as_one(runs):
-    tmp, one_out, outcomes = runs
-    outs = [one_out, *(out for _, out in outcomes)]
+    tmp, _, outs, _ = runs
     one, two = _records(tmp / "one"), _records(tmp / "two")
     # process 0 alone writes metrics.jsonl: 6 losses and one evaluation, nothing twice
     assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6, 6]
@@ -82,6 +90,14 @@ def test_two_processes_train_as_one(runs):
         "process_0-of-2.json",
         "process_1-of-2.json",
     ]
+
+
+@pytest.mark.slow
+def test_job_run_again_restores_and_changes_nothing(runs):
+    tmp, written, outs, again = runs
+    assert (tmp / "two" / "metrics.jsonl").read_text() == written
+    final = outs[1].splitlines()[-1]
+    assert [out.splitlines()[-1] for out in again] == [final] * 2
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -214,10 +215,13 @@ def run_length(config: TrainConfig, num_train: int) -> tuple[int, int]:
 
 
 def check_workdir(workdir: Path, config: TrainConfig) -> None:
-    """Record `config` in a new workdir; refuse one that holds another run's config."""
+    """Record `config` in a new workdir; refuse one that holds another run's config. Every
+    process reads what is there before process 0 writes."""
     path = workdir / CONFIG_FILE
-    if path.exists():
-        saved = configs.from_json(path.read_text())
+    saved = configs.from_json(path.read_text()) if path.exists() else None
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("wrcor_jax: config read")
+    if saved is not None:
         if saved != config:
             changed = sorted(
                 key
@@ -315,8 +319,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict:
     )
     eval_fn = _jit_eval_step(network, replicated)
     is_writer = jax.process_index() == 0
+    # every process reads the last evaluation before process 0 rewrites the file
+    evals = [
+        r for r in metrics.read(workdir / METRICS_FILE) if "eval_top1" in r and r["step"] <= start
+    ]
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("wrcor_jax: metrics read")
     log = metrics.MetricsLog(workdir / METRICS_FILE, start) if is_writer else None
-    evals = [r for r in metrics.read(workdir / METRICS_FILE) if "eval_top1" in r]
     result = {k: v for k, v in evals[-1].items() if k != "step"} if evals else {}
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=not is_writer)
     throughput = metrics.Throughput(config.batch_size, start)
