@@ -266,6 +266,16 @@ def check_votes(votes: Sequence[VoteColumn], proxies: Sequence[str]) -> None:
         raise ValueError(f"vote needs proxy {missing[0]!r}; add it to the proxies scored")
 
 
+def _devices_used(config: ScoreConfig, engine: str) -> int:
+    """NB201's vmap engine splits its chunks of architectures over the local devices, the
+    MobileNetV2 scorer its batch (when they divide it); NB201's composed engine uses one."""
+    if config.space == "mbv2":
+        from wrcor_jax.spaces.mbv2.space import batch_sharding
+
+        return jax.local_device_count() if batch_sharding(config.batch_size) else 1
+    return jax.local_device_count() if engine == "vmap" else 1
+
+
 def score_archs(
     archs: Sequence[str],
     config: ScoreConfig,
@@ -298,9 +308,9 @@ def score_archs(
     scorer = space.scorer(dataclasses.replace(config, engine=engine)) if todo else None
     if todo:
         write_meta(out, batch_meta(config) | dict(meta or {}))
-    if engine:  # said in the progress line; only NB201's vmap engine spreads over devices
-        sharded = engine == "vmap" and config.space == "nb201"
-        engine += f" engine on {jax.local_device_count()} device(s)" if sharded else " engine"
+    if engine:  # said in the progress line, with the devices the work spreads over
+        devices = _devices_used(config, engine)
+        engine += f" engine on {devices} device(s)" if devices > 1 else " engine"
     bar = tqdm(total=len(todo), desc=engine, unit="arch", file=sys.stderr, disable=not progress)
     for begin in range(0, len(todo), config.chunk_size):
         chunk = todo[begin : begin + config.chunk_size]
