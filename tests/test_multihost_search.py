@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SAMPLE, SMALL_BATCH, require
-from tests.multihost import Job, free_port
+from tests.multihost import LIMIT_S, Job, free_port
 from wrcor_jax.distributed import search_dir
 
 
@@ -88,3 +90,28 @@ def test_a_rerun_of_the_finished_job_replays_its_histories(searched, job):
         assert code == 0, err
         assert "(0 scored," in err
         assert _result(search_dir(tmp / "two", rank, 2)) == _result(tmp / "one")
+
+
+@pytest.mark.slow
+def test_killed_process_rejoins_and_the_search_ends_the_same(searched, job):
+    """Process 1 is killed (SIGKILL) after its first generation; restarted with the same
+    arguments it replays its history, rejoins the job (process 0 waits for its share), and
+    both end with the one-process result."""
+    tmp, _ = searched
+    out, port = tmp / "killed", free_port()
+    first = job.launch(_search_args(tmp, out), port, 0)
+    victim = job.launch(_search_args(tmp, out), port, 1)
+    history = search_dir(out, 1, 2) / "history.csv"
+    deadline = time.monotonic() + LIMIT_S
+    while not (history.exists() and len(history.read_text().splitlines()) >= 6):
+        assert victim.poll() is None and time.monotonic() < deadline, "no generation yet"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=LIMIT_S)
+    assert len(history.read_text().splitlines()) < 11, "the search ended before the kill"
+    code, err = job.finish(job.launch(_search_args(tmp, out), port, 1))
+    assert code == 0, err
+    assert job.finish(first)[0] == 0
+    for rank in (0, 1):
+        assert _history(search_dir(out, rank, 2)) == _history(tmp / "one")
+        assert _result(search_dir(out, rank, 2)) == _result(tmp / "one")
