@@ -102,7 +102,7 @@ def _score(args: argparse.Namespace) -> None:
     proxies, votes = parse_columns(args.proxies, PROXIES)
     config = _score_config(args, proxies, args.seed, chunk_size=args.chunk_size)
     _use_compile_cache(args)
-    cluster = _join(args)
+    cluster = join_job(args)
     if cluster is None:
         summary = score_archs(
             _select_archs(args), config, args.out, progress=not args.quiet, votes=votes
@@ -212,7 +212,7 @@ def _search(args: argparse.Namespace) -> None:
     from wrcor_jax.scoring import resolve_engine
     from wrcor_jax.search import cached_fitness
 
-    cluster = _join(args)
+    cluster = join_job(args)
     space = _space(args)
     config = _score_config(args, parse_proxies(args.proxies), args.score_seed)
     if args.ground_truth and args.space != "nb201":
@@ -349,8 +349,11 @@ def _use_compile_cache(args: argparse.Namespace) -> None:
     use_persistent_cache(directory)
 
 
-def _add_hosts_options(command: argparse.ArgumentParser, what: str, waits_for: str) -> None:
-    """The `jax.distributed` options of a command that can run on many hosts."""
+def add_hosts_options(
+    command: argparse.ArgumentParser, what: str, waits_for: str | None = None
+) -> None:
+    """The `jax.distributed` options of a command that can run on many hosts (`--wait-timeout`
+    when it waits for `waits_for` of another process)."""
     hosts = command.add_argument_group(f"many hosts (jax.distributed; {what})")
     hosts.add_argument(
         "--distributed",
@@ -366,12 +369,13 @@ def _add_hosts_options(command: argparse.ArgumentParser, what: str, waits_for: s
     hosts.add_argument(
         "--init-timeout", type=int, default=300, help="seconds to reach the coordinator"
     )
-    hosts.add_argument(
-        "--wait-timeout", type=float, default=86400.0, help=f"seconds to wait for {waits_for}"
-    )
+    if waits_for is not None:
+        hosts.add_argument(
+            "--wait-timeout", type=float, default=86400.0, help=f"seconds to wait for {waits_for}"
+        )
 
 
-def _join(args: argparse.Namespace):
+def join_job(args: argparse.Namespace):
     """The command's place in a `jax.distributed` job, or None when it runs alone; must run
     before anything starts a JAX backend."""
     hosts = (args.coordinator, args.num_processes, args.process_id)
@@ -418,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True, help="results CSV (appended, resumable)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_compile_cache_options(score)
-    _add_hosts_options(
+    add_hosts_options(
         score,
         "each process scores its share into OUT.part-I-of-N, process 0 merges them into OUT",
         "another process's part or the merge",
@@ -477,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--cache-preload", help="a `wrcor-jax score` file of this config")
     search.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_compile_cache_options(search)
-    _add_hosts_options(
+    add_hosts_options(
         search,
         "every process runs the search and scores its share of each batch; process I > 0 "
         "writes OUT/process-I-of-N",

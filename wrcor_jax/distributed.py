@@ -348,6 +348,15 @@ def _check_same_batch(parts: Sequence[Part], config: ScoreConfig) -> None:
             )
 
 
+def leave() -> None:
+    """Leave the `jax.distributed` job this process joined, however it joined (process 0
+    last); nothing when it joined none."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        _leave(_client(), Cluster(jax.process_index(), jax.process_count()))
+
+
 def _leave(client, cluster: Cluster) -> None:
     """Disconnect in order: process 0 hosts the service, so it leaves last (JAX aborts a
     process whose service vanishes before it disconnects). `get_live_nodes` returns once

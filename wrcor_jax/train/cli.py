@@ -68,37 +68,16 @@ def train_config(args: argparse.Namespace) -> configs.TrainConfig:
     return dataclasses.replace(config, data=data, **given)
 
 
-def _join(args: argparse.Namespace):
-    """This process's place in a `jax.distributed` job (joined now, before anything starts a
-    JAX backend), or None when the options ask for none."""
-    hosts = (args.coordinator, args.num_processes, args.process_id)
-    if args.distributed == "off" and hosts == (None, None, None):
-        return None
-    from wrcor_jax import distributed
-
-    return distributed.connect(*hosts, args.init_timeout)
-
-
-def _leave() -> None:
-    """Leave a `jax.distributed` job in order (process 0, which hosts the coordination
-    service, last), however it was joined; nothing on one process."""
-    import jax
-
-    if not jax.distributed.is_initialized():
-        return
-    from wrcor_jax import distributed
-
-    cluster = distributed.Cluster(jax.process_index(), jax.process_count())
-    distributed._leave(distributed._client(), cluster)
-
-
 def _train(args: argparse.Namespace) -> None:
-    _join(args)
+    from wrcor_jax import distributed
+    from wrcor_jax.cli import join_job
+
+    join_job(args)
     from wrcor_jax.train.train import train_and_evaluate
 
     result = train_and_evaluate(train_config(args), args.workdir)
     print(json.dumps(result))
-    _leave()
+    distributed.leave()
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> None:
@@ -133,23 +112,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--resolution", type=int, help="crop (and mbv2 network) resolution")
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     train.add_argument("--seed", type=int)
-    hosts = train.add_argument_group(
-        "many hosts (jax.distributed; every process runs the same command and reads its share "
-        "of each global batch)"
-    )
-    hosts.add_argument(
-        "--distributed",
-        default="off",
-        choices=["off", "auto"],
-        help="auto: join a job from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, "
-        "$JAX_PROCESS_ID or JAX's cluster detection (Cloud TPU, SLURM); implied by the options "
-        "below (off: $JAX_COORDINATOR_ADDRESS or a multi-worker TPU slice still starts one)",
-    )
-    hosts.add_argument("--coordinator", help="HOST:PORT of process 0")
-    hosts.add_argument("--num-processes", type=int)
-    hosts.add_argument("--process-id", type=int)
-    hosts.add_argument(
-        "--init-timeout", type=int, default=300, help="seconds to reach the coordinator"
+    from wrcor_jax.cli import add_hosts_options
+
+    add_hosts_options(
+        train,
+        "every process runs the same command and reads its share of each global batch; "
+        "without these options $JAX_COORDINATOR_ADDRESS or a multi-worker TPU slice still "
+        "joins one",
     )
     train.set_defaults(run=_train)
 
