@@ -259,14 +259,13 @@ def _run_search(args, fitness, cluster, out, space, truth, options):
     """The search of `args`, its batches shared among the processes of `cluster` if any."""
     from wrcor_jax.search import ALGORITHMS
 
-    shared = None
     if cluster is not None:
         from wrcor_jax.distributed import SharedFitness
 
-        shared = SharedFitness(fitness, cluster, args.wait_timeout)
+        fitness = SharedFitness(fitness, cluster, args.wait_timeout)
     try:
         return ALGORITHMS[args.algo](
-            shared or fitness,
+            fitness,
             args.budget,
             args.seed,
             out,
@@ -277,8 +276,10 @@ def _run_search(args, fitness, cluster, out, space, truth, options):
             **options,
         )
     finally:
-        if shared is not None:
-            shared.leave()
+        if cluster is not None:
+            from wrcor_jax.distributed import leave
+
+            leave()
 
 
 def _describe(args: argparse.Namespace) -> None:

@@ -252,6 +252,15 @@ def _blocking_get(get, key: str, wait_s: float, what: str):
         raise TimeoutError(f"waited {wait_s:g} s for {what}: {str(exc).splitlines()[0]}") from None
 
 
+def _peer_payload(client, key: str, wait_s: float, process: int, what: str) -> bytes:
+    """What another process published under `key`; its failure, published instead, is
+    raised here."""
+    payload = _blocking_get(client.blocking_key_value_get_bytes, key, wait_s, what)
+    if payload.startswith(_ERROR.encode()):
+        raise ResultsError(f"process {process} failed: {payload[len(_ERROR) :].decode()}")
+    return payload
+
+
 def score_share(
     archs: Sequence[str],
     config: ScoreConfig,
@@ -315,14 +324,9 @@ def _lead(
     architecture of the command is in `out`; returns the outcome line."""
     parts = [own]
     for other in range(1, size):
-        payload = _blocking_get(
-            client.blocking_key_value_get_bytes,
-            _PART_KEY.format(other),
-            wait_s,
-            f"the part of process {other}",
+        payload = _peer_payload(
+            client, _PART_KEY.format(other), wait_s, other, f"the part of process {other}"
         )
-        if payload.startswith(_ERROR.encode()):
-            raise ResultsError(f"process {other} failed: {payload[len(_ERROR) :].decode()}")
         parts.append(Part.from_bytes(payload))
     _check_same_batch(parts, config)
     rows = merge_parts(parts, out, votes)
@@ -415,17 +419,8 @@ class SharedFitness:
         for other in range(size):
             if other == rank:
                 continue
-            payload = _blocking_get(
-                self._client.blocking_key_value_get_bytes,
-                key.format(other),
-                self.wait_s,
-                f"process {other}'s scores",
+            payload = _peer_payload(
+                self._client, key.format(other), self.wait_s, other, f"process {other}'s scores"
             )
-            if payload.startswith(_ERROR.encode()):
-                raise ResultsError(f"process {other} failed: {payload[len(_ERROR) :].decode()}")
             table.update(zip(share(texts, other, size), json.loads(payload), strict=True))
         return [table[text] for text in texts]
-
-    def leave(self) -> None:
-        """Leave the job in order (process 0, the service's host, last)."""
-        _leave(self._client, self.cluster)
