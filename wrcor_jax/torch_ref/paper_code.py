@@ -1,14 +1,17 @@
 """The paper's own code (a checkout of kunjing96/ZSNAS-WRCor, given by path) run unmodified on
-MobileNetV2-space networks, to set its scores and its speed beside this package's.
+NAS-Bench-201 and MobileNetV2-space networks, to set its scores and its speed beside this
+package's.
 
-Nothing of it is copied here: `paper_network` builds its `PlainNet` with
-`foresight.models.get_MobileNetV2_model` and `paper_scores` calls
-`foresight.pruners.predictive.find_measures` on it, with the batch given as a one-batch
-loader ('random' dataload of one batch, CPU), as its `search.py` does for each architecture.
+Nothing of it is copied here: `paper_network` builds its `NASBench201Network` with
+`foresight.models.get_nasbench201_model` (from the config NAS-Bench-201's API hands its
+`nasbench201_pred.py`) or its `PlainNet` with `get_MobileNetV2_model`, and `paper_scores`
+calls `foresight.pruners.predictive.find_measures` on it, with the batch given as a one-batch
+loader ('random' dataload of one batch, CPU), as its scripts do for each architecture.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -19,15 +22,32 @@ import torch
 from torch import nn
 
 from wrcor_jax.spaces.mbv2.arch import MBV2Arch
-from wrcor_jax.torch_ref import mbv2
+from wrcor_jax.spaces.nb201 import CELL_PLAN, EDGES, STEM_CHANNELS, edge_name
+from wrcor_jax.torch_ref import mbv2, nb201
 
-PAPER_MEASURES = {"wrcor": "act_grad_cor_weighted", "synflow": "synflow", "jacob_cov": "jacob_cor"}
-"""Our proxy names -> the paper's code's measure names (WRCor is its act_grad_cor_weighted)."""
+PAPER_MEASURES = {
+    "wrcor": "act_grad_cor_weighted",
+    "act_cor": "act_cor",
+    "act_grad_cor": "act_grad_cor",
+    "synflow": "synflow",
+    "snip": "snip",
+    "grad_norm": "grad_norm",
+    "jacob_cov": "jacob_cor",
+    "naswot": "act_hamming",
+}
+"""Our proxy names -> the paper's code's measure names (WRCor is its act_grad_cor_weighted):
+the proxies both have."""
+
+# Our twin's edge modules -> the paper's: its NormalCell numbers its layers in the order of
+# the arch string, which is our edge order.
+_EDGE_KEYS = {f".edges.{edge_name(e)}.": f".layers.{e}." for e in range(len(EDGES))}
+_EDGE_PATTERN = re.compile("|".join(map(re.escape, _EDGE_KEYS)))
 
 
 def import_paper_code(root: str | Path) -> SimpleNamespace:
-    """The two entry points of the checkout at `root`: `get_MobileNetV2_model` and
-    `find_measures`. Fails with a one-line error when `root` holds no `foresight` package."""
+    """The entry points of the checkout at `root`: `get_nasbench201_model`,
+    `get_MobileNetV2_model` and `find_measures`. Fails with a one-line error when `root`
+    holds no `foresight` package."""
     root = Path(root).resolve()
     if not (root / "foresight" / "pruners" / "predictive.py").exists():
         raise FileNotFoundError(
@@ -35,22 +55,37 @@ def import_paper_code(root: str | Path) -> SimpleNamespace:
         )
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    from foresight.models import get_MobileNetV2_model
+    from foresight.models import get_MobileNetV2_model, get_nasbench201_model
     from foresight.pruners.predictive import find_measures
 
-    return SimpleNamespace(get_MobileNetV2_model=get_MobileNetV2_model, find_measures=find_measures)
+    return SimpleNamespace(
+        get_nasbench201_model=get_nasbench201_model,
+        get_MobileNetV2_model=get_MobileNetV2_model,
+        find_measures=find_measures,
+    )
 
 
 def paper_network(
-    code: SimpleNamespace, arch: MBV2Arch, num_classes: int, params: dict | None = None
+    code: SimpleNamespace, arch: MBV2Arch | str, num_classes: int, params: dict | None = None
 ) -> nn.Module:
-    """The paper's network of `arch`; with `params` (a Flax tree) loaded through our twin,
-    whose state_dict keys are the paper's, else with the weights torch's RNG gives it."""
-    net = code.get_MobileNetV2_model(
-        arch.block_string, num_classes=num_classes, input_resolution=arch.resolution
-    )
+    """The paper's network of `arch` (an `MBV2Arch`, or an NB201 arch string); with `params`
+    (a Flax tree) loaded through our twin, whose state_dict is the paper's up to the NB201
+    cells' edge names, else with the weights torch's RNG gives it."""
+    if isinstance(arch, MBV2Arch):
+        net = code.get_MobileNetV2_model(
+            arch.block_string, num_classes=num_classes, input_resolution=arch.resolution
+        )
+        twin = mbv2.build_network
+    else:
+        cells = sum(not reduction for *_, reduction in CELL_PLAN) // 3
+        config = {"name": "infer.tiny", "C": STEM_CHANNELS, "N": cells, "arch_str": arch}
+        net = code.get_nasbench201_model({**config, "num_classes": num_classes})
+        twin = nb201.build_network
     if params is not None:
-        net.load_state_dict(mbv2.build_network(arch, num_classes, params).state_dict())
+        state = twin(arch, num_classes, params).state_dict()
+        net.load_state_dict(
+            {_EDGE_PATTERN.sub(lambda m: _EDGE_KEYS[m.group()], k): v for k, v in state.items()}
+        )
     return net
 
 
@@ -64,7 +99,8 @@ def paper_scores(
 ) -> dict[str, float]:
     """{proxy: score} from the paper's `find_measures` on `net` and one NHWC batch.
 
-    Its NumPy warnings (corrcoef of constant rows, which it skips) are silenced."""
+    Its NumPy warnings (corrcoef of constant rows, which it skips) and torch's about its
+    old-style module backward hooks (what its WRCor reads, SPEC 3a) are silenced."""
     unknown = [name for name in proxies if name not in PAPER_MEASURES]
     if unknown:
         raise ValueError(f"the paper's code is run here for {', '.join(PAPER_MEASURES)} only")
@@ -73,6 +109,7 @@ def paper_scores(
     names = [PAPER_MEASURES[name] for name in proxies]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         values, _ = code.find_measures(
             net, [(images, targets)], ("random", 1, num_classes), "cpu", measure_names=names
         )
