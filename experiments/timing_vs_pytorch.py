@@ -1,39 +1,58 @@
-"""Time WRCor scoring in PyTorch and in the JAX engines, side by side on one machine.
+"""Time zero-shot scoring in PyTorch, in the paper's own code and in JAX, side by side.
 
 Every implementation scores the same seeded random architectures on the same batch with the
-same weights (`init_params(42, classes)`), each in its own subprocess so that its peak RSS is
-its own; they run one after another. Per implementation: the first call (compilation
-included), compilations, steady seconds per architecture (median and p90, first call
-excluded), architectures per second, peak RSS, and the speed ratio against PyTorch eager.
+same weights (NB201: `init_params(42, classes)`), each in its own subprocess so that its
+peak RSS is its own; they run one after another. Per implementation: the first call
+(compilation included), compilations, steady seconds per architecture (median and p90,
+first call excluded), architectures per second, peak RSS, the speed ratios against PyTorch
+eager and the paper's code, per-proxy largest relative differences from PyTorch eager, and
+the FLOP floor.
 
     python experiments/timing_vs_pytorch.py --num-archs 100 --batch-size 64 --json t.json
 
+`--proxies` (default wrcor; any of wrcor, act_cor, act_grad_cor, synflow, snip, grad_norm,
+jacob_cov, naswot: the proxies the paper's code has too) are scored per architecture.
 Implementations (`--only` picks some, `--limit NAME=N` scores only the first N archs):
-- torch_eager: the torch_ref WRCor, reference hooks, one pass, `--torch-threads` threads;
-- torch_eager_1thread: the same with one torch thread;
-- torch_compile: the same network after `nn.Module.compile()` (hooks stay), one thread;
-- jax_composed: `NB201Engine()`, compiled pieces composed per architecture;
-- jax_static_jit: `NB201Engine(static_per_arch=True)`: one jit per architecture. Its
-  per-arch time is compile + run (every new architecture compiles); each arch is run twice
-  and the second call gives the run alone;
-- jax_vmap: `vmapped_site_sums` over chunks of `--vmap-chunk` archs (skip with --skip-vmap).
+- paper_code (needs `--reference-code`, a kunjing96/ZSNAS-WRCor checkout, run unmodified
+  through `torch_ref.paper_code`): its `get_nasbench201_model` network with our weights
+  loaded, its `find_measures` (act_grad_cor_weighted is WRCor, act_hamming naswot,
+  jacob_cor jacob_cov), `--torch-threads` threads;
+- paper_code_2proc: the same as two processes at once, each on its half of the archs with
+  one torch thread (the paper's code on all cores); per-arch seconds at their aggregate
+  rate (a part's per-arch time / 2);
+- torch_eager: our PyTorch twin (`torch_ref`), the reference's hooks, one pass per proxy,
+  `--torch-threads` threads; torch_eager_1thread: the same with one thread;
+- jax_composed: the `score` command's path (`NB201Scorer`, the composed engine), one arch
+  per call; jax_2workers: the same with `workers=2`, chunks of 8 archs scored two at a time
+  from threads as `score --workers 2` does (an arch's time: its chunk's / 8);
+- WRCor alone (dropped when `--proxies` is anything else): torch_compile (the twin after
+  `nn.Module.compile()`, hooks kept, one thread); jax_static_jit (`NB201Engine(
+  static_per_arch=True)`: one jit per architecture; per-arch time is compile + run, each
+  arch is run twice and the second call gives the run alone); jax_vmap (`vmapped_site_sums`
+  over chunks of `--vmap-chunk` archs; skip with --skip-vmap).
 `--profile` adds where the composed engine's time goes (see `_profile`).
 
-`--space mbv2` times the MobileNetV2 space instead (`--proxies`, default wrcor, any of
-wrcor, synflow, jacob_cov): seeded random architectures within 600M FLOPs (1000 classes,
-`spaces.mbv2.sampling.sample`), the 10-class network, weights `init_params(arch, 42, 10)`:
-- paper_code: the paper's own code (`--reference-code` checkout, `torch_ref.paper_code`):
-  its `find_measures` on its own PlainNet with those weights loaded;
-- torch_eager: our PyTorch twin (`torch_ref.mbv2`), the reference's hooks, eager;
-- jax: `MBV2Scorer` (the compile-bounded engine where it applies).
-Both torch rows use `--torch-threads`. Rows add `ratio_vs_paper_code` and the FLOP floor:
-per arch, 2 x the forward multiply-adds (`cost.describe` at 10 classes: convolutions and
-the classifier per image) x (3 x batch for each of wrcor and jacob_cov, one forward and a
-backward of input and weight gradients, + 3 for synflow's one image), over the float32
-matmul rate measured here (`benchmarks.machine.matmul_flops_per_s`); `floor_median_s` is
-its median over the row's timed archs and `x_floor` the row's median over it.
+The FLOP floor (`floor_median_s`, the median over a row's timed archs; `x_floor`, the row's
+median over it): per arch, the FLOPs its proxies' measurements need (`FLOOR_COUNTS`; proxies
+that share one count it once), over rates measured here (`benchmarks.machine`). NB201,
+`_nb201_flops`: convolutions (stem, the conv ops present, reduction cells, classifier; 2
+FLOPs a multiply-add) once forward and once backward for the data gradient (WRCor does not
+need the stem's), at the batch, each stage at the float32 conv3x3 rate at its width and
+resolution; the N x N Gram matrix of every distinct response WRCor reads (2 N^2 D FLOPs, D
+its features) at the rate of a 64 x 16,384 Gram; jacob_cov a forward and a data backward
+to the images and one Gram of the input gradients; synflow a forward and a backward of data
+and weight gradients of one image; snip, grad_norm that at the batch; naswot a forward and
+the Grams of the forward responses.
 
-    python experiments/timing_vs_pytorch.py --space mbv2 --proxies synflow,jacob_cov,wrcor \
+`--space mbv2` times the MobileNetV2 space instead (`--proxies` of wrcor, synflow,
+jacob_cov): seeded random architectures within 600M FLOPs (1000 classes,
+`spaces.mbv2.sampling.sample`), the 10-class network, weights `init_params(arch, 42, 10)`
+drawn per arch before the clock starts; rows paper_code (its PlainNet), torch_eager (our
+twin, `torch_ref.mbv2`) and jax (`MBV2Scorer` through the `score` path, one arch per call).
+Its floor counts the same passes over all convolutions and the classifier (`cost.describe`
+at 10 classes) at the float32 matmul rate, its Gram matrices (small) not counted.
+
+    python experiments/timing_vs_pytorch.py --proxies synflow,jacob_cov,wrcor \
         --reference-code /path/to/ZSNAS-WRCor --torch-threads 2 --num-archs 20 --json t.json
 """
 
@@ -50,17 +69,24 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from wrcor_jax.jsonio import write_json
 from wrcor_jax.spaces.nb201 import (
     BEST_CIFAR10,
+    CELL_PLAN,
+    CONV_KERNEL,
+    EDGES,
     MEDIAN_CIFAR10,
+    STEM_CHANNELS,
     arch_string,
+    block_macs,
     parse_arch,
     sample_archs,
 )
@@ -72,6 +98,10 @@ WEIGHT_SEED = BATCH_SEED = 42
 TORCH_EAGER = ("torch_eager", "torch_eager_1thread")
 MBV2_FLOPS_LIMIT = 600_000_000
 MBV2_PROXIES = ("wrcor", "synflow", "jacob_cov")
+NB201_PROXIES = (
+    "wrcor", "act_cor", "act_grad_cor", "synflow", "snip", "grad_norm", "jacob_cov", "naswot",
+)  # fmt: skip
+"""The proxies the paper's code has too (`torch_ref.paper_code.PAPER_MEASURES`)."""
 
 
 # --------------------------------------------------------------------------- workers
@@ -83,7 +113,14 @@ def _batch(args: argparse.Namespace, batch_size: int | None = None):
     return load_batch("cifar10", batch_size or args.batch_size, BATCH_SEED, data=args.data)
 
 
-def _archs(args: argparse.Namespace, name: str | None) -> list:
+def _shard_bounds(count: int, shard: tuple[int, int]) -> tuple[int, int]:
+    """[start, stop) of part `shard` = (index, parts) of `count` archs: contiguous, so the
+    parts' scores concatenate in the sample's order."""
+    index, parts = shard
+    return count * index // parts, count * (index + 1) // parts
+
+
+def _sample(args: argparse.Namespace, name: str | None) -> list:
     """The first `--limit name=N` (default all) of the seeded architectures of `--space`:
     NB201 strings, or `MBV2Arch`s within 600M FLOPs (1000 classes)."""
     rng = np.random.default_rng(args.seed)
@@ -96,6 +133,12 @@ def _archs(args: argparse.Namespace, name: str | None) -> list:
     return archs[: args.limits.get(name, len(archs))]
 
 
+def _archs(args: argparse.Namespace, name: str | None) -> list:
+    """What worker `name` scores: its `_sample`, or the worker's `--shard` of it."""
+    archs = _sample(args, name)
+    return archs[slice(*_shard_bounds(len(archs), args.shard))] if args.shard else archs
+
+
 def _torch_batch(args: argparse.Namespace):
     """The batch as torch NCHW images and int64 labels."""
     import torch
@@ -105,36 +148,122 @@ def _torch_batch(args: argparse.Namespace):
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
-def _torch_worker(args: argparse.Namespace, name: str, result: dict) -> None:
-    """Build each architecture's network, load the weights, one hooked pass (as the reference)."""
-    import torch
+def _weights(args: argparse.Namespace) -> Callable[[object], dict]:
+    """arch -> the Flax weights every implementation scores it with: NB201's supernet
+    `init_params(42, 10)`, one for all archs; in mbv2 `init_params(arch, 42, 10)`."""
+    if args.space == "mbv2":
+        from wrcor_jax.spaces.mbv2.network import init_params
 
+        return lambda arch: init_params(arch, WEIGHT_SEED, NUM_CLASSES)
     from wrcor_jax.spaces.nb201 import init_params
-    from wrcor_jax.torch_ref import build_network, wrcor
 
-    threads = args.torch_threads if name == "torch_eager" else 1
-    torch.set_num_threads(threads)
-    x, y = _torch_batch(args)
     params = init_params(WEIGHT_SEED, NUM_CLASSES)
-    result["extra"] = {"torch_threads": threads}
-    compiled = name == "torch_compile"
+    return lambda arch: params
+
+
+def _paper_scorer(args: argparse.Namespace, result: dict) -> Callable[[object, dict], list]:
+    """(arch, weights) -> `--proxies` scores from the paper's code: its network with the
+    weights loaded, its `find_measures` (`torch_ref.paper_code`)."""
+    from wrcor_jax.torch_ref.paper_code import import_paper_code, paper_network, paper_scores
+
+    code = import_paper_code(args.reference_code)
+    images, labels = _batch(args)
+
+    def score(arch, params: dict) -> list[float]:
+        net = paper_network(code, arch, NUM_CLASSES, params)
+        values = paper_scores(code, net, images, labels, NUM_CLASSES, args.proxies)
+        return [values[proxy] for proxy in args.proxies]
+
+    return score
+
+
+def _twin_scorer(args: argparse.Namespace, result: dict) -> Callable[[object, dict], list]:
+    """(arch, weights) -> `--proxies` scores from our PyTorch twin of the space's network
+    (`torch_ref`: the reference's WRCor hooks, its proxies' conventions), compiled first
+    for torch_compile (its graph count and graph breaks go into `result`)."""
+    from wrcor_jax.torch_ref import mbv2, nb201
+    from wrcor_jax.torch_ref.proxies import grad_norm, jacob_cov, naswot, snip, synflow
+    from wrcor_jax.torch_ref.wrcor import act_cor, act_grad_cor, wrcor
+
+    x, y = _torch_batch(args)
+    compute = {
+        "wrcor": lambda net: wrcor(net, x, y, "reference").score,
+        "act_cor": lambda net: act_cor(net, x, y).score,
+        "act_grad_cor": lambda net: act_grad_cor(net, x, y).score,
+        "synflow": lambda net: synflow(net, tuple(x.shape[1:])),
+        "snip": lambda net: snip(net, x, y),
+        "grad_norm": lambda net: grad_norm(net, x, y),
+        "jacob_cov": lambda net: jacob_cov(net, x),
+        "naswot": lambda net: naswot(net, x),
+    }
+    build = (mbv2 if args.space == "mbv2" else nb201).build_network
+    compiled = args.worker == "torch_compile"
     if compiled:
         from torch._dynamo.utils import counters
 
-    for arch in _archs(args, name):
-        start = time.perf_counter()
-        net = build_network(arch, NUM_CLASSES, params)
+    def score(arch, params: dict) -> list[float]:
+        net = build(arch, NUM_CLASSES, params)
         if compiled:
             net.compile()
-        score = wrcor(net, x, y, "reference").score
-        _record(result, time.perf_counter() - start, [[score]])
+        row = [compute[proxy](net) for proxy in args.proxies]
         if compiled:
             result["compiles"] = counters["stats"]["unique_graphs"]
             result["extra"]["graph_breaks"] = sum(counters["graph_break"].values())
+        return row
+
+    return score
+
+
+def _torch_worker(args: argparse.Namespace, name: str, result: dict) -> None:
+    """Per arch, as a search scores a new one: build the network (the paper's own for the
+    paper_code rows, else our twin) with the arch's weights (drawn before the clock starts)
+    and score `--proxies` with it."""
+    import torch
+
+    threads = args.torch_threads if name in ("torch_eager", "paper_code") else 1
+    torch.set_num_threads(threads)
+    result["extra"] = {"torch_threads": threads}
+    scorer = _paper_scorer if name.startswith("paper_code") else _twin_scorer
+    score, weights = scorer(args, result), _weights(args)
+    for arch in _archs(args, name):
+        params = weights(arch)
+        start = time.perf_counter()
+        row = score(arch, params)
+        _record(result, time.perf_counter() - start, [row])
+
+
+def _scorer_worker(args: argparse.Namespace, name: str, result: dict) -> None:
+    """The `score` command's path: the space's scorer of a `ScoreConfig` (its defaults but
+    `workers`), its weights drawn from the seed as the torch rows' are. One arch per call
+    with one worker; with 2 (jax_2workers) chunks of `chunk_size` archs, scored two at a time
+    from threads as `score --workers 2` does (an arch's time: its chunk's over its size).
+    Compilations counted by `CompileCounter` from the first score on."""
+    from wrcor_jax.compilation import CompileCounter
+    from wrcor_jax.scoring import ScoreConfig
+    from wrcor_jax.spaces import get_space
+
+    CompileCounter.install()
+    workers = 2 if name == "jax_2workers" else 1
+    config = ScoreConfig(
+        args.space, "cifar10", args.proxies, BATCH_SEED, args.batch_size, str(args.data),
+        workers=workers,
+    )  # fmt: skip
+    space = get_space(args.space)
+    scorer = space.scorer(config)
+    result["extra"] = {"workers": workers}
+    compiles = CompileCounter.count
+    archs = [space.read(a) if isinstance(a, str) else a for a in _archs(args, name)]
+    size = 1 if workers == 1 else config.chunk_size
+    for chunk in [archs[:1]] + [archs[i : i + size] for i in range(1, len(archs), size)]:
+        start = time.perf_counter()
+        rows = scorer.score(chunk)
+        _record(result, time.perf_counter() - start, rows)
+        result["compiles"] = CompileCounter.count - compiles
 
 
 def _jax_worker(args: argparse.Namespace, name: str, result: dict) -> None:
-    """Score with one of the JAX engines; compilations counted by `CompileCounter`."""
+    """WRCor from one of the NB201 engine variants the `score` path does not use (static
+    per-arch jit, vmap); compilations counted by `CompileCounter`."""
     import jax
     import jax.numpy as jnp
 
@@ -167,16 +296,15 @@ def _jax_worker(args: argparse.Namespace, name: str, result: dict) -> None:
             result["compiles"] = CompileCounter.count - compiles
         return
 
-    engine = NB201Engine(static_per_arch=name == "jax_static_jit")
+    engine = NB201Engine(static_per_arch=True)
     runs = []
     for o in ops:
         start = time.perf_counter()
         score = wrcor(engine.site_sums(o, params, x, y))
         _record(result, time.perf_counter() - start, [[score]])
-        if engine.static_per_arch:  # the same arch again: the run without its compile
-            start = time.perf_counter()
-            wrcor(engine.site_sums(o, params, x, y))
-            runs.append(time.perf_counter() - start)
+        start = time.perf_counter()  # the same arch again: the run without its compile
+        wrcor(engine.site_sums(o, params, x, y))
+        runs.append(time.perf_counter() - start)
         result["compiles"] = CompileCounter.count - compiles
     if len(runs) > 1:
         compile_s = [total - run for total, run in zip(result["steady_s"], runs[1:], strict=True)]
@@ -187,75 +315,14 @@ def _jax_worker(args: argparse.Namespace, name: str, result: dict) -> None:
         }
 
 
-def _mbv2_torch_worker(args: argparse.Namespace, name: str, result: dict) -> None:
-    """Per arch: build the network (the paper's PlainNet for paper_code, else our twin) with
-    the arch's weights (drawn before the clock starts) and score `--proxies` with it."""
-    import torch
-
-    from wrcor_jax.spaces.mbv2.network import init_params
-
-    torch.set_num_threads(args.torch_threads)
-    result["extra"] = {"torch_threads": args.torch_threads}
-    if name == "paper_code":
-        from wrcor_jax.torch_ref.paper_code import import_paper_code, paper_network, paper_scores
-
-        code = import_paper_code(args.reference_code)
-        images, labels = _batch(args)
-
-        def score(arch, params: dict) -> list[float]:
-            net = paper_network(code, arch, NUM_CLASSES, params)
-            values = paper_scores(code, net, images, labels, NUM_CLASSES, args.proxies)
-            return [values[proxy] for proxy in args.proxies]
-
-    else:
-        from wrcor_jax.torch_ref import mbv2
-        from wrcor_jax.torch_ref.proxies import jacob_cov, synflow
-        from wrcor_jax.torch_ref.wrcor import wrcor
-
-        x, y = _torch_batch(args)
-        compute = {
-            "wrcor": lambda net: wrcor(net, x, y, "reference").score,
-            "synflow": lambda net: synflow(net, tuple(x.shape[1:])),
-            "jacob_cov": lambda net: jacob_cov(net, x),
-        }
-
-        def score(arch, params: dict) -> list[float]:
-            net = mbv2.build_network(arch, NUM_CLASSES, params)
-            return [compute[proxy](net) for proxy in args.proxies]
-
-    for arch in _archs(args, name):
-        params = init_params(arch, WEIGHT_SEED, NUM_CLASSES)
-        start = time.perf_counter()
-        row = score(arch, params)
-        _record(result, time.perf_counter() - start, [row])
-
-
-def _mbv2_jax_worker(args: argparse.Namespace, name: str, result: dict) -> None:
-    """`MBV2Scorer` (its own weights from the seed, the same as the torch rows load) per arch;
-    compilations counted by `CompileCounter` from its first score on."""
-    from wrcor_jax.compilation import CompileCounter
-    from wrcor_jax.scoring import ScoreConfig
-    from wrcor_jax.spaces.mbv2.space import MBV2Scorer
-
-    CompileCounter.install()
-    config = ScoreConfig(
-        "mbv2", "cifar10", args.proxies, BATCH_SEED, args.batch_size, str(args.data)
-    )
-    scorer = MBV2Scorer(config)
-    compiles = CompileCounter.count
-    for arch in _archs(args, name):
-        start = time.perf_counter()
-        rows = scorer.score([arch])
-        _record(result, time.perf_counter() - start, rows)
-        result["compiles"] = CompileCounter.count - compiles
-
-
 def _record(result: dict, seconds: float, scores: list[list[float]]) -> None:
     """One timed call that scored `len(scores)` archs (a row of `--proxies` scores each):
-    the first call, or steady samples."""
+    the first call, or steady samples (and their archs' positions, for the floor)."""
     if result["first_call_s"] is None:
         result["first_call_s"] = seconds
     else:
+        done = len(result["scores"])
+        result["timed"] += range(done, done + len(scores))
         result["steady_s"] += [seconds / len(scores)] * len(scores)
     result["scores"] += scores
 
@@ -267,6 +334,7 @@ def _run_worker(args: argparse.Namespace) -> None:
         "status": "ok",
         "first_call_s": None,
         "steady_s": [],
+        "timed": [],
         "scores": [],
         "compiles": None,
         "extra": {},
@@ -276,24 +344,35 @@ def _run_worker(args: argparse.Namespace) -> None:
         worker(args, args.worker, result)
     except Exception as exc:  # a failed implementation is a result, not a crash
         result["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    if args.shard:  # positions in the whole sample
+        offset = _shard_bounds(len(_sample(args, args.worker)), args.shard)[0]
+        result["timed"] = [offset + i for i in result["timed"]]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_json(args.worker_out, result)
 
 
 WORKERS: dict[str, Callable[[argparse.Namespace, str, dict], None]] = {
+    "paper_code": _torch_worker,
+    "paper_code_2proc": _torch_worker,
     "torch_eager": _torch_worker,
     "torch_eager_1thread": _torch_worker,
     "torch_compile": _torch_worker,
-    "jax_composed": _jax_worker,
+    "jax_composed": _scorer_worker,
+    "jax_2workers": _scorer_worker,
     "jax_static_jit": _jax_worker,
     "jax_vmap": _jax_worker,
 }
 MBV2_WORKERS: dict[str, Callable[[argparse.Namespace, str, dict], None]] = {
-    "paper_code": _mbv2_torch_worker,
-    "torch_eager": _mbv2_torch_worker,
-    "jax": _mbv2_jax_worker,
+    "paper_code": _torch_worker,
+    "torch_eager": _torch_worker,
+    "jax": _scorer_worker,
 }
 SPACE_WORKERS = {"nb201": WORKERS, "mbv2": MBV2_WORKERS}
+PROCESSES = {"paper_code_2proc": 2}
+"""Rows run as that many processes at once, each on its contiguous share of the archs with
+one torch thread: the paper's code on all cores, one process per core."""
+WRCOR_ONLY = ("torch_compile", "jax_static_jit", "jax_vmap")
+"""Rows that time WRCor alone (engine variants, or torch.compile of the hooked network)."""
 
 
 # --------------------------------------------------------------------------- profile
@@ -452,11 +531,13 @@ def _machine(args: argparse.Namespace) -> dict:
     }
 
 
-def _spawn(args: argparse.Namespace, name: str) -> dict:
-    """Run one implementation in a fresh interpreter (its own peak RSS, its own compiles)."""
+def _spawn(args: argparse.Namespace, name: str, extra: tuple[str, ...] = ()) -> dict:
+    """Run one implementation in a fresh interpreter (its own peak RSS, its own compiles),
+    `extra` arguments added to its command line."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, __file__, *args.argv, "--worker", name, "--worker-out", str(out)]
+        worker = ["--worker", name, "--worker-out", str(out)]
+        command = [sys.executable, __file__, *args.argv, *extra, *worker]
         start, load = time.perf_counter(), os.getloadavg()[0]
         try:
             subprocess.run(command, check=True, timeout=args.timeout)
@@ -471,14 +552,144 @@ def _spawn(args: argparse.Namespace, name: str) -> dict:
         return result
 
 
-def _floor_seconds(args: argparse.Namespace, rate: float) -> list[float]:
-    """Per mbv2 arch, the FLOP floor of scoring `--proxies` at `rate` FLOP/s (the module
-    docstring says how it counts)."""
+def _spawn_processes(args: argparse.Namespace, name: str, count: int) -> dict:
+    """`count` processes of implementation `name` at once, process i on `--shard i/count` of
+    the archs; one row at their aggregate rate (a part's per-arch seconds over `count`),
+    their peak RSS summed, the slower part's first call and process time."""
+    shards = [("--shard", f"{i}/{count}") for i in range(count)]
+    with ThreadPoolExecutor(count) as pool:
+        parts = list(pool.map(lambda shard: _spawn(args, name, shard), shards))
+    failed = [part["status"] for part in parts if part["status"] != "ok"]
+    if failed:
+        return {"name": name, "status": failed[0]}
+    return {
+        "name": name,
+        "status": "ok",
+        "first_call_s": max(part["first_call_s"] for part in parts),
+        "steady_s": [seconds / count for part in parts for seconds in part["steady_s"]],
+        "timed": [i for part in parts for i in part["timed"]],
+        "scores": [row for part in parts for row in part["scores"]],
+        "compiles": None,
+        "peak_rss_mb": sum(part["peak_rss_mb"] for part in parts),
+        "process_s": max(part["process_s"] for part in parts),
+        "extra": {**parts[0]["extra"], "processes": count},
+    }
+
+
+# --------------------------------------------------------------------------- FLOP floor
+
+
+class FloorCount(NamedTuple):
+    """What the floor counts for one measurement: network passes over the cells and over
+    the stem (a pass: 2 x the forward multiply-adds; forward, data-gradient backward,
+    weight-gradient backward), over the batch or one image, and which N x N Gram matrices
+    (2 N^2 D FLOPs each): "responses" (every distinct response of WRCor's reference site
+    set), "forward" (its forward ones), "images" (one of the input gradients)."""
+
+    passes: int
+    stem_passes: int
+    batch: bool
+    grams: str = ""
+
+
+FLOOR_COUNTS = {
+    "site_sums": FloorCount(2, 1, True, "responses"),  # no data gradient to the images
+    "input_jacobian": FloorCount(2, 2, True, "images"),
+    "synflow_grads": FloorCount(3, 2, False),
+    "loss_grads": FloorCount(3, 2, True),
+    "activations": FloorCount(1, 1, True, "forward"),
+}
+"""Per measurement (`wrcor_jax.proxies`: the WRCor family reads site_sums, jacob_cov the
+input Jacobian, synflow its one-image gradients, snip and grad_norm the loss gradients,
+naswot the activations); proxies that share a measurement count it once."""
+NB201_IMAGE = (32, 32, 3)
+NB201_STAGES = ((16, 32), (32, 16), (64, 8))  # (width, image size) of the three stages
+
+
+def _nb201_responses(ops: np.ndarray) -> list[tuple[int, bool]]:
+    """(features D, is forward) of each distinct response WRCor's reference site set reads
+    (SPEC 3a), one per tensor as the engine correlates them: per conv op the gradients at
+    its ReLU's and its BatchNorm's inputs, its input once per node however many conv ops
+    read it; per reduction cell the input and those two gradients of conv_a and conv_b;
+    the final ReLU's output and input gradient."""
+    h, w, _ = NB201_IMAGE
+    responses = []
+    for c_in, c_out, reduction in CELL_PLAN:
+        features = h * w * c_in
+        if reduction:
+            h, w = h // 2, w // 2
+            out = h * w * c_out
+            responses += [(features, True), (features, False), (out, False)]  # conv_a
+            responses += [(out, True), (out, False), (out, False)]  # conv_b
+            continue
+        read = [EDGES[e][1] for e, op in enumerate(ops) if op in CONV_KERNEL]
+        responses += [(features, True)] * len(set(read)) + [(features, False)] * 2 * len(read)
+    features = h * w * CELL_PLAN[-1][1]
+    return [*responses, (features, True), (features, False)]
+
+
+def _nb201_flops(ops: np.ndarray, batch: int, measurements: Collection[str]) -> Counter:
+    """FLOPs of scoring one NB201 arch, by the rate they run at: convolutions at their
+    stage's width (conv_16/32/64: `block_macs`' stem, cells, classifier; `none` edges cost
+    nothing), Gram matrices (gram)."""
+    macs = block_macs(ops, (batch, *NB201_IMAGE), NUM_CLASSES)
+    widths = [STEM_CHANNELS, *(c_out for _, c_out, _ in CELL_PLAN), CELL_PLAN[-1][1]]
+    responses = _nb201_responses(ops)
+    grams = {
+        "": [],
+        "responses": [d for d, _ in responses],
+        "forward": [d for d, forward in responses if forward],
+        "images": [int(np.prod(NB201_IMAGE))],
+    }
+    flops: Counter = Counter()
+    for measurement in measurements:
+        count = FLOOR_COUNTS[measurement]
+        images = batch if count.batch else 1
+        for block, (mac, width) in enumerate(zip(macs, widths, strict=True)):
+            passes = count.stem_passes if block == 0 else count.passes
+            flops[f"conv_{width}"] += 2 * mac * images * passes
+        flops["gram"] += sum(2 * batch**2 * d for d in grams[count.grams])
+    return flops
+
+
+def _mbv2_flops(arch, batch: int, measurements: Collection[str]) -> Counter:
+    """FLOPs of scoring one mbv2 arch: the passes of `FLOOR_COUNTS` over all its
+    convolutions and the classifier (`cost.describe` at 10 classes), all at matmul rate; its
+    Gram matrices (small: WRCor reads only the SE ReLUs) not counted."""
     from wrcor_jax.spaces.mbv2.cost import describe
 
-    batch_passes = sum(proxy in ("wrcor", "jacob_cov") for proxy in args.proxies)
-    passes = 3 * args.batch_size * batch_passes + 3 * ("synflow" in args.proxies)
-    return [2 * describe(a, NUM_CLASSES).flops * passes / rate for a in _archs(args, None)]
+    macs = describe(arch, NUM_CLASSES).flops
+    passes = sum(
+        FLOOR_COUNTS[m].passes * (batch if FLOOR_COUNTS[m].batch else 1) for m in measurements
+    )
+    return Counter(matmul=2 * macs * passes)
+
+
+def _floors(args: argparse.Namespace) -> tuple[list[float], dict[str, float]]:
+    """Per arch of the sample, the FLOP floor of scoring `--proxies`: its FLOPs over the
+    rates measured here (the module docstring says how it counts); and those rates,
+    GFLOP/s."""
+    from wrcor_jax.benchmarks import machine
+    from wrcor_jax.proxies import PROXIES
+
+    measurements = {PROXIES[proxy].measurement for proxy in args.proxies}
+    if args.space == "mbv2":
+        rates = {"matmul": machine.matmul_flops_per_s()}
+        counts = [_mbv2_flops(a, args.batch_size, measurements) for a in _sample(args, None)]
+    else:
+        rates = {
+            f"conv_{width}": machine.conv_flops_per_s(args.batch_size, size, width)
+            for width, size in NB201_STAGES
+        }
+        # At the first stage's responses (16 x 32 x 32 features, the largest; half of the
+        # Gram FLOPs).
+        width, size = NB201_STAGES[0]
+        rates["gram"] = machine.gram_flops_per_s(args.batch_size, width * size**2)
+        counts = [
+            _nb201_flops(parse_arch(a), args.batch_size, measurements) for a in _sample(args, None)
+        ]
+    floors = [sum(flops / rates[kind] for kind, flops in count.items()) for count in counts]
+    return floors, {f"{kind}_gflops": rate / 1e9 for kind, rate in rates.items()}
 
 
 def _summarise(
@@ -488,8 +699,9 @@ def _summarise(
     paper: dict | None = None,
     floors: list[float] | None = None,
 ) -> dict:
-    """One implementation's row; `paper` (the paper_code result) and `floors` (per arch)
-    only in mbv2."""
+    """One implementation's row: ratios to the `baseline` and to `paper` (the paper_code
+    result, when run), the median FLOP floor of the archs it timed (`floors`: per arch of
+    the sample)."""
     steady = raw.get("steady_s", [])
     row = {
         "name": raw["name"],
@@ -513,7 +725,7 @@ def _summarise(
     if paper is not None and paper.get("steady_s") and row["median_s"]:
         row["ratio_vs_paper_code"] = statistics.median(paper["steady_s"]) / row["median_s"]
     if floors is not None and steady:
-        row["floor_median_s"] = statistics.median(floors[1 : 1 + len(steady)])
+        row["floor_median_s"] = statistics.median([floors[i] for i in raw["timed"]])
         row["x_floor"] = row["median_s"] / row["floor_median_s"]
     return row
 
@@ -594,11 +806,14 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--proxies",
         default=("wrcor",),
         type=lambda text: tuple(text.split(",")),
-        help=f"mbv2: comma-separated, of {', '.join(MBV2_PROXIES)}",
+        help=f"comma-separated, of {', '.join(NB201_PROXIES)} (mbv2: {', '.join(MBV2_PROXIES)})",
     )
-    parser.add_argument("--reference-code", type=Path, help="mbv2: a ZSNAS-WRCor checkout")
+    parser.add_argument("--reference-code", type=Path, help="a ZSNAS-WRCor checkout")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--shard", type=lambda text: tuple(map(int, text.split("/"))), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     workers = SPACE_WORKERS[args.space]
@@ -614,16 +829,23 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [n for n in args.names if n not in workers]
     if unknown:
         parser.error(f"unknown implementation {unknown[0]!r}; known: {', '.join(workers)}")
-    allowed = MBV2_PROXIES if args.space == "mbv2" else ("wrcor",)
+    allowed = MBV2_PROXIES if args.space == "mbv2" else NB201_PROXIES
     if any(proxy not in allowed for proxy in args.proxies):
         parser.error(f"--proxies in {args.space}: some of {', '.join(allowed)}")
-    if args.space == "mbv2":
-        if args.profile:
-            parser.error("--profile profiles the NB201 engine only")
-        if args.reference_code is None:
-            if args.only and "paper_code" in args.names:
-                parser.error("paper_code needs --reference-code")
-            args.names = [n for n in args.names if n != "paper_code"]
+    if args.space == "mbv2" and args.profile:
+        parser.error("--profile profiles the NB201 engine only")
+    # Rows a run cannot make are dropped from the default set, and an error when asked for.
+    unable = {
+        name: "needs --reference-code"
+        for name in args.names
+        if name.startswith("paper_code") and args.reference_code is None
+    }
+    if args.proxies != ("wrcor",):
+        unable |= {name: "times WRCor alone" for name in args.names if name in WRCOR_ONLY}
+    if args.only and unable:
+        name, why = next(iter(unable.items()))
+        parser.error(f"{name} {why}")
+    args.names = [name for name in args.names if name not in unable]
     return args
 
 
@@ -642,20 +864,15 @@ def main(argv: list[str] | None = None) -> None:
     raw = {}
     for name in args.names:
         print(f"[timing] {name} ...", file=sys.stderr, flush=True)
-        raw[name] = _spawn(args, name)
+        count = PROCESSES.get(name)
+        raw[name] = _spawn_processes(args, name, count) if count else _spawn(args, name)
         print(f"[timing] {name}: {raw[name]['status']}", file=sys.stderr, flush=True)
     eager = [raw[n] for n in TORCH_EAGER if n in raw and raw[n].get("steady_s")]
     baseline = min(eager, key=lambda r: statistics.median(r["steady_s"]), default=None)
     if baseline is not None:
         baseline = {"median_s": statistics.median(baseline["steady_s"]), **baseline}
-    mbv2, paper, floors = {}, None, None
-    if args.space == "mbv2":
-        from wrcor_jax.benchmarks.machine import matmul_flops_per_s
-
-        rate = matmul_flops_per_s()
-        floors = _floor_seconds(args, rate)
-        paper = raw.get("paper_code")
-        mbv2 = {"space": "mbv2", "proxies": list(args.proxies), "matmul_gflops": rate / 1e9}
+    floors, rates = _floors(args)
+    paper = raw.get("paper_code")
     rows = [_summarise(raw[n], baseline, args.proxies, paper, floors) for n in args.names]
     report = {
         "machine": {**machine, "load_average_end": os.getloadavg()},
@@ -664,7 +881,9 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "arch_seed": args.seed,
         "ratio_baseline": baseline["name"] if baseline else None,
-        **mbv2,
+        "space": args.space,
+        "proxies": list(args.proxies),
+        **rates,
         "implementations": rows,
     }
     if args.profile:
