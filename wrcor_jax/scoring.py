@@ -123,10 +123,7 @@ class NB201Scorer:
         """Reduced responses of a chunk of architectures, ops of shape (k, 6)."""
         ops = nb201.validate_ops(np.atleast_2d(ops))
         if self.config.engine == "composed":
-            one = functools.partial(
-                self.engine.site_sums, params=self.params, images=self.images, labels=self.labels
-            )
-            return self._map(one, ops)
+            return [measured["site_sums"] for measured in self._engine_measure(ops, False)]
         fn, archs, shared = self._sharded
         devices = archs.mesh.size
         size = -(-self.config.chunk_size // devices) * devices
@@ -137,6 +134,17 @@ class NB201Scorer:
             sums, counts = jax.device_get(fn(shared[0], jax.device_put(padded, archs), *shared[1:]))
             out += [SiteSums.from_stacked(sums[i], counts[i]) for i in range(len(chunk))]
         return out
+
+    def _engine_measure(self, ops: np.ndarray, input_jacobian: bool) -> list[dict]:
+        """The composed engine's site sums (and input Jacobians) of a chunk, per arch."""
+        one = functools.partial(
+            self.engine.measure,
+            params=self.params,
+            images=self.images,
+            labels=self.labels,
+            input_jacobian=input_jacobian,
+        )
+        return self._map(one, ops)
 
     @functools.cached_property
     def _sharded(self) -> tuple:
@@ -179,11 +187,19 @@ class NB201Scorer:
             )
         reads = {PROXIES[name].measurement for name in proxies}
         ops = nb201.validate_ops(np.atleast_2d(ops))
-        sums = self.site_sums(ops) if "site_sums" in reads else [None] * len(ops)
+        if "site_sums" in reads and self.config.engine == "composed":
+            # jacob_cov's Jacobian rides along WRCor's backward pass (one forward for both)
+            from_engine = self._engine_measure(ops, "input_jacobian" in reads)
+            reads -= {"site_sums", "input_jacobian"}
+        elif "site_sums" in reads:
+            from_engine = [{"site_sums": sums} for sums in self.site_sums(ops)]
+            reads -= {"site_sums"}
+        else:
+            from_engine = [{}] * len(ops)
 
-        def row(item: tuple[np.ndarray, SiteSums | None]) -> list[float]:
-            arch, arch_sums = item
-            measured = self.measure(arch, reads) | {"site_sums": arch_sums}
+        def row(item: tuple[np.ndarray, dict]) -> list[float]:
+            arch, engine_measured = item
+            measured = self.measure(arch, reads) | engine_measured
             used = nb201.used_params(self.host_params, arch)
             scores = []
             for name in proxies:
@@ -192,7 +208,7 @@ class NB201Scorer:
                 scores.append(proxy.score(reading, used))
             return scores
 
-        return self._map(row, list(zip(ops, sums, strict=True)))
+        return self._map(row, list(zip(ops, from_engine, strict=True)))
 
 
 @dataclasses.dataclass

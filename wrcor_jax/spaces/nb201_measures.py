@@ -217,7 +217,8 @@ def _fill_unreached(grads: dict, params: dict, ops: tuple[int, ...]) -> dict:
         for e, op in enumerate(ops):
             if op in CONV_OPS and OPS[op] not in cell.get(edge_name(e), {}):
                 w = params[cell_name(index)][edge_name(e)][OPS[op]]
-                _set(cell, (edge_name(e), OPS[op]), jax.tree.map(jnp.zeros_like, w))
+                zeros = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), w)
+                _set(cell, (edge_name(e), OPS[op]), zeros)
     return grads
 
 
@@ -325,13 +326,22 @@ class NB201Measurer:
         _, dimages = _backward(forward(), jnp.ones_like(logits), use_bn=True, weight_grads=False)
         return np.asarray(dimages)
 
+    @functools.cached_property
+    def _synflow_params(self) -> dict:
+        """|weights| in float64, made once on the host: per leaf on the device, each leaf
+        shape would compile its own conversion and abs."""
+        with jax.enable_x64(True):
+            return jax.device_put(
+                jax.tree.map(lambda t: np.abs(np.asarray(t, np.float64)), self.params)
+            )
+
     def _synflow_grads(self, ops: tuple, _: object) -> dict:
         """In float64: the BN-free product of |weights| overflows float32."""
         with jax.enable_x64(True):
-            params = jax.tree.map(lambda t: jnp.abs(jnp.asarray(t, jnp.float64)), self.params)
-            ones = jnp.ones((1, *self.images.shape[1:]), jnp.float64)
+            params = self._synflow_params
+            ones = np.ones((1, *self.images.shape[1:]), np.float64)
             forward = _forward(ops, params, ones, use_bn=False)
-            grads, _ = _backward(forward, jnp.ones_like(forward.logits), use_bn=False)
+            grads, _ = _backward(forward, np.ones(forward.logits.shape), use_bn=False)
             return jax.device_get(_fill_unreached(grads, params, ops))
 
     def _activations(self, ops: tuple, forward: Callable[[], _Forward]) -> tuple[np.ndarray, float]:
