@@ -33,6 +33,7 @@ def test_plan_places_every_arch_once_within_the_slots():
         for e in range(nb201.NUM_EDGES):
             users = np.flatnonzero(padded[:, e] == nb201.OPS.index("nor_conv_3x3"))
             assert list(index[e][valid[e]]) == list(users)
+            assert np.all(np.diff(index[e]) > 0)  # distinct and sorted, as declared
 
 
 def test_chunk_inputs_refuse_an_overfull_chunk():

@@ -48,6 +48,10 @@ class ChunkShape:
     conv3x3: int
     conv1x1: int
 
+    def __post_init__(self):
+        if not (1 <= self.conv3x3 <= self.archs and 1 <= self.conv1x1 <= self.archs):
+            raise ValueError(f"{self}: slots per conv op must lie in 1..archs")
+
     @classmethod
     def for_archs(cls, archs: int, share: float = 0.25) -> ChunkShape:
         """Slots for `share` of the chunk per conv op. A uniform random architecture uses
@@ -106,7 +110,11 @@ def plan_chunks(ops: np.ndarray, shape: ChunkShape) -> list[np.ndarray]:
 
 def chunk_inputs(ops: np.ndarray, shape: ChunkShape) -> tuple[np.ndarray, dict]:
     """A planned chunk's ops padded to `shape.archs` with all-`none` architectures (which
-    use no slot), and its slots: per conv op, (6, K) architecture indices and validity."""
+    use no slot), and its slots: per conv op, (6, K) architecture indices and validity.
+
+    A row's indices are distinct and sorted (its spare slots name architectures that do not
+    use the op, marked invalid), so the program's gathers and scatters are declared unique
+    and sorted: no atomics on a GPU, ~30% faster on XLA:CPU."""
     padded = np.zeros((shape.archs, NUM_EDGES), np.int32)
     padded[: len(ops)] = ops
     slots = {}
@@ -117,13 +125,16 @@ def chunk_inputs(ops: np.ndarray, shape: ChunkShape) -> tuple[np.ndarray, dict]:
             users = np.flatnonzero(padded[:, e] == op)
             if users.size > size:
                 raise ValueError(f"{users.size} architectures use {OPS[op]} on edge {e}, > {size}")
-            index[e, : users.size], valid[e, : users.size] = users, True
+            spare = np.setdiff1d(np.arange(shape.archs), users)[: size - users.size]
+            index[e] = np.sort(np.concatenate([users, spare]))
+            valid[e] = np.isin(index[e], users)
         slots[OPS[op]] = (index, valid)
     return padded, slots
 
 
 # --------------------------------------------------------------------------- the program
 
+_UNIQUE = {"unique_indices": True, "indices_are_sorted": True}  # slots, as `chunk_inputs` makes
 Accumulator = tuple[jax.Array, jax.Array]  # (sums (A, N, N), counts (A,)) of one block kind
 
 
@@ -143,8 +154,8 @@ def _probe_bwd(num_archs, saved, g):
     corr, defined = jax.vmap(abs_corrcoef)(g)
     keep = defined & valid
     sums = jnp.zeros((num_archs, *corr.shape[1:]), jnp.float32)
-    sums = sums.at[index].add(jnp.where(keep[:, None, None], corr, 0.0))
-    counts = jnp.zeros(num_archs, jnp.float32).at[index].add(keep.astype(jnp.float32))
+    sums = sums.at[index].add(jnp.where(keep[:, None, None], corr, 0.0), **_UNIQUE)
+    counts = jnp.zeros(num_archs, jnp.float32).at[index].add(keep.astype(jnp.float32), **_UNIQUE)
     return g, (sums, counts), None, None
 
 
@@ -194,8 +205,9 @@ def _normal_cell(
         out += jnp.where(op == POOL, _per_arch(avg_pool_3x3, source), 0.0)
         for conv in (CONV3, CONV1):
             index, valid = slots[OPS[conv]][0][e], slots[OPS[conv]][1][e]
-            y = _conv_op(w[edge_name(e)][OPS[conv]], source[index], grads, index, valid)
-            out = out.at[index].add(jnp.where(valid[:, None, None, None, None], y, 0.0))
+            inputs = source.at[index].get(**_UNIQUE)
+            y = _conv_op(w[edge_name(e)][OPS[conv]], inputs, grads, index, valid)
+            out = out.at[index].add(jnp.where(valid[:, None, None, None, None], y, 0.0), **_UNIQUE)
         nodes[to_node] = out if nodes[to_node] is None else nodes[to_node] + out
     for node in range(3):
         readers = sum(is_conv[:, e] for e, (_, src) in enumerate(EDGES) if src == node)
