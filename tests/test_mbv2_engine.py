@@ -33,13 +33,17 @@ from wrcor_jax.spaces.mbv2.network import init_params
 SAMPLE = Path(__file__).parents[1].parent / "shared" / "data" / "cifar10_sample.npz"
 NUM_CLASSES = 10
 BATCH = 16
-# Measured (2 CPUs, float32): wrcor <= 1.9e-6 relative, wrcor_allrelu <= 1e-7; act_cor, a
-# log-det near 0 here, <= 1.7e-5 absolute. Sums agree to ~1e-6 but for one image's gradient
-# terms in "stem-stride1" (block_act_grad, up to 7.7e-4): there the engine run in float64
-# agrees with the float32 capture to 1.6e-6, so it is float32 rounding in the engine's order
-# of sums for an image whose loss gradient is small, not a different computation.
+# Measured (2 CPUs, float32): wrcor <= 1.9e-6 relative, wrcor_allrelu <= 1e-7. Sums agree
+# to ~1e-6 but for one image's gradient terms in "stem-stride1" (block_act_grad, up to
+# 7.7e-4): there the engine run in float64 agrees with the float32 capture to 1.6e-6, so it
+# is float32 rounding in the engine's order of sums for an image whose loss gradient is
+# small, not a different computation.
+# act_cor, a log-det near 0 of a 16 x 16 kernel from a few SE channels, amplifies float32
+# rounding: on "past-buckets" the float32 capture is 2.7e-4 from the engine run in float64
+# and the float32 engine 1.4e-4 (1.7e-4 before its BatchNorm passes were rewritten; the
+# two engines agree in float64 to 1e-13), so they differ by 1.3e-4 (1.0e-4 before).
 RTOL = 1e-5
-ACT_COR_ATOL = 1e-4
+ACT_COR_ATOL = 5e-4
 SUMS_ATOL = 2e-3
 
 CASES = [

@@ -87,11 +87,17 @@ def masked_abs_corrcoef(x: jax.Array, mask: jax.Array, count: jax.Array) -> tupl
 def batch_norm_rows(y: jax.Array, w: dict, rows: jax.Array) -> jax.Array:
     """Training-mode BatchNorm of (N, P, C) rows over the real rows; padded rows come out 0.
     Padded rows of y must be 0 (they are: every producer masks them)."""
+    return _batch_norm_rows_rstd(y, w, rows)[0]
+
+
+def _batch_norm_rows_rstd(y: jax.Array, w: dict, rows: jax.Array) -> tuple:
+    """`batch_norm_rows` and the 1 / std it divided by (what its backward needs)."""
     mask = _row_mask(y.shape[1], rows)
     n = y.shape[0] * rows
     mean = y.sum(axis=(0, 1)) / n
     var = (jnp.square(y - mean) * mask).sum(axis=(0, 1)) / n
-    return ((y - mean) * jax.lax.rsqrt(var + BN_EPS) * w["scale"] + w["bias"]) * mask
+    rstd = jax.lax.rsqrt(var + BN_EPS)
+    return ((y - mean) * rstd * w["scale"] + w["bias"]) * mask, rstd
 
 
 def conv1x1_bn_rows(x: jax.Array, w: dict, rows: jax.Array, norm: bool = True) -> jax.Array:
@@ -100,10 +106,16 @@ def conv1x1_bn_rows(x: jax.Array, w: dict, rows: jax.Array, norm: bool = True) -
     cov(x) a C x C product of the centred real rows. The normalisation then folds into the
     kernel and a bias, so the wide output is written once: as `batch_norm_rows` of the conv
     it took 4x the conv's time here, the output being memory-bound (XLA:CPU keeps BN's
-    reductions and elementwise passes apart). Padded rows of x must be 0; they stay 0."""
+    reductions and elementwise passes apart). Padded rows of x must be 0; they stay 0.
+
+    When the output is narrower than the input (project: c_in up to 8x c_out) the C x C
+    covariance costs more than the conv, forward and backward, so the BatchNorm is then
+    `batch_norm_rows` of the narrow output."""
     kernel = w["kernel"][0, 0]
     if not norm:
         return _matmul_rows(x, kernel)
+    if kernel.shape[0] > kernel.shape[1]:
+        return batch_norm_rows(_matmul_rows(x, kernel), w, rows)
     mask = _row_mask(x.shape[1], rows)
     n = x.shape[0] * rows
     mean = x.sum(axis=(0, 1)) / n
@@ -182,6 +194,47 @@ def subsample_rows(x: jax.Array, side: jax.Array, p_out: int) -> jax.Array:
     return jnp.where(inside[None, :, None], taken, 0.0)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def depthwise_bn_saved(
+    stride: int, p_out: int, x: jax.Array, w: dict, side: jax.Array, z: jax.Array, rstd: jax.Array
+) -> jax.Array:
+    """`batch_norm_rows` of the (strided) depthwise conv of x (w: its kernel, BN scale and
+    bias) for the backward pass, given what the forward pass computed: its output z and
+    1 / std. Returns z; its backward is BatchNorm's closed form, reading the conv output's
+    normalised value back from z, then the taps' own backward. Recomputed under autodiff
+    instead, XLA:CPU fused the nine taps into each of the six passes that read the conv's
+    output, and the depthwise + SE backward took ~2.4x longer. A zero BN scale gets a zero
+    gradient (only synflow's saliency would read it, and it runs without BatchNorm)."""
+    del stride, p_out, x, w, side, rstd
+    return z
+
+
+def _depthwise_bn_saved_fwd(stride: int, p_out: int, x, w, side, z, rstd) -> tuple:
+    return z, (x, w, side, z, rstd)
+
+
+def _depthwise_bn_saved_bwd(stride: int, p_out: int, residuals: tuple, g: jax.Array) -> tuple:
+    x, w, side, z, rstd = residuals
+    out_side = (side + 1) // 2 if stride == 2 else side
+    mask = _row_mask(z.shape[1], out_side * out_side)
+    n = z.shape[0] * out_side * out_side
+    scale = w["scale"]
+    live = scale != 0  # a zero scale (padded channels) passes no gradient to y
+    normed = jnp.where(mask & live, (z - w["bias"]) / jnp.where(live, scale, 1.0), 0.0)
+    g = jnp.where(mask, g, 0.0)
+    d_bias = g.sum(axis=(0, 1))
+    d_scale = (g * normed).sum(axis=(0, 1))
+    d_y = jnp.where(mask, scale * rstd * (g - d_bias / n - normed * (d_scale / n)), 0.0)
+    if stride == 2:
+        full = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        (d_y,) = jax.linear_transpose(lambda t: subsample_rows(t, side, p_out), full)(d_y)
+    d_x, d_kernel, _ = _depthwise_rows_bwd((x, w["kernel"], side), d_y)
+    return d_x, {"kernel": d_kernel, "scale": d_scale, "bias": d_bias}, None, None, None
+
+
+depthwise_bn_saved.defvjp(_depthwise_bn_saved_fwd, _depthwise_bn_saved_bwd)
+
+
 # --------------------------------------------------------------------------- pieces
 #
 # A piece function maps (w, inputs, dims) to (outputs, sites); `dims` holds the run-time
@@ -202,13 +255,14 @@ def _norm(y: jax.Array, w: dict, norm: bool) -> jax.Array:
 
 
 def _pointwise(w, inputs, dims, probe, norm: bool, gated: bool):
-    """1x1 conv (of x, gated per channel by the SE when `gated`), BatchNorm, plus the
-    residual (when given), ReLU. dims: side, real output channels."""
+    """1x1 conv (of x; when `gated`, of ReLU(x) gated per channel by the SE: x is the
+    depthwise piece's pre-ReLU output), BatchNorm, plus the residual (when given), ReLU.
+    dims: side, real output channels."""
     x, *rest = inputs
     side, channels = dims[0], dims[1]
     if gated:
         gate, residual = rest
-        x = x * gate[:, None, :]
+        x = jax.nn.relu(x) * gate[:, None, :]
     z = conv1x1_bn_rows(x, w, side * side, norm)
     if gated:
         z = z + residual
@@ -217,27 +271,37 @@ def _pointwise(w, inputs, dims, probe, norm: bool, gated: bool):
     return (jax.nn.relu(z),)
 
 
-def _depthwise_se(w, inputs, dims, probe, norm: bool, stride: int, p_out: int):
-    """k x k depthwise conv with the stride, BatchNorm, ReLU, then the squeeze-excite gate
-    from the real rows' mean. dims: input side, real depthwise channels, real SE channels."""
+def _depthwise_se(w, inputs, dims, probe, norm: bool, stride: int, p_out: int, saved=None):
+    """k x k depthwise conv with the stride, BatchNorm, then the squeeze-excite gate from the
+    real rows' mean of its ReLU. Returns the pre-ReLU output (the project piece applies the
+    ReLU), the gate and, with BatchNorm, its 1 / std: given back as `saved`, these spare the
+    backward the conv and its statistics. dims: input side, real depthwise and SE channels."""
     (x,) = inputs
     side, channels, mid = dims[0], dims[1], dims[2]
-    y = depthwise_rows(x, w["depthwise"]["kernel"], side)
-    out_side = side
-    if stride == 2:
-        y, out_side = subsample_rows(y, side, p_out), (side + 1) // 2
+    out_side = (side + 1) // 2 if stride == 2 else side
+    rstd = ()
+    if norm and saved is not None:
+        rstd = (saved[2],)
+        z = depthwise_bn_saved(stride, p_out, x, w["depthwise"], side, saved[0], *rstd)
     else:
-        y = y * _row_mask(y.shape[1], side * side)
+        z = depthwise_rows(x, w["depthwise"]["kernel"], side)
+        if stride == 2:
+            z = subsample_rows(z, side, p_out)
+        else:
+            z = z * _row_mask(z.shape[1], side * side)
+        if norm:
+            z, std = _batch_norm_rows_rstd(z, w["depthwise"], out_side * out_side)
+            rstd = (std,)
     rows = out_side * out_side
-    z = _norm_rows(y, w["depthwise"], rows, norm)
     mask = _row_mask(z.shape[1], rows) & _channel_mask(z.shape[2], channels)
-    h = jax.nn.relu(probe("depthwise", z, mask, rows * channels))
+    z = probe("depthwise", z, mask, rows * channels)
+    h = jax.nn.relu(z)
     pooled = h.sum(axis=1) / rows
     se = w["se"]
     s = _norm(pooled @ se["reduce"]["kernel"][0, 0], se["reduce"], norm)
     s = jax.nn.relu(probe("se", s, _channel_mask(s.shape[1], mid), mid))
     s = _norm(s @ se["restore"]["kernel"][0, 0], se["restore"], norm)
-    return h, jax.nn.sigmoid(s)
+    return z, jax.nn.sigmoid(s), *rstd
 
 
 def _shortcut(w, inputs, dims, probe, norm: bool, stride: int, p_out: int):
@@ -289,12 +353,14 @@ class Piece:
     compiled backward (input cotangents, the sites' gradient terms and, with `saliency`,
     the sum of |w * dw| over its conv and linear kernels), both for a static set of kinds
     to reduce and BatchNorm on or off (`norm`). The backward recomputes the piece's forward
-    and adds to each input's cotangent the one `carried` from other readers of that input
-    (None: none), so no eager add compiles per shape outside the pieces.
+    (given its forward outputs as `saved` when `saves`, for the piece to reuse) and adds to
+    each input's cotangent the one `carried` from other readers of that input (None: none),
+    so no eager add compiles per shape outside the pieces; an output's cotangent None is 0.
     """
 
-    def __init__(self, fn: Callable, static: Sequence[str] = ()):
+    def __init__(self, fn: Callable, static: Sequence[str] = (), saves: bool = False):
         self.fn = fn
+        self.saves = saves
         names = ("kinds", "norm", *static)
         self.forward = jax.jit(self._forward, static_argnames=names)
         self.backward = jax.jit(self._backward, static_argnames=(*names, "saliency"))
@@ -322,8 +388,22 @@ class Piece:
         return outputs, self._terms(sites, kinds, backward=False)
 
     def _backward(
-        self, w, inputs, dims, cotangents, carried, kinds: frozenset, saliency: bool, **static
+        self,
+        w,
+        inputs,
+        dims,
+        outputs,
+        cotangents,
+        carried,
+        kinds: frozenset,
+        saliency: bool,
+        **static,
     ):
+        if self.saves:
+            static["saved"] = outputs
+        cotangents = tuple(
+            jnp.zeros_like(o) if c is None else c for o, c in zip(outputs, cotangents, strict=True)
+        )
         meta: dict = {}
 
         def shapes_probe(name, x, mask, count):
@@ -331,11 +411,19 @@ class Piece:
             return x
 
         jax.eval_shape(lambda: self.fn(w, inputs, dims, shapes_probe, **static))
-        zeros = {name: jnp.zeros(x.shape, x.dtype) for name, x in meta.items()}
+        # perturb only the sites whose gradient terms are asked for: a zero perturbation
+        # elsewhere is a full-size array of zeros that XLA writes and reads
+        zeros = {
+            name: jnp.zeros(x.shape, x.dtype)
+            for name, x in meta.items()
+            if _kind(name, backward=True) in kinds
+        }
         masks: dict = {}
 
         def run(w, inputs, perturbations):
             def probe(name, x, mask, count):
+                if name not in perturbations:
+                    return x
                 masks[name] = (mask, count)
                 return x + perturbations[name]
 
@@ -364,7 +452,7 @@ def _kernel_pairs(w: dict, d_w: dict) -> list[tuple[jax.Array, jax.Array]]:
 PIECES = {
     "stem": Piece(_stem, ("layers", "stride", "resolution", "p_out")),
     "expand": Piece(functools.partial(_pointwise, gated=False)),
-    "depthwise_se": Piece(_depthwise_se, ("stride", "p_out")),
+    "depthwise_se": Piece(_depthwise_se, ("stride", "p_out"), saves=True),
     "shortcut": Piece(_shortcut, ("stride", "p_out")),
     "project": Piece(functools.partial(_pointwise, gated=True)),
     "head": Piece(_head),
@@ -490,7 +578,7 @@ class MBV2Engine:
             strided = {"stride": stride, "p_out": rows_bucket(out_side * out_side)}
             (e,) = self._apply("expand", index, w["expand"], (x,), _dims(side, dw))
             w_dw = {"depthwise": w["depthwise"], "se": w["se"]}
-            h, gate = self._apply(
+            h, gate, *_ = self._apply(
                 "depthwise_se", index, w_dw, (e,), _dims(side, dw, mid), **strided
             )
             residual = x
@@ -516,13 +604,10 @@ class MBV2Engine:
         pending[id(logits)] = cotangent
         total = None
         for block, call in reversed(self._calls):
-            cotangents = tuple(
-                pending.pop(id(out), None) if id(out) in pending else jnp.zeros_like(out)
-                for out in call.outputs
-            )
+            cotangents = tuple(pending.pop(id(out), None) for out in call.outputs)
             carried = tuple(pending.pop(id(array), None) for array in call.inputs)
             d_inputs, terms, piece_total = PIECES[call.piece].backward(
-                call.w, call.inputs, call.dims, cotangents, carried, kinds=kinds,
+                call.w, call.inputs, call.dims, call.outputs, cotangents, carried, kinds=kinds,
                 saliency=saliency, **call.static,
             )  # fmt: skip
             self._terms.append((block, terms))
