@@ -1,9 +1,10 @@
 """The chunked engine (conv ops run only on the slots of the architectures that use them)
 agrees with the composed engine, and its planner keeps every chunk within its slots."""
 
+import jax
 import numpy as np
 import pytest
-from conftest import BEST_CIFAR10
+from conftest import BEST_CIFAR10, SAMPLE, require
 
 from wrcor_jax.proxies import RESPONSE_PROXIES
 from wrcor_jax.spaces import nb201
@@ -80,3 +81,11 @@ def test_chunked_scores_equal_composed_scores(params, small_batch, engine):
             np.testing.assert_allclose(got.sums[kind], want.sums[kind], rtol=1e-5, atol=1e-5)
         for name, proxy in RESPONSE_PROXIES.items():
             assert proxy(got) == pytest.approx(proxy(want), rel=1e-5), name
+
+
+def test_scorer_hands_the_chunked_engine_a_chunk_per_device():
+    from wrcor_jax.scoring import NB201Scorer, ScoreConfig
+
+    config = ScoreConfig(engine="chunked", batch_size=4, chunk_size=1, data=str(require(SAMPLE)))
+    scorer = NB201Scorer(config)
+    assert scorer.archs_per_call == CPU_CHUNK * jax.local_device_count()

@@ -224,6 +224,33 @@ def test_vmap_engine_spreads_a_chunk_over_4_local_devices(scored, job):
         assert [float(v) for v in scores[:2]] == pytest.approx(expected, rel=1e-5)
 
 
+# Three archs that fill no more than two 3x3 slots per edge in pairs (`ChunkShape.for_archs(8)`
+# has 2): the chunked engine plans two chunks, one per device.
+CONV_HEAVY = [
+    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|",
+    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|",
+    "|nor_conv_1x1~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|avg_pool_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|",
+]
+
+
+@pytest.mark.slow
+def test_chunked_engine_runs_a_chunk_on_each_of_2_local_devices(tmp_path, job, capsys):
+    """The accelerator engine on 2 forced host devices (one program, the chunks' axis split
+    over them) scores as the composed engine does. ~1 min on 2 loaded cores."""
+    (tmp_path / "heavy.txt").write_text("\n".join(CONV_HEAVY) + "\n")
+    composed = tmp_path / "composed.csv"
+    assert main([*_score_args(tmp_path, composed, "heavy.txt"), "--engine", "composed"]) == 0
+    out = tmp_path / "chunked2.csv"
+    args = [*_score_args(tmp_path, out, "heavy.txt"), "--engine", "chunked"]
+    flags = "--xla_force_host_platform_device_count=2"
+    code, err = job.finish(job.start(args, "chunked2", XLA_FLAGS=flags), limit=900)
+    assert code == 0, err
+    assert "chunked engine on 2 device(s)" in err
+    expected = {arch: [float(v) for v in scores[:2]] for arch, *scores in _rows(composed)[1]}
+    for arch, *scores in _rows(out)[1]:
+        assert [float(v) for v in scores[:2]] == pytest.approx(expected[arch], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_mbv2_batch_spreads_over_4_local_devices(tmp_path, job):
     """MobileNetV2: the batch split over 4 forced host devices (one program per piece for

@@ -200,3 +200,10 @@ def test_unknown_proxy_in_a_vote_fails_in_one_line(tmp_path, capsys):
     code, _, err = run_cli(capsys, *score_args(tmp_path, "--sample", 3, "--proxies", proxies))
     assert code != 0 and "unknown proxy 'zz' in 'vote(wrcor,zz)'" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r.csv").exists()
+
+
+def test_cli_offers_every_engine():
+    from wrcor_jax.cli import ENGINE_CHOICES
+    from wrcor_jax.scoring import ENGINES
+
+    assert ENGINE_CHOICES == ENGINES

@@ -42,6 +42,7 @@ class TinyScorer:
 
     def __init__(self, space: TinySpace, config: ScoreConfig):
         self.space, self.config = space, config
+        self.archs_per_call = config.chunk_size
         unsupported = [p for p in config.proxies if PROXIES[p].measurement not in (None, "macs")]
         if unsupported:
             raise ValueError(f"the tiny space cannot score {', '.join(unsupported)}")

@@ -30,6 +30,9 @@ from pathlib import Path
 from wrcor_jax import jsonio
 from wrcor_jax.proxies import PROXIES, parse_proxies
 
+# scoring.ENGINES, spelled out so that building the parser does not import the scoring stack
+ENGINE_CHOICES = ("auto", "composed", "chunked", "vmap")
+
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
 
@@ -415,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--engine",
         default="auto",
-        choices=["auto", "composed", "vmap"],
-        help="auto: composed on CPU, vmap (over every local device) on GPU/TPU",
+        choices=ENGINE_CHOICES,
+        help="auto: composed on CPU, chunked (over every local device) on GPU/TPU",
     )
     score.add_argument("--chunk-size", type=int, default=8, help="archs per appended chunk")
     score.add_argument("--workers", type=int, default=2, help="archs in flight (composed)")
@@ -468,8 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--engine",
         default="auto",
-        choices=["auto", "composed", "vmap"],
-        help="auto: composed on CPU, vmap on GPU/TPU",
+        choices=ENGINE_CHOICES,
+        help="auto: composed on CPU, chunked on GPU/TPU",
     )
     search.add_argument("--workers", type=int, default=2, help="archs in flight (composed)")
     search.add_argument("--population", type=int, help="evolution: population size (64)")

@@ -1,14 +1,17 @@
 """The scoring engine: many architectures, one compilation, results that survive a crash.
 
 `NB201Scorer` holds what every architecture shares (the batch, the supernet weights, the
-compiled pieces) and turns chunks of architectures into proxy scores. Two engines:
+compiled pieces) and turns chunks of architectures into proxy scores. Engines:
 - `composed` (default): compiled pieces composed per architecture in Python; the fast path
-  on CPU, where vmap would run all five ops of every edge;
-- `vmap`: the traced-architecture Flax network vmapped over a chunk of architectures (fixed
-  chunk size, last chunk padded, so one compilation); meant for GPUs and TPUs. The chunk's
-  architecture axis is sharded over a mesh of every local device (the chunk is padded to a
-  multiple of their count), so each device runs its slice of the chunk;
-- `auto`: composed on CPU, vmap on GPU and TPU (`resolve_engine`, when scoring starts).
+  on CPU, where a program over many architectures runs them in lockstep;
+- `chunked`: many architectures in one program that runs each conv op only for those that
+  use it (`nb201_chunked`; chunk size from device memory, one chunk per local device at a
+  time); the path for GPUs and TPUs;
+- `vmap`: the traced-architecture Flax network (`capture_intermediates`/`perturb`) vmapped
+  over a chunk of architectures, every candidate op of every edge run for each (fixed chunk
+  size, last chunk padded, so one compilation), its architecture axis sharded over a mesh
+  of every local device; an independent check of the other two;
+- `auto`: composed on CPU, chunked on GPU and TPU (`resolve_engine`, when scoring starts).
 On CPU the composed engine keeps about one core busy per architecture, so `workers`
 architectures are scored concurrently from threads (XLA releases the GIL while it runs).
 `score_archs` drives a run: validation first, then chunks appended to the results file.
@@ -40,11 +43,12 @@ from wrcor_jax.responses import SiteSums
 from wrcor_jax.results import ResultsError, ResultsFile, meta_path, read_meta, write_meta
 from wrcor_jax.spaces import SPACES, get_space, nb201
 from wrcor_jax.spaces.nb201_capture import vmapped_site_sums
+from wrcor_jax.spaces.nb201_chunked import ChunkedEngine, chunk_shape_for
 from wrcor_jax.spaces.nb201_engine import NB201Engine
 from wrcor_jax.spaces.nb201_measures import MEASUREMENTS, NB201Measurer
 from wrcor_jax.vote import VoteColumn, vote_scores
 
-ENGINES = ("auto", "composed", "vmap")
+ENGINES = ("auto", "composed", "chunked", "vmap")
 GRADIENT_MEASUREMENTS = frozenset({"loss_grads", "half_batch_grads", "synflow_grads"})
 
 
@@ -76,12 +80,13 @@ class ScoreConfig:
 
 
 def resolve_engine(engine: str) -> str:
-    """`auto` -> the engine this backend runs fastest: composed on CPU (vmap would run all
-    five ops of every edge), vmap elsewhere. Touches the backend, so it runs only once
-    scoring starts (after `jax.distributed.initialize`, when there is one)."""
+    """`auto` -> the engine this backend runs fastest: composed on CPU (the chunked engine's
+    gathers, selects and scatters are memory traffic XLA:CPU pays ~4x for), chunked
+    elsewhere. Touches the backend, so it runs only once scoring starts (after
+    `jax.distributed.initialize`, when there is one)."""
     if engine != "auto":
         return engine
-    return "composed" if jax.default_backend() == "cpu" else "vmap"
+    return "composed" if jax.default_backend() == "cpu" else "chunked"
 
 
 class NB201Scorer:
@@ -104,6 +109,11 @@ class NB201Scorer:
         self.params = jax.device_put(self.host_params)
         self.measurements = {PROXIES[name].measurement for name in config.proxies}
         self.engine = NB201Engine()
+        if config.engine == "chunked":
+            devices = jax.local_devices()
+            shape = chunk_shape_for(devices[0], config.batch_size)
+            self.chunked = ChunkedEngine(shape, devices=devices)
+            self._chunked_shared = self.chunked.place((self.params, self.images, self.labels))
         self.measurer = NB201Measurer(
             self.params,
             self.images,
@@ -116,6 +126,14 @@ class NB201Scorer:
         params = jax.device_put(zen_params(self.config.seed, self.num_classes))
         return params, tuple(map(jnp.asarray, zen_inputs(self.config.seed, images_shape)))
 
+    @property
+    def archs_per_call(self) -> int:
+        """How many architectures a `score` call should get: the chunked engine's chunks on
+        every device (fewer would leave places empty), else the configured chunk size."""
+        if self.config.engine == "chunked":
+            return max(self.config.chunk_size, self.chunked.archs_per_call)
+        return self.config.chunk_size
+
     def _map(self, fn, items) -> list:
         return list(self._pool.map(fn, items) if self._pool else map(fn, items))
 
@@ -124,6 +142,8 @@ class NB201Scorer:
         ops = nb201.validate_ops(np.atleast_2d(ops))
         if self.config.engine == "composed":
             return [measured["site_sums"] for measured in self._engine_measure(ops, False)]
+        if self.config.engine == "chunked":
+            return self.chunked.site_sums(ops, *self._chunked_shared)
         fn, archs, shared = self._sharded
         devices = archs.mesh.size
         size = -(-self.config.chunk_size // devices) * devices
@@ -289,7 +309,7 @@ def _devices_used(config: ScoreConfig, engine: str) -> int:
         from wrcor_jax.spaces.mbv2.space import batch_sharding
 
         return jax.local_device_count() if batch_sharding(config.batch_size) else 1
-    return jax.local_device_count() if engine == "vmap" else 1
+    return jax.local_device_count() if engine in ("chunked", "vmap") else 1
 
 
 def score_archs(
@@ -328,8 +348,9 @@ def score_archs(
         devices = _devices_used(config, engine)
         engine += f" engine on {devices} device(s)" if devices > 1 else " engine"
     bar = tqdm(total=len(todo), desc=engine, unit="arch", file=sys.stderr, disable=not progress)
-    for begin in range(0, len(todo), config.chunk_size):
-        chunk = todo[begin : begin + config.chunk_size]
+    step = scorer.archs_per_call if scorer else config.chunk_size
+    for begin in range(0, len(todo), step):
+        chunk = todo[begin : begin + step]
         scores = scorer.score([arch for _, arch in chunk])
         results.append(zip([text for text, _ in chunk], scores, strict=True))
         bar.update(len(chunk))

@@ -32,7 +32,11 @@ class ArchError(ValueError):
 
 class Scorer(Protocol):
     """Turns architectures of one space into rows of proxy scores, in `proxies` order (the
-    scorer's configured proxies when None)."""
+    scorer's configured proxies when None). `archs_per_call` is how many architectures a
+    scoring run hands it at a time (one results append each): usually the configured
+    chunk size, more for an engine that scores many in one program."""
+
+    archs_per_call: int
 
     def score(
         self, archs: Sequence[Arch], proxies: Sequence[str] | None = None

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from wrcor_jax.layers import avg_pool_2x2, avg_pool_3x3, batch_norm, conv2d
 from wrcor_jax.responses import KINDS, SiteSums, abs_corrcoef
@@ -299,31 +301,77 @@ def _chunk_site_sums(
 chunk_site_sums = jax.jit(_chunk_site_sums, static_argnames="unroll")
 
 
+def _spread(devices: Sequence[jax.Device]) -> tuple[Callable, NamedSharding]:
+    """One program running a chunk on each of `devices` at once: the chunks' axis vmapped
+    and split over a mesh of them (one compilation for all; a chunk's slots index only its
+    own architectures, so no device reads another's), and the sharding that replicates
+    the weights and the batch on every device."""
+    mesh = Mesh(np.array(devices), ("chunks",))
+    split, whole = NamedSharding(mesh, P("chunks")), NamedSharding(mesh, P())
+    program = jax.jit(
+        jax.vmap(_chunk_site_sums, in_axes=(None, 0, 0, None, None)),
+        in_shardings=(whole, split, split, whole, whole),
+        out_shardings=split,
+    )
+    return program, whole
+
+
 class ChunkedEngine:
     """Site sums of any number of NB201 architectures: planned into chunks of one
     `ChunkShape`, so one compilation serves them all. `program` may be that compilation,
-    made ahead (`chunk_site_sums.lower(...).compile()`, as the benchmark times it)."""
+    made ahead (`chunk_site_sums.lower(...).compile()`, as the benchmark times it). With
+    several `devices`, each runs one chunk of every call of one program (`_spread`)."""
 
-    def __init__(self, shape: ChunkShape, program: Callable = chunk_site_sums):
-        self.shape, self.program = shape, program
+    def __init__(
+        self,
+        shape: ChunkShape,
+        program: Callable = chunk_site_sums,
+        devices: Sequence[jax.Device] = (),
+    ):
+        self.shape, self.program, self.devices = shape, program, max(1, len(devices))
+        self._replicated = None
+        if self.devices > 1:
+            self.program, self._replicated = _spread(devices)
+
+    @property
+    def archs_per_call(self) -> int:
+        """Architectures one program call scores: a chunk on every device."""
+        return self.shape.archs * self.devices
+
+    def place(self, shared: tuple) -> tuple:
+        """The weights and batch where the program reads them (on every device)."""
+        return shared if self._replicated is None else jax.device_put(shared, self._replicated)
 
     def site_sums(
         self, ops: np.ndarray, params: dict, images: jax.Array, labels: jax.Array
     ) -> list[SiteSums]:
-        """One `SiteSums` per row of `ops` (n, 6), in its order. The next chunk is
+        """One `SiteSums` per row of `ops` (n, 6), in its order. The next call is
         dispatched before the current one is fetched, so the device never waits on the
         host."""
+        plan = plan_chunks(ops, self.shape)
+        calls = [plan[i : i + self.devices] for i in range(0, len(plan), self.devices)]
         out: list[SiteSums | None] = [None] * len(ops)
         pending = None
-        for members in [*plan_chunks(ops, self.shape), None]:
+        for chunks in [*calls, None]:
             launched = None
-            if members is not None:
-                padded, slots = chunk_inputs(ops[members], self.shape)
-                launched = members, self.program(params, padded, slots, images, labels)
+            if chunks is not None:
+                launched = chunks, self._launch(ops, chunks, params, images, labels)
             if pending is not None:
                 done, result = pending
                 sums, counts = jax.device_get(result)
-                for row, i in enumerate(done):
-                    out[i] = SiteSums.from_stacked(sums[row], counts[row])
+                if self.devices == 1:
+                    sums, counts = sums[None], counts[None]
+                for c, members in enumerate(done):
+                    for row, i in enumerate(members):
+                        out[i] = SiteSums.from_stacked(sums[c, row], counts[c, row])
             pending = launched
         return out
+
+    def _launch(self, ops: np.ndarray, chunks: list[np.ndarray], *shared) -> tuple:
+        """Dispatch one call: `chunks` (one per device; the last call's missing ones empty)."""
+        inputs = [chunk_inputs(ops[members], self.shape) for members in chunks]
+        if self.devices == 1:
+            return self.program(shared[0], *inputs[0], *shared[1:])
+        inputs += [chunk_inputs(ops[:0], self.shape)] * (self.devices - len(inputs))
+        padded, slots = jax.tree.map(lambda *a: np.stack(a), *inputs)
+        return self.program(shared[0], padded, slots, *shared[1:])

@@ -146,6 +146,11 @@ class MBV2Scorer:
 
         return [score(name) for name in names]
 
+    @property
+    def archs_per_call(self) -> int:
+        """Architectures per `score` call in a scoring run: the configured chunk size."""
+        return self.config.chunk_size
+
     def score(
         self, archs: Sequence[MBV2Arch], proxies: Sequence[str] | None = None
     ) -> list[list[float]]:
