@@ -237,7 +237,8 @@ def _scorer_worker(args: argparse.Namespace, name: str, result: dict) -> None:
     `workers`), its weights drawn from the seed as the torch rows' are. One arch per call
     with one worker; with 2 (jax_2workers) chunks of `chunk_size` archs, scored two at a time
     from threads as `score --workers 2` does (an arch's time: its chunk's over its size).
-    Compilations counted by `CompileCounter` from the first score on."""
+    Compilations counted by `CompileCounter` from the first score on. `--warm` scores each
+    chunk once untimed first, so the time is the steady cost once its programs exist."""
     from wrcor_jax.compilation import CompileCounter
     from wrcor_jax.scoring import ScoreConfig
     from wrcor_jax.spaces import get_space
@@ -255,6 +256,8 @@ def _scorer_worker(args: argparse.Namespace, name: str, result: dict) -> None:
     archs = [space.read(a) if isinstance(a, str) else a for a in _archs(args, name)]
     size = 1 if workers == 1 else config.chunk_size
     for chunk in [archs[:1]] + [archs[i : i + size] for i in range(1, len(archs), size)]:
+        if args.warm:
+            scorer.score(chunk)
         start = time.perf_counter()
         rows = scorer.score(chunk)
         _record(result, time.perf_counter() - start, rows)
@@ -800,6 +803,11 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
     parser.add_argument("--vmap-chunk", type=int, default=4)
     parser.add_argument("--profile", action="store_true", help="also profile jax_composed")
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="score-path rows: time a second call per chunk (compilations done by the first)",
+    )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per implementation")
     parser.add_argument("--space", choices=sorted(SPACE_WORKERS), default="nb201")
     parser.add_argument(

@@ -92,6 +92,8 @@ def test_jax_row_counts_compiles_and_agrees_with_torch(run_worker, timing):
     assert jax_raw["compiles"] > 0
     row = timing._summarise(jax_raw, {"median_s": 1.0, **eager}, ("wrcor",))
     assert row["wrcor_max_rel_diff_vs_torch_eager"] < 1e-3
+    warm = run_worker("jax", "wrcor", "--warm")  # each arch scored once, untimed, first
+    assert warm["scores"] == jax_raw["scores"]
 
 
 def test_summary_ratios_and_floor(timing):
