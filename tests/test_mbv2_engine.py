@@ -47,12 +47,13 @@ ACT_COR_ATOL = 5e-4
 SUMS_ATOL = 2e-3
 
 CASES = [
-    pytest.param(  # widths 8/16/32 and sides 16, 8, 4: every bucket met exactly
-        "SuperConvK3BNRELU(3,16,2,1)SuperResIDWE1K3(16,16,1,16,1)SuperResIDWE2K5(16,32,2,16,2)"
-        "SuperResIDWE4K7(32,32,2,8,1)SuperConvK1BNRELU(32,64,1,1)@32",
+    pytest.param(  # widths 32/64 and sides 16, 8, 4: every bucket met exactly
+        "SuperConvK3BNRELU(3,32,2,1)SuperResIDWE1K3(32,32,1,32,1)SuperResIDWE2K5(32,64,2,32,2)"
+        "SuperResIDWE4K7(64,32,2,16,1)SuperConvK1BNRELU(32,64,1,1)@32",
         id="on-buckets",
     ),
-    pytest.param(  # widths one past (17, 33, dw 24/40), pixels 18^2 and 9^2 past 256 and 64
+    pytest.param(  # widths under the narrowest bucket (9, 17, 20, dw 24) and past one (33,
+        # dw 40), pixels 18^2 and 9^2 past 256 and 64
         "SuperConvK3BNRELU(3,17,2,1)SuperResIDWE6K3(17,33,2,4,2)SuperResIDWE1K5(33,9,1,40,1)"
         "SuperConvK1BNRELU(9,20,1,1)@36",
         id="past-buckets",
@@ -112,13 +113,13 @@ def test_unsupported_blocks_are_named():
 
 
 def test_buckets_and_padded_weights():
-    assert [channel_bucket(c) for c in (1, 8, 9, 16, 17, 1536)] == [8, 8, 16, 16, 32, 2048]
+    assert [channel_bucket(c) for c in (1, 32, 33, 64, 65, 1536)] == [32, 32, 64, 64, 128, 2048]
     assert [rows_bucket(p) for p in (1, 9, 16, 17, 12544)] == [1, 16, 16, 32, 16384]
     arch = parse("SuperConvK3BNRELU(3,12,2,1)SuperResIDWE2K3(12,20,2,12,1)@16")
     params = init_params(arch, 0, NUM_CLASSES)
     padded = pad_params(params)
     stem = padded["block_00"]["layer_0"]["kernel"]
-    assert stem.shape == (3, 3, 3, 16)
+    assert stem.shape == (3, 3, 3, 32)
     np.testing.assert_array_equal(stem[..., :12], params["block_00"]["layer_0"]["kernel"])
     assert not stem[..., 12:].any()
     assert padded["block_01"]["layer_0"]["depthwise"]["kernel"].shape == (3, 3, 1, 32)
