@@ -107,22 +107,21 @@ def _batch_norm_rows_rstd(y: jax.Array, w: dict, rows: jax.Array) -> tuple:
     return ((y - mean) * rstd * w["scale"] + w["bias"]) * mask, rstd
 
 
-def conv1x1_bn_rows(x: jax.Array, w: dict, rows: jax.Array, norm: bool = True) -> jax.Array:
-    """1x1 conv of (N, P, C) rows, then training-mode BatchNorm over the real rows, with the
-    statistics taken from the input: mean(y) = mean(x) W and var(y) = diag(W^T cov(x) W),
-    cov(x) a C x C product of the centred real rows. The normalisation then folds into the
-    kernel and a bias, so the wide output is written once: as `batch_norm_rows` of the conv
-    it took 4x the conv's time here, the output being memory-bound (XLA:CPU keeps BN's
-    reductions and elementwise passes apart). Padded rows of x must be 0; they stay 0.
+def conv1x1_bn_rows(x: jax.Array, w: dict, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """1x1 conv of (N, P, C) rows, then training-mode BatchNorm over the real rows, and the
+    1 / std it divided by, with the statistics taken from the input: mean(y) = mean(x) W and
+    var(y) = diag(W^T cov(x) W), cov(x) a C x C product of the centred real rows. The
+    normalisation then folds into the kernel and a bias, so the wide output is written once:
+    as `batch_norm_rows` of the conv it took 4x the conv's time here, the output being
+    memory-bound (XLA:CPU keeps BN's reductions and elementwise passes apart). Padded rows of
+    x must be 0; they stay 0.
 
     When the output is narrower than the input (project: c_in up to 8x c_out) the C x C
     covariance costs more than the conv, forward and backward, so the BatchNorm is then
     `batch_norm_rows` of the narrow output."""
     kernel = w["kernel"][0, 0]
-    if not norm:
-        return _matmul_rows(x, kernel)
     if kernel.shape[0] > kernel.shape[1]:
-        return batch_norm_rows(_matmul_rows(x, kernel), w, rows)
+        return _batch_norm_rows_rstd(_matmul_rows(x, kernel), w, rows)
     mask = _row_mask(x.shape[1], rows)
     n = x.shape[0] * rows
     mean = x.sum(axis=(0, 1)) / n
@@ -130,9 +129,16 @@ def conv1x1_bn_rows(x: jax.Array, w: dict, rows: jax.Array, norm: bool = True) -
     flat = centred.reshape(-1, centred.shape[-1])
     cov = jnp.dot(flat.T, flat, precision=HIGHEST) / n
     var = jnp.sum(kernel * (cov @ kernel), axis=0)
-    scale = w["scale"] * jax.lax.rsqrt(var + BN_EPS)
+    rstd = jax.lax.rsqrt(var + BN_EPS)
+    scale = w["scale"] * rstd
     shift = w["bias"] - (mean @ kernel) * scale
-    return (_matmul_rows(x, kernel * scale) + shift) * mask
+    return (_matmul_rows(x, kernel * scale) + shift) * mask, rstd
+
+
+def _conv1x1_rows(x: jax.Array, kernel: jax.Array, side: jax.Array) -> jax.Array:
+    """A 1x1 conv of rows, called as every conv `_conv_bn` takes (`side` is not needed)."""
+    del side
+    return _matmul_rows(x, kernel[0, 0])
 
 
 def _matmul_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -201,30 +207,40 @@ def subsample_rows(x: jax.Array, side: jax.Array, p_out: int) -> jax.Array:
     return jnp.where(inside[None, :, None], taken, 0.0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def depthwise_bn_saved(
-    stride: int, p_out: int, x: jax.Array, w: dict, side: jax.Array, z: jax.Array, rstd: jax.Array
+def depthwise_strided_rows(
+    x: jax.Array, kernel: jax.Array, side: jax.Array, stride: int, p_out: int
 ) -> jax.Array:
-    """`batch_norm_rows` of the (strided) depthwise conv of x (w: its kernel, BN scale and
-    bias) for the backward pass, given what the forward pass computed: its output z and
-    1 / std. Returns z; its backward is BatchNorm's closed form, reading the conv output's
-    normalised value back from z, then the taps' own backward. Recomputed under autodiff
-    instead, XLA:CPU fused the nine taps into each of the six passes that read the conv's
-    output, and the depthwise + SE backward took ~2.4x longer. A zero BN scale gets a zero
-    gradient (only synflow's saliency would read it, and it runs without BatchNorm)."""
-    del stride, p_out, x, w, side, rstd
+    """`depthwise_rows` with the stride (subsampling rows), its padded rows zeroed."""
+    y = depthwise_rows(x, kernel, side)
+    if stride == 2:
+        return subsample_rows(y, side, p_out)
+    return jnp.where(_row_mask(y.shape[1], side * side), y, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def batch_norm_saved(
+    conv: Callable, x: jax.Array, w: dict, side: jax.Array, rows: jax.Array, z, rstd
+) -> jax.Array:
+    """`batch_norm_rows` of conv(x, w["kernel"], side) (`rows` real rows) for the backward
+    pass, given what the forward pass computed: its output z and 1 / std. Returns z; its
+    backward is BatchNorm's closed form, reading the conv output's normalised value back
+    from z, then the conv's own backward, which reads x only for the kernel's gradient.
+    Recomputed under autodiff instead, XLA:CPU fused a depthwise conv's nine taps into each
+    of the six passes that read its output (the depthwise + SE backward took ~2.4x longer),
+    and an expand's backward redid its forward's covariance and product. A zero BN scale gets
+    a zero gradient (only synflow's saliency would read it, and it runs without BatchNorm)."""
+    del conv, x, w, side, rows, rstd
     return z
 
 
-def _depthwise_bn_saved_fwd(stride: int, p_out: int, x, w, side, z, rstd) -> tuple:
-    return z, (x, w, side, z, rstd)
+def _batch_norm_saved_fwd(conv: Callable, x, w, side, rows, z, rstd) -> tuple:
+    return z, (x, w, side, rows, z, rstd)
 
 
-def _depthwise_bn_saved_bwd(stride: int, p_out: int, residuals: tuple, g: jax.Array) -> tuple:
-    x, w, side, z, rstd = residuals
-    out_side = (side + 1) // 2 if stride == 2 else side
-    mask = _row_mask(z.shape[1], out_side * out_side)
-    n = z.shape[0] * out_side * out_side
+def _batch_norm_saved_bwd(conv: Callable, residuals: tuple, g: jax.Array) -> tuple:
+    x, w, side, rows, z, rstd = residuals
+    mask = _row_mask(z.shape[1], rows)
+    n = z.shape[0] * rows
     scale = w["scale"]
     live = scale != 0  # a zero scale (padded channels) passes no gradient to y
     normed = jnp.where(mask & live, (z - w["bias"]) / jnp.where(live, scale, 1.0), 0.0)
@@ -232,14 +248,12 @@ def _depthwise_bn_saved_bwd(stride: int, p_out: int, residuals: tuple, g: jax.Ar
     d_bias = g.sum(axis=(0, 1))
     d_scale = (g * normed).sum(axis=(0, 1))
     d_y = jnp.where(mask, scale * rstd * (g - d_bias / n - normed * (d_scale / n)), 0.0)
-    if stride == 2:
-        full = jax.ShapeDtypeStruct(x.shape, x.dtype)
-        (d_y,) = jax.linear_transpose(lambda t: subsample_rows(t, side, p_out), full)(d_y)
-    d_x, d_kernel, _ = _depthwise_rows_bwd((x, w["kernel"], side), d_y)
-    return d_x, {"kernel": d_kernel, "scale": d_scale, "bias": d_bias}, None, None, None
+    d_x, d_kernel = jax.vjp(lambda x, k: conv(x, k, side), x, w["kernel"])[1](d_y)
+    d_w = {"kernel": d_kernel, "scale": d_scale, "bias": d_bias}
+    return d_x, d_w, None, None, None, None
 
 
-depthwise_bn_saved.defvjp(_depthwise_bn_saved_fwd, _depthwise_bn_saved_bwd)
+batch_norm_saved.defvjp(_batch_norm_saved_fwd, _batch_norm_saved_bwd)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -261,47 +275,66 @@ def _norm(y: jax.Array, w: dict, norm: bool) -> jax.Array:
     return batch_norm(y, w["scale"], w["bias"], eps=BN_EPS) if norm else y
 
 
-def _pointwise(w, inputs, dims, probe, norm: bool, gated: bool):
-    """1x1 conv (of x; when `gated`, of ReLU(x) gated per channel by the SE: x is the
-    depthwise piece's pre-ReLU output), BatchNorm, plus the residual (when given), ReLU.
-    dims: side, real output channels."""
-    x, *rest = inputs
+def _real(z: jax.Array, rows: jax.Array, channels: jax.Array) -> jax.Array:
+    """(P, C): which entries of (N, P, C) rows are real."""
+    return _row_mask(z.shape[1], rows) & _channel_mask(z.shape[2], channels)
+
+
+def _conv_bn(conv: Callable, x, w: dict, side, rows, norm: bool, saved, fused=None) -> tuple:
+    """conv(x, w["kernel"], side), BatchNormed over its `rows` real rows when `norm`, and
+    then its 1 / std, as a 1-tuple (empty without BatchNorm). `fused(x, w, rows)` computes
+    both at once when given. In the backward pass `saved` holds the piece's forward outputs,
+    the first and the last of them these two: `batch_norm_saved` reads them back."""
+    if not norm:
+        return conv(x, w["kernel"], side), ()
+    if saved is not None:
+        return batch_norm_saved(conv, x, w, side, rows, saved[0], saved[-1]), (saved[-1],)
+    if fused is not None:
+        z, rstd = fused(x, w, rows)
+    else:
+        z, rstd = _batch_norm_rows_rstd(conv(x, w["kernel"], side), w, rows)
+    return z, (rstd,)
+
+
+def _expand(w, inputs, dims, probe, norm: bool, relu: bool, saved=None):
+    """1x1 conv, BatchNorm, then the ReLU when `relu` (a conv block's layer). Without it (a
+    sub-block's expand, whose depthwise piece applies the ReLU) the output is pre-ReLU and,
+    with BatchNorm, comes with its 1 / std: given back as `saved`, they spare the backward
+    the forward's covariance and product (2x faster), which it could not read back from the
+    ReLU's output. dims: side, real output channels."""
     side, channels = dims[0], dims[1]
-    if gated:
-        gate, residual = rest
-        x = jax.nn.relu(x) * gate[:, None, :]
-    z = conv1x1_bn_rows(x, w, side * side, norm)
-    if gated:
-        z = z + residual
-    mask = _row_mask(z.shape[1], side * side) & _channel_mask(z.shape[2], channels)
-    z = probe("out", z, mask, side * side * channels)
+    rows = side * side
+    saved = None if relu else saved
+    z, rstd = _conv_bn(_conv1x1_rows, inputs[0], w, side, rows, norm, saved, conv1x1_bn_rows)
+    z = probe("out", z, _real(z, rows, channels), rows * channels)
+    return (jax.nn.relu(z),) if relu else (z, *rstd)
+
+
+def _project(w, inputs, dims, probe, norm: bool):
+    """1x1 conv of ReLU(h) (h: the depthwise piece's pre-ReLU output) gated per channel by
+    the SE, BatchNorm, plus the residual, ReLU. dims: side, real output channels."""
+    h, gate, residual = inputs
+    side, channels = dims[0], dims[1]
+    rows = side * side
+    x = jax.nn.relu(h) * gate[:, None, :]
+    z = conv1x1_bn_rows(x, w, rows)[0] if norm else _conv1x1_rows(x, w["kernel"], side)
+    z = probe("out", z + residual, _real(z, rows, channels), rows * channels)
     return (jax.nn.relu(z),)
 
 
 def _depthwise_se(w, inputs, dims, probe, norm: bool, stride: int, p_out: int, saved=None):
-    """k x k depthwise conv with the stride, BatchNorm, then the squeeze-excite gate from the
-    real rows' mean of its ReLU. Returns the pre-ReLU output (the project piece applies the
-    ReLU), the gate and, with BatchNorm, its 1 / std: given back as `saved`, these spare the
-    backward the conv and its statistics. dims: input side, real depthwise and SE channels."""
-    (x,) = inputs
+    """ReLU (of the expand's output), k x k depthwise conv with the stride, BatchNorm, then
+    the squeeze-excite gate from the real rows' mean of its ReLU. Returns the pre-ReLU
+    output (the project piece applies the ReLU), the gate and, with BatchNorm, its 1 / std:
+    given back as `saved`, these spare the backward the conv and its statistics. dims:
+    input side, real depthwise and SE channels."""
     side, channels, mid = dims[0], dims[1], dims[2]
     out_side = (side + 1) // 2 if stride == 2 else side
-    rstd = ()
-    if norm and saved is not None:
-        rstd = (saved[2],)
-        z = depthwise_bn_saved(stride, p_out, x, w["depthwise"], side, saved[0], *rstd)
-    else:
-        z = depthwise_rows(x, w["depthwise"]["kernel"], side)
-        if stride == 2:
-            z = subsample_rows(z, side, p_out)
-        else:
-            z = z * _row_mask(z.shape[1], side * side)
-        if norm:
-            z, std = _batch_norm_rows_rstd(z, w["depthwise"], out_side * out_side)
-            rstd = (std,)
     rows = out_side * out_side
-    mask = _row_mask(z.shape[1], rows) & _channel_mask(z.shape[2], channels)
-    z = probe("depthwise", z, mask, rows * channels)
+    conv = functools.partial(depthwise_strided_rows, stride=stride, p_out=p_out)
+    x = jax.nn.relu(inputs[0])
+    z, rstd = _conv_bn(conv, x, w["depthwise"], side, rows, norm, saved)
+    z = probe("depthwise", z, _real(z, rows, channels), rows * channels)
     h = jax.nn.relu(z)
     pooled = h.sum(axis=1) / rows
     se = w["se"]
@@ -458,10 +491,10 @@ def _kernel_pairs(w: dict, d_w: dict) -> list[tuple[jax.Array, jax.Array]]:
 
 PIECES = {
     "stem": Piece(_stem, ("layers", "stride", "resolution", "p_out")),
-    "expand": Piece(functools.partial(_pointwise, gated=False)),
+    "expand": Piece(_expand, ("relu",), saves=True),
     "depthwise_se": Piece(_depthwise_se, ("stride", "p_out"), saves=True),
     "shortcut": Piece(_shortcut, ("stride", "p_out")),
-    "project": Piece(functools.partial(_pointwise, gated=True)),
+    "project": Piece(_project),
     "head": Piece(_head),
 }
 
@@ -568,7 +601,8 @@ class MBV2Engine:
                 continue
             for j in range(block.layers):
                 w = w_block[layer_name(j)]
-                (x,) = self._apply("expand", index, w, (x,), _dims(side, block.out_channels))
+                dims = _dims(side, block.out_channels)
+                (x,) = self._apply("expand", index, w, (x,), dims, relu=True)
         (logits,) = self._apply(
             "head", len(arch.blocks) - 1, params["classifier"], (x,), _dims(side)
         )
@@ -583,7 +617,7 @@ class MBV2Engine:
             stride = block.stride if j == 0 else 1
             out_side = _out_side(side, stride)
             strided = {"stride": stride, "p_out": rows_bucket(out_side * out_side)}
-            (e,) = self._apply("expand", index, w["expand"], (x,), _dims(side, dw))
+            e, *_ = self._apply("expand", index, w["expand"], (x,), _dims(side, dw), relu=False)
             w_dw = {"depthwise": w["depthwise"], "se": w["se"]}
             h, gate, *_ = self._apply(
                 "depthwise_se", index, w_dw, (e,), _dims(side, dw, mid), **strided
