@@ -32,12 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wrcor_jax.compilation import (
-    CompileCounter,
-    ExecutableBudget,
-    resident_mb,
-    use_persistent_cache,
-)
+from wrcor_jax.allocator import resident_mb
+from wrcor_jax.compilation import CompileCounter, ExecutableBudget, use_persistent_cache
 from wrcor_jax.data import load_batch
 from wrcor_jax.proxies.wrcor import mbv2_wrcor
 from wrcor_jax.spaces.mbv2 import sampling

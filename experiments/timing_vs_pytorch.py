@@ -31,6 +31,9 @@ Implementations (`--only` picks some, `--limit NAME=N` scores only the first N a
   arch is run twice and the second call gives the run alone); jax_vmap (`vmapped_site_sums`
   over chunks of `--vmap-chunk` archs; skip with --skip-vmap).
 `--profile` adds where the composed engine's time goes (see `_profile`).
+The jax rows run with `wrcor_jax.allocator`'s tuned glibc malloc, as the command line does
+(`WRCOR_JAX_MALLOC=default` keeps glibc's defaults); the torch rows keep the defaults unless
+`--torch-malloc tuned`. Each row's `extra.malloc_tuned` says which it had.
 
 The FLOP floor (`floor_median_s`, the median over a row's timed archs; `x_floor`, the row's
 median over it): per arch, the FLOPs its proxies' measurements need (`FLOOR_COUNTS`; proxies
@@ -77,6 +80,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from wrcor_jax import allocator
 from wrcor_jax.jsonio import write_json
 from wrcor_jax.spaces.nb201 import (
     BEST_CIFAR10,
@@ -351,6 +355,7 @@ def _run_worker(args: argparse.Namespace) -> None:
         offset = _shard_bounds(len(_sample(args, args.worker)), args.shard)[0]
         result["timed"] = [offset + i for i in result["timed"]]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["extra"]["malloc_tuned"] = allocator.tuned()
     write_json(args.worker_out, result)
 
 
@@ -541,9 +546,12 @@ def _spawn(args: argparse.Namespace, name: str, extra: tuple[str, ...] = ()) -> 
         out = Path(tmp) / "result.json"
         worker = ["--worker", name, "--worker-out", str(out)]
         command = [sys.executable, __file__, *args.argv, *extra, *worker]
+        tune = allocator.wanted() if name.startswith("jax") else args.torch_malloc == "tuned"
         start, load = time.perf_counter(), os.getloadavg()[0]
         try:
-            subprocess.run(command, check=True, timeout=args.timeout)
+            subprocess.run(
+                command, check=True, timeout=args.timeout, env=allocator.environment(tune)
+            )
         except subprocess.TimeoutExpired:
             return {"name": name, "status": f"failed: timed out after {args.timeout} s"}
         except subprocess.CalledProcessError as exc:
@@ -809,6 +817,12 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="score-path rows: time a second call per chunk (compilations done by the first)",
     )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per implementation")
+    parser.add_argument(
+        "--torch-malloc",
+        choices=("default", "tuned"),
+        default="default",
+        help="glibc malloc of the torch rows (jax rows: wrcor_jax.allocator's, as the CLI)",
+    )
     parser.add_argument("--space", choices=sorted(SPACE_WORKERS), default="nb201")
     parser.add_argument(
         "--proxies",

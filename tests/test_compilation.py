@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from wrcor_jax.compilation import ExecutableBudget, default_cache_dir, resident_mb
+from wrcor_jax.allocator import resident_mb
+from wrcor_jax.compilation import ExecutableBudget, default_cache_dir
 
 # Run apart: the persistent cache is process-wide configuration.
 RELOAD = """

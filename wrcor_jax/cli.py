@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from wrcor_jax import jsonio
+from wrcor_jax import allocator, jsonio
 from wrcor_jax.proxies import PROXIES, parse_proxies
 
 # scoring.ENGINES, spelled out so that building the parser does not import the scoring stack
@@ -515,7 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+    """Entry point; returns the process exit code. Run as a command (`argv` None), it first
+    restarts itself with the tuned allocator (`allocator.reexec_tuned`)."""
+    if argv is None:
+        allocator.reexec_tuned()
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

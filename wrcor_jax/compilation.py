@@ -8,14 +8,14 @@ persistent compilation cache turns the recompilations that follow into disk read
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import os
 import threading
 from pathlib import Path
 
 import jax
+
+from wrcor_jax import allocator
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
@@ -85,40 +85,24 @@ def use_persistent_cache(directory: str | Path | None) -> Path | None:
     return path
 
 
-def resident_mb() -> float:
-    """This process's resident memory in MiB (Linux /proc; 0 where unavailable)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0.0
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def physical_mb() -> float:
-    """The machine's memory in MiB."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 class ExecutableBudget:
-    """Releases every loaded executable (`jax.clear_caches()`) once the process holds more
-    than `limit_mb` of memory; call `check()` between units of work, never inside one."""
+    """Releases every loaded executable (`jax.clear_caches()`) once this process's
+    allocations hold more than `limit_mb`, and hands back freed heap memory past `keep_mb`
+    (the tuned allocator keeps it for reuse, `allocator`); call `check()` between units of
+    work, never inside one."""
 
-    def __init__(self, limit_mb: float | None = None):
-        self.limit_mb = physical_mb() / 3 if limit_mb is None else limit_mb
+    def __init__(self, limit_mb: float | None = None, keep_mb: float | None = None):
+        self.limit_mb = allocator.physical_mb() / 3 if limit_mb is None else limit_mb
+        self.keep_mb = allocator.physical_mb() / 3 if keep_mb is None else keep_mb
         self.releases = 0
 
     def check(self) -> bool:
         """Release the executables if over the budget; whether it did."""
-        if resident_mb() <= self.limit_mb:
+        if allocator.in_use_mb() <= self.limit_mb:
+            allocator.release_free(self.keep_mb)
             return False
         jax.clear_caches()
         gc.collect()
-        _return_freed_memory()
+        allocator.release_free()
         self.releases += 1
         return True
-
-
-def _return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -1,0 +1,108 @@
+"""The tuned glibc allocator: the command restarts itself with it, once, same pid; freed
+memory stays resident for reuse until `release_free` hands it back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from wrcor_jax import allocator
+
+pytestmark = pytest.mark.skipif(not allocator.glibc(), reason="glibc tunables only")
+
+REEXEC = """
+import json, os, sys
+from wrcor_jax import allocator
+print(json.dumps([os.getpid(), allocator.tuned()]), flush=True)
+allocator.reexec_tuned()
+print(json.dumps([os.getpid(), allocator.tuned(), sys.argv[1:]]), flush=True)
+"""
+
+
+def _run(script: str, *args: str, env: dict[str, str]) -> list:
+    run = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, check=True
+    )
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+def test_environment_adds_and_removes_only_its_settings() -> None:
+    env = allocator.environment(True, {"GLIBC_TUNABLES": "glibc.pthread.rseq=0", "A": "1"})
+    assert env["A"] == "1"
+    assert env["GLIBC_TUNABLES"].split(":") == ["glibc.pthread.rseq=0", *allocator.TUNABLES]
+    assert allocator.environment(True, env) == env  # idempotent
+    assert allocator.environment(False, env)["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0"
+    assert "GLIBC_TUNABLES" not in allocator.environment(False, {"A": "1"})
+
+
+def _untuned() -> dict[str, str]:
+    env = allocator.environment(False)
+    env.pop(allocator.OPT_OUT, None)
+    return env
+
+
+def test_reexec_restarts_once_in_place_with_the_tunables() -> None:
+    lines = _run(REEXEC, "score", "--x", env=_untuned())
+    # the new image runs the script again from the top: its first line is printed twice
+    assert lines[0][1:] == [False] and lines[1][1:] == [True]
+    assert lines[2] == [lines[0][0], True, ["score", "--x"]]  # same process, same argv
+
+
+def test_opting_out_keeps_the_default_allocator() -> None:
+    lines = _run(REEXEC, env={**_untuned(), allocator.OPT_OUT: "default"})
+    assert [line[1] for line in lines] == [False, False]
+
+
+def test_the_command_restarts_itself_tuned() -> None:
+    probe = (
+        "import sys; from wrcor_jax import allocator, cli; print(allocator.tuned(), flush=True);"
+        " sys.argv[1:] = ['--help']; cli.main()"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe], env=_untuned(), capture_output=True, text=True, check=True
+    )
+    assert run.stdout.splitlines()[:2] == ["False", "True"] and "usage" in run.stdout
+
+
+FREED = """
+import json
+import numpy as np
+from wrcor_jax import allocator
+from wrcor_jax.compilation import ExecutableBudget
+block = np.ones(2**28, np.uint8)  # 256 MiB, written
+in_use, resident = allocator.in_use_mb(), allocator.resident_mb()
+del block
+kept = allocator.resident_mb()
+released = allocator.release_free(64)
+print(json.dumps([in_use - allocator.in_use_mb(), resident - kept, kept - allocator.resident_mb(),
+                  released]))
+"""
+
+
+def test_freed_memory_stays_for_reuse_until_released() -> None:
+    freed, dropped_on_free, dropped_on_release, released = _run(FREED, env=allocator.environment())[
+        0
+    ]
+    assert freed > 250
+    assert dropped_on_free < 10  # the heap keeps it
+    assert released and dropped_on_release > 200  # handed back
+
+
+def test_default_allocator_hands_large_blocks_back_at_once() -> None:
+    freed, dropped_on_free, _, _ = _run(FREED, env=allocator.environment(False))[0]
+    assert freed > 250 and dropped_on_free > 250  # why the tuning: an munmap per free
+
+
+def test_budget_keeps_free_memory_within_its_allowance() -> None:
+    script = FREED.replace(
+        "released = allocator.release_free(64)",
+        "released = ExecutableBudget(limit_mb=10**9, keep_mb=10**9).check()",
+    )
+    _, dropped_on_free, dropped_on_check, released = _run(script, env=allocator.environment())[0]
+    assert not released and dropped_on_free < 10 and dropped_on_check < 10
+    script = script.replace("keep_mb=10**9", "keep_mb=64")
+    _, _, dropped_on_check, released = _run(script, env=allocator.environment())[0]
+    assert not released and dropped_on_check > 200  # trimmed, executables kept
