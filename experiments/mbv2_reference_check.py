@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from search_nb201 import machine
 
+from wrcor_jax import allocator
 from wrcor_jax.benchmarks import rank_correlations
 from wrcor_jax.jsonio import write_json
 from wrcor_jax.spaces.mbv2.arch import MBV2Arch, format_arch, parse
@@ -285,4 +286,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    allocator.reexec_tuned()  # as the command line does: docs/timing.md
     main()

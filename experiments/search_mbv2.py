@@ -36,6 +36,7 @@ from typing import Any
 
 from search_nb201 import algo_options, machine, run_one, write_report
 
+from wrcor_jax import allocator
 from wrcor_jax.cli import parse_count
 from wrcor_jax.scoring import ScoreConfig
 from wrcor_jax.search import cached_fitness
@@ -217,4 +218,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    allocator.reexec_tuned()  # as the command line does: docs/timing.md
     main()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +107,8 @@ def test_budget_keeps_free_memory_within_its_allowance() -> None:
     script = script.replace("keep_mb=10**9", "keep_mb=64")
     _, _, dropped_on_check, released = _run(script, env=allocator.environment())[0]
     assert not released and dropped_on_check > 200  # trimmed, executables kept
+
+
+def test_usage_doc_gives_the_tunables_in_force() -> None:
+    usage = (Path(__file__).parents[1] / "docs" / "usage.md").read_text()
+    assert f"GLIBC_TUNABLES={':'.join(allocator.TUNABLES)}" in usage

@@ -207,14 +207,28 @@ def subsample_rows(x: jax.Array, side: jax.Array, p_out: int) -> jax.Array:
     return jnp.where(inside[None, :, None], taken, 0.0)
 
 
+def _written_once(live: jax.Array, fn: Callable, *args: jax.Array) -> jax.Array:
+    """fn(*args), computed once and stored: the branch of a conditional on `live`, a value
+    true at run time that the compiler cannot fold. XLA:CPU otherwise fuses a depthwise
+    conv's taps into every pass that reads its output, BatchNorm's three included, and its
+    optimization barrier does not survive XLA:CPU's pipeline; a conditional's result is
+    always written out."""
+    shape = jax.eval_shape(fn, *args)
+    return jax.lax.cond(live, fn, lambda *_: jnp.zeros(shape.shape, shape.dtype), *args)
+
+
 def depthwise_strided_rows(
     x: jax.Array, kernel: jax.Array, side: jax.Array, stride: int, p_out: int
 ) -> jax.Array:
     """`depthwise_rows` with the stride (subsampling rows), its padded rows zeroed."""
-    y = depthwise_rows(x, kernel, side)
-    if stride == 2:
-        return subsample_rows(y, side, p_out)
-    return jnp.where(_row_mask(y.shape[1], side * side), y, 0.0)
+
+    def conv(x: jax.Array, kernel: jax.Array, side: jax.Array) -> jax.Array:
+        y = depthwise_rows(x, kernel, side)
+        if stride == 2:
+            return subsample_rows(y, side, p_out)
+        return jnp.where(_row_mask(y.shape[1], side * side), y, 0.0)
+
+    return _written_once(side > 0, conv, x, kernel, side)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -310,16 +324,19 @@ def _expand(w, inputs, dims, probe, norm: bool, relu: bool, saved=None):
     return (jax.nn.relu(z),) if relu else (z, *rstd)
 
 
-def _project(w, inputs, dims, probe, norm: bool):
+def _project(w, inputs, dims, probe, norm: bool, saved=None):
     """1x1 conv of ReLU(h) (h: the depthwise piece's pre-ReLU output) gated per channel by
-    the SE, BatchNorm, plus the residual, ReLU. dims: side, real output channels."""
+    the SE, BatchNorm, plus the residual, ReLU. With BatchNorm it also returns the (narrow)
+    BatchNorm output and its 1 / std: given back as `saved`, they spare the backward the
+    forward's wide product and statistics. dims: side, real output channels."""
     h, gate, residual = inputs
     side, channels = dims[0], dims[1]
     rows = side * side
     x = jax.nn.relu(h) * gate[:, None, :]
-    z = conv1x1_bn_rows(x, w, rows)[0] if norm else _conv1x1_rows(x, w["kernel"], side)
-    z = probe("out", z + residual, _real(z, rows, channels), rows * channels)
-    return (jax.nn.relu(z),)
+    saved = saved[1:] if saved is not None else None
+    z, rstd = _conv_bn(_conv1x1_rows, x, w, side, rows, norm, saved, conv1x1_bn_rows)
+    out = probe("out", z + residual, _real(z, rows, channels), rows * channels)
+    return (jax.nn.relu(out), *((z, *rstd) if norm else ()))
 
 
 def _depthwise_se(w, inputs, dims, probe, norm: bool, stride: int, p_out: int, saved=None):
@@ -494,7 +511,7 @@ PIECES = {
     "expand": Piece(_expand, ("relu",), saves=True),
     "depthwise_se": Piece(_depthwise_se, ("stride", "p_out"), saves=True),
     "shortcut": Piece(_shortcut, ("stride", "p_out")),
-    "project": Piece(_project),
+    "project": Piece(_project, saves=True),
     "head": Piece(_head),
 }
 
@@ -628,7 +645,7 @@ class MBV2Engine:
                     "shortcut", index, w["shortcut"], (x,), _dims(side), **strided
                 )
             project_dims = _dims(out_side, block.out_channels)
-            (x,) = self._apply("project", index, w["project"], (h, gate, residual), project_dims)
+            x, *_ = self._apply("project", index, w["project"], (h, gate, residual), project_dims)
             side = out_side
         return x, side
 
