@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from wrcor_jax import allocator
-from wrcor_jax.allocator import resident_mb
 from wrcor_jax.compilation import CompileCounter, ExecutableBudget, use_persistent_cache
 from wrcor_jax.data import load_batch
 from wrcor_jax.proxies.wrcor import mbv2_wrcor
@@ -114,7 +113,7 @@ def main() -> None:
                 "loads": CompileCounter.loads,
                 "load_s": round(CompileCounter.load_seconds, 1),
                 "releases": budget.releases,
-                "rss_mb": round(resident_mb()),
+                "rss_mb": round(allocator.resident_mb()),
                 "wall_s": round(time.perf_counter() - start, 1),
                 "median_s_per_arch": round(statistics.median(seconds), 2),
                 "batch_size": args.batch_size,

@@ -3,8 +3,8 @@
 Every call of a compiled program allocates its outputs and one temporary buffer, up to GBs
 each at batch 64 in the MobileNetV2 space. glibc hands any block over 32 MB to a fresh
 `mmap` and unmaps it on free, so each call touches its buffers page by page anew: on this
-machine the page faults took two thirds of a MobileNetV2 architecture's time (24 s of
-which ~17 s faulting, docs/timing.md). Keeping freed memory in the heap (no `mmap` for
+machine a MobileNetV2 architecture took 24 s that way and 7.2-7.6 s with these settings
+(docs/mbv2_engine.md). Keeping freed memory in the heap (no `mmap` for
 large blocks, one arena, no trimming), in 2 MB pages where the kernel allows, lets the next
 call reuse it without a fault.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import platform
 import sys
@@ -92,13 +93,17 @@ class _Mallinfo2(ctypes.Structure):
     ]
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     if not glibc():
         return None
     try:
-        return ctypes.CDLL("libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return None
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _Mallinfo2
+    return libc
 
 
 def resident_mb() -> float:
@@ -122,7 +127,6 @@ def in_use_mb() -> float:
     libc = _libc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return resident_mb()
-    libc.mallinfo2.restype = _Mallinfo2
     info = libc.mallinfo2()
     return (info.uordblks + info.hblkhd) / 2**20
 
