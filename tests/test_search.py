@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -231,6 +232,8 @@ def test_criterion_single_proxy_hard_and_soft():
 class CountingScorer:
     """The scorer behind a CachedFitness: toy scores, counting calls and architectures."""
 
+    archs_per_call = 8
+
     def __init__(self):
         self.calls, self.archs, self.asked = 0, 0, []
 
@@ -272,6 +275,24 @@ def test_cache_never_rescores(tmp_path):
     other, scorer = cached(ScoreCache(key | {"seed": 1}, tmp_path / "cache"))
     other.score(ops[:3])
     assert scorer.archs == 3
+
+
+def test_cache_keeps_each_finished_call_of_a_killed_fitness(tmp_path):
+    """A population is scored a call's worth at a time, each call cached before the next:
+    a search killed on its third call has lost that call only."""
+    key = {"k": 1}
+    fitness, scorer = cached(ScoreCache(key, tmp_path / "cache"))
+    score = scorer.score
+    scorer.score = lambda ops, proxies: (
+        score(ops, proxies) if scorer.calls < 2 else sys.exit("killed")
+    )
+    ops = nb201.sample_archs(np.random.default_rng(4), 20)
+    with pytest.raises(SystemExit, match="killed"):
+        fitness.score(ops)
+    assert scorer.archs == 16
+    fitness, scorer = cached(ScoreCache(key, tmp_path / "cache"))
+    assert fitness.score(ops) == Toy().score(ops)
+    assert scorer.archs == 4 and fitness.hits == 16
 
 
 def test_cache_scores_only_the_proxies_it_lacks(tmp_path):

@@ -174,8 +174,14 @@ class CachedFitness:
         for lacking, rows in to_score.items():
             if self._scorer is None:
                 self._scorer = self._make_scorer()
-            fresh = self._scorer.score([candidates[i] for i in rows.values()], lacking)
-            self.cache.put(zip(rows, fresh, strict=True), lacking)
+            # A call's worth at a time into the cache, so that a killed search (an mbv2
+            # population of 64 takes a quarter of an hour on a CPU) loses one call, not all.
+            pending = list(rows.items())
+            step = self._scorer.archs_per_call
+            for begin in range(0, len(pending), step):
+                chunk = pending[begin : begin + step]
+                fresh = self._scorer.score([candidates[i] for _, i in chunk], lacking)
+                self.cache.put(zip((arch for arch, _ in chunk), fresh, strict=True), lacking)
         return [list(map(float, self.cache.get(arch, self.proxies))) for arch in archs]
 
 
