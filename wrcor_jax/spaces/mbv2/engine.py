@@ -34,6 +34,7 @@ import numpy as np
 from wrcor_jax.layers import batch_norm, conv2d
 from wrcor_jax.responses import KINDS, SiteSums
 from wrcor_jax.spaces.mbv2.arch import ConvBlock, MBV2Arch, ResBlock
+from wrcor_jax.spaces.mbv2.measures import batch_halves
 from wrcor_jax.spaces.mbv2.network import (
     BN_EPS,
     block_name,
@@ -242,7 +243,7 @@ def batch_norm_saved(
     Recomputed under autodiff instead, XLA:CPU fused a depthwise conv's nine taps into each
     of the six passes that read its output (the depthwise + SE backward took ~2.4x longer),
     and an expand's backward redid its forward's covariance and product. A zero BN scale gets
-    a zero gradient (only synflow's saliency would read it, and it runs without BatchNorm)."""
+    a zero gradient (padded channels; PyTorch's default BatchNorm scale is 1)."""
     del conv, x, w, side, rows, rstd
     return z
 
@@ -407,8 +408,8 @@ def _kind(site: str, backward: bool) -> str:
 
 class Piece:
     """A piece's compiled forward (outputs and its sites' forward correlation terms) and
-    compiled backward (input cotangents, the sites' gradient terms and, with `saliency`,
-    the sum of |w * dw| over its conv and linear kernels), both for a static set of kinds
+    compiled backward (input cotangents, the sites' gradient terms and, with `weights`,
+    the gradient of its weights), both for a static set of kinds
     to reduce and BatchNorm on or off (`norm`). The backward recomputes the piece's forward
     (given its forward outputs as `saved` when `saves`, for the piece to reuse) and adds to
     each input's cotangent the one `carried` from other readers of that input (None: none),
@@ -420,7 +421,7 @@ class Piece:
         self.saves = saves
         names = ("kinds", "norm", *static)
         self.forward = jax.jit(self._forward, static_argnames=names)
-        self.backward = jax.jit(self._backward, static_argnames=(*names, "saliency"))
+        self.backward = jax.jit(self._backward, static_argnames=(*names, "weights"))
 
     @staticmethod
     def _terms(sites: dict, kinds: frozenset, backward: bool) -> dict:
@@ -453,7 +454,7 @@ class Piece:
         cotangents,
         carried,
         kinds: frozenset,
-        saliency: bool,
+        weights: bool,
         **static,
     ):
         if self.saves:
@@ -486,24 +487,14 @@ class Piece:
 
             return self.fn(w, inputs, dims, probe, **static)
 
-        if saliency:
+        if weights:
             d_w, d_inputs, d_sites = jax.vjp(run, w, inputs, zeros)[1](cotangents)
-            total = sum(jnp.abs(w_k * g_k).sum() for w_k, g_k in _kernel_pairs(w, d_w))
         else:
             d_inputs, d_sites = jax.vjp(lambda i, p: run(w, i, p), inputs, zeros)[1](cotangents)
-            total = None
+            d_w = None
         d_inputs = tuple(d if c is None else d + c for d, c in zip(d_inputs, carried, strict=True))
         sites = {name: (d_sites[name], *masks[name]) for name in d_sites}
-        return d_inputs, self._terms(sites, kinds, backward=True), total
-
-
-def _kernel_pairs(w: dict, d_w: dict) -> list[tuple[jax.Array, jax.Array]]:
-    """(kernel, its gradient) for every conv and linear kernel of a piece's weights."""
-    leaves = jax.tree_util.tree_flatten_with_path(w)[0]
-    grads = jax.tree.leaves(d_w)
-    return [
-        (leaf, g) for (path, leaf), g in zip(leaves, grads, strict=True) if path[-1].key == "kernel"
-    ]
+        return d_inputs, self._terms(sites, kinds, backward=True), d_w
 
 
 PIECES = {
@@ -549,9 +540,11 @@ def pad_params(params: dict) -> dict:
 
 @dataclasses.dataclass
 class _Call:
-    """One piece applied in the forward pass: enough to run its backward."""
+    """One piece applied in the forward pass: enough to run its backward. `path` is where
+    its weights `w` sit in the parameter tree (a depthwise + SE piece's are two subtrees)."""
 
     piece: str
+    path: tuple[str, ...]
     w: dict
     inputs: tuple
     dims: np.ndarray
@@ -586,10 +579,12 @@ class MBV2Engine:
             isinstance(b, ResBlock) or (b.kernel == 1 and b.stride == 1) for b in rest
         )
 
-    def _apply(self, piece: str, block: int, w: dict, inputs: tuple, dims, **static) -> tuple:
+    def _apply(
+        self, piece: str, block: int, path: tuple, w: dict, inputs: tuple, dims, **static
+    ) -> tuple:
         static["norm"] = self._norm
         outputs, terms = PIECES[piece].forward(w, inputs, dims, kinds=self._kinds, **static)
-        self._calls.append((block, _Call(piece, w, inputs, dims, static, outputs)))
+        self._calls.append((block, _Call(piece, path, w, inputs, dims, static, outputs)))
         self._terms.append((block, terms))
         return outputs
 
@@ -610,18 +605,20 @@ class MBV2Engine:
             "p_out": rows_bucket(side * side),
         }
         stem_dims = _dims(stem_block.out_channels)
-        (x,) = self._apply("stem", 0, params[block_name(0)], (images,), stem_dims, **static)
+        stem = (block_name(0),)
+        (x,) = self._apply("stem", 0, stem, params[stem[0]], (images,), stem_dims, **static)
         for index, block in enumerate(rest, start=1):
             w_block = params[block_name(index)]
             if isinstance(block, ResBlock):
                 x, side = self._res_block(index, block, w_block, x, side)
                 continue
             for j in range(block.layers):
-                w = w_block[layer_name(j)]
+                path = (block_name(index), layer_name(j))
                 dims = _dims(side, block.out_channels)
-                (x,) = self._apply("expand", index, w, (x,), dims, relu=True)
+                (x,) = self._apply("expand", index, path, w_block[path[1]], (x,), dims, relu=True)
+        last = len(arch.blocks) - 1
         (logits,) = self._apply(
-            "head", len(arch.blocks) - 1, params["classifier"], (x,), _dims(side)
+            "head", last, ("classifier",), params["classifier"], (x,), _dims(side)
         )
         return logits
 
@@ -630,50 +627,58 @@ class MBV2Engine:
         project (+ residual, ReLU)."""
         dw, mid = block.dw_channels, se_channels(block.dw_channels)
         for j in range(block.layers):
-            w = w_block[layer_name(j)]
+            path = (block_name(index), layer_name(j))
+            w = w_block[path[1]]
             stride = block.stride if j == 0 else 1
             out_side = _out_side(side, stride)
             strided = {"stride": stride, "p_out": rows_bucket(out_side * out_side)}
-            e, *_ = self._apply("expand", index, w["expand"], (x,), _dims(side, dw), relu=False)
+            e, *_ = self._apply(
+                "expand", index, (*path, "expand"), w["expand"], (x,), _dims(side, dw), relu=False
+            )
             w_dw = {"depthwise": w["depthwise"], "se": w["se"]}
             h, gate, *_ = self._apply(
-                "depthwise_se", index, w_dw, (e,), _dims(side, dw, mid), **strided
+                "depthwise_se", index, path, w_dw, (e,), _dims(side, dw, mid), **strided
             )
             residual = x
             if "shortcut" in w:
                 (residual,) = self._apply(
-                    "shortcut", index, w["shortcut"], (x,), _dims(side), **strided
-                )
+                    "shortcut", index, (*path, "shortcut"), w["shortcut"], (x,), _dims(side),
+                    **strided,
+                )  # fmt: skip
             project_dims = _dims(out_side, block.out_channels)
-            x, *_ = self._apply("project", index, w["project"], (h, gate, residual), project_dims)
+            x, *_ = self._apply(
+                "project", index, (*path, "project"), w["project"], (h, gate, residual),
+                project_dims,
+            )  # fmt: skip
             side = out_side
         return x, side
 
     def _backward(
-        self, cotangent: jax.Array, kinds: frozenset, saliency: bool = False
-    ) -> tuple[jax.Array, jax.Array | None]:
+        self, cotangent: jax.Array, kinds: frozenset, weights: bool = False
+    ) -> tuple[jax.Array, dict | None]:
         """Chain the recorded pieces' backwards from the logits' cotangent, summing the
         cotangents of arrays read by several pieces (a sub-block's input feeds its expand
         and its shortcut or residual) inside the backward of the reader run last. Adds the
-        gradient terms at `kinds`; returns the gradient at the images and, with `saliency`,
-        the sum of |w * dw| over the kernels."""
+        gradient terms at `kinds`; returns the gradient at the images and, with `weights`,
+        the padded parameter tree's gradient."""
         pending: dict[int, jax.Array] = {}
         logits = self._calls[-1][1].outputs[0]
         pending[id(logits)] = cotangent
-        total = None
+        grads: dict | None = {} if weights else None
         for block, call in reversed(self._calls):
             cotangents = tuple(pending.pop(id(out), None) for out in call.outputs)
             carried = tuple(pending.pop(id(array), None) for array in call.inputs)
-            d_inputs, terms, piece_total = PIECES[call.piece].backward(
+            d_inputs, terms, d_w = PIECES[call.piece].backward(
                 call.w, call.inputs, call.dims, call.outputs, cotangents, carried, kinds=kinds,
-                saliency=saliency, **call.static,
+                weights=weights, **call.static,
             )  # fmt: skip
             self._terms.append((block, terms))
-            total = piece_total if total is None else total + piece_total
+            if grads is not None:
+                _subtree(grads, call.path).update(d_w)
             for array, d in zip(call.inputs, d_inputs, strict=True):
                 pending[id(array)] = d
         images = self._calls[0][1].inputs[0]
-        return pending[id(images)], total
+        return pending[id(images)], grads
 
     def measure(
         self,
@@ -684,26 +689,31 @@ class MBV2Engine:
         num_classes: int,
         site_sums: bool = True,
         input_jacobian: bool = False,
+        loss_grads: bool = False,
     ) -> dict:
         """One forward pass of `arch` (unpadded parameters, `network.init_params`) on an NHWC
-        batch, then a backward per measurement asked for: `site_sums`, the per-(block, kind)
-        |corrcoef| sums `capture.site_sums` gives, from the loss gradient; `input_jacobian`,
-        d(sum of logits)/d(images) as NumPy (jacob_cov's input, as `measures` takes it)."""
+        batch, then a backward per cotangent asked for: `site_sums`, the per-(block, kind)
+        |corrcoef| sums `capture.site_sums` gives, and `loss_grads`, dL/dtheta in the shapes
+        of `params`, both from the loss gradient; `input_jacobian`, d(sum of logits)/d(images).
+        The last two as NumPy, as `measures` takes them."""
         del num_classes  # the classifier's width says it
         padded = pad_params(params)
         images = jnp.asarray(images, jnp.float32)
         out: dict = {}
+        kinds = self.kinds if site_sums else frozenset()
         try:
-            logits = self._forward(
-                arch, padded, images, self.kinds if site_sums else frozenset(), True
-            )
+            logits = self._forward(arch, padded, images, kinds, True)
             if input_jacobian:
                 out["input_jacobian"] = np.asarray(
                     self._backward(jnp.ones_like(logits), frozenset())[0]
                 )
-            if site_sums:
-                self._backward(_loss_cotangent(logits, jnp.asarray(labels)), self.kinds)
-                out["site_sums"] = _gather(self._terms, len(arch.blocks), logits.shape[0])
+            if site_sums or loss_grads:
+                cotangent = _loss_cotangent(logits, jnp.asarray(labels))
+                _, grads = self._backward(cotangent, kinds, weights=loss_grads)
+                if site_sums:
+                    out["site_sums"] = _gather(self._terms, len(arch.blocks), logits.shape[0])
+                if loss_grads:
+                    out["loss_grads"] = unpad(grads, params)
             return out
         finally:
             self._calls, self._terms = [], []
@@ -714,10 +724,20 @@ class MBV2Engine:
         """The WRCor family's correlation sums alone (see `measure`)."""
         return self.measure(arch, params, images, labels, num_classes)["site_sums"]
 
-    def synflow(self, arch: MBV2Arch, params: dict, image_shape: Sequence[int]) -> float:
-        """SynFlow as `measures` takes it: in float64, BatchNorm off, weights |theta|, one
-        all-ones image of the batch's image shape, R = sum of the logits; the sum over conv
-        and linear kernels of |theta * dR/dtheta| (padded kernels are 0 and add nothing)."""
+    def half_batch_grads(
+        self, arch: MBV2Arch, params: dict, images: jax.Array, labels: jax.Array, num_classes: int
+    ) -> dict:
+        """`loss_grads` on each half of the batch, stacked (ZiCo's two batches)."""
+        halves = []
+        for part in batch_halves(images.shape[0]):
+            batch = (arch, params, images[part], labels[part], num_classes)
+            halves.append(self.measure(*batch, site_sums=False, loss_grads=True)["loss_grads"])
+        return jax.tree.map(lambda *g: np.stack(g), *halves)
+
+    def synflow_grads(self, arch: MBV2Arch, params: dict, image_shape: Sequence[int]) -> dict:
+        """SynFlow's gradient as `measures` takes it: in float64, BatchNorm off, weights
+        |theta|, one all-ones image of the batch's image shape, R = sum of the logits;
+        dR/dtheta in the shapes of `params`, as NumPy."""
         try:
             with jax.enable_x64(True):
                 padded = jax.tree.map(
@@ -725,10 +745,26 @@ class MBV2Engine:
                 )
                 ones = jnp.ones((1, *image_shape[1:]), jnp.float64)
                 logits = self._forward(arch, padded, ones, frozenset(), norm=False)
-                _, total = self._backward(jnp.ones_like(logits), frozenset(), saliency=True)
-                return float(total)
+                _, grads = self._backward(jnp.ones_like(logits), frozenset(), weights=True)
+                return unpad(grads, params)
         finally:
             self._calls, self._terms = [], []
+
+
+def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
+    """The dict at `path` in a nested dict, made on the way where missing."""
+    for key in path:
+        tree = tree.setdefault(key, {})
+    return tree
+
+
+def unpad(grads: dict, params: dict) -> dict:
+    """A padded gradient tree cut back to the shapes of `params`, as NumPy."""
+    return jax.tree.map(
+        lambda p, g: np.asarray(g)[tuple(slice(0, n) for n in np.shape(p))],
+        params,
+        jax.device_get(grads),
+    )
 
 
 @jax.jit

@@ -164,6 +164,13 @@ def _zen_terms(
     return _l1_distance(features, mixed), sum(_log_mean_std(y) for y in clean.bn_inputs)
 
 
+def batch_halves(n: int) -> tuple[slice, slice]:
+    """The two halves of a batch of `n`, ZiCo's two batches."""
+    if n % 2:
+        raise ValueError("ZiCo splits the batch in two halves: use an even batch size")
+    return slice(0, n // 2), slice(n // 2, n)
+
+
 def zen_params(arch: MBV2Arch, seed: int, num_classes: int) -> dict:
     """`arch`'s parameter tree with Zen-NAS's Gaussian initialisation (NumPy float32)."""
     return gaussian_params(param_shapes(arch, num_classes), seed)
@@ -204,13 +211,10 @@ class MBV2Measurer:
         return {name: measured[name] for name in names}
 
     def _half_batch_grads(self, arch: MBV2Arch, params: dict) -> dict:
-        n = self.images.shape[0]
-        if n % 2:
-            raise ValueError("ZiCo splits the batch in two halves: use an even batch size")
         loss_grads = frozenset({"loss_grads"})
         halves = [
             _on_the_batch(arch, loss_grads, params, self.images[part], self.labels[part])
-            for part in (slice(0, n // 2), slice(n // 2, n))
+            for part in batch_halves(self.images.shape[0])
         ]
         return jax.tree.map(lambda *g: np.stack(g), *jax.device_get(halves))["loss_grads"]
 

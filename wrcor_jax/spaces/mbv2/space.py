@@ -41,6 +41,8 @@ RESPONSE_PROXIES = {  # read the site sums
 MEASURED = tuple(name for name, proxy in PROXIES.items() if proxy.measurement in MEASUREMENTS)
 """The proxies scored from `measures.MBV2Measurer`'s measurements, as on NB201."""
 SCORED = (*COUNTED, *RESPONSE_PROXIES, *MEASURED)
+ENGINE_MEASURED = frozenset({"input_jacobian", "loss_grads", "half_batch_grads", "synflow_grads"})
+"""The measurements the composed engine takes (compile-bounded); `measures` takes the rest."""
 
 
 def batch_sharding(batch_size: int) -> jax.sharding.NamedSharding | None:
@@ -70,10 +72,11 @@ class MBV2Scorer:
     weights drawn per architecture from the seed. `wrcor` and `act_cor` read the reference's
     sites (the SE ReLUs, SPEC 3b), `wrcor_allrelu` every ReLU, all from one pass of the
     compile-bounded `engine.MBV2Engine` (engine "composed"; otherwise one capture of the
-    Flax network per architecture, `capture.site_sums`); so do synflow and jacob_cov's
-    input Jacobian (from the WRCor sums' forward pass). snip, grad_norm, naswot, meco, zico
-    and zen come from `measures` (site choices there), each measurement taken once per
-    architecture for all the proxies reading it, compiled per architecture. `wrcor_clean`
+    Flax network per architecture, `capture.site_sums`); so do the gradients that synflow,
+    jacob_cov, snip, grad_norm and zico read (jacob_cov's, snip's and grad_norm's from the
+    WRCor sums' forward pass). naswot, meco and zen come from `measures` (site choices
+    there), each measurement taken once per architecture for all the proxies reading it,
+    compiled per architecture. `wrcor_clean`
     and `act_grad_cor` (NB201 site sets) are refused. The compiled programs are released
     whenever the process outgrows its `ExecutableBudget` (a third of the machine's memory).
 
@@ -107,20 +110,26 @@ class MBV2Scorer:
         self.executables = ExecutableBudget()
 
     def _measure(self, arch: MBV2Arch, params: dict, names: Sequence[str]) -> dict:
-        """What the proxies `names` read, each taken once: `site_sums`, `input_jacobian` and
-        `synflow_score` (synflow itself) from the compile-bounded engine where it applies, the
-        rest from `measures`' per-architecture programs."""
+        """What the proxies `names` read, each taken once: `site_sums` and the gradients
+        (ENGINE_MEASURED) from the compile-bounded engine where it applies, the rest from
+        `measures`' per-architecture programs."""
         reads = {PROXIES[name].measurement for name in names if name in MEASURED}
         sums = any(name in RESPONSE_PROXIES for name in names)
         batch = (arch, params, self.images, self.labels, self.num_classes)
         measured: dict = {}
         if self.engine is not None and self.engine.supports(arch):
-            jacobian = "input_jacobian" in reads
-            if sums or jacobian:
-                measured |= self.engine.measure(*batch, site_sums=sums, input_jacobian=jacobian)
+            jacobian, grads = "input_jacobian" in reads, "loss_grads" in reads
+            if sums or jacobian or grads:
+                measured |= self.engine.measure(
+                    *batch, site_sums=sums, input_jacobian=jacobian, loss_grads=grads
+                )
+            if "half_batch_grads" in reads:
+                measured["half_batch_grads"] = self.engine.half_batch_grads(*batch)
             if "synflow_grads" in reads:
-                measured["synflow_score"] = self.engine.synflow(arch, params, self.images.shape)
-            reads -= {"input_jacobian", "synflow_grads"}
+                measured["synflow_grads"] = self.engine.synflow_grads(
+                    arch, params, self.images.shape
+                )
+            reads -= ENGINE_MEASURED
         elif sums:
             measured["site_sums"] = site_sums(*batch)
         if reads:
@@ -139,8 +148,6 @@ class MBV2Scorer:
                 return float(getattr(cost, name))
             if name in RESPONSE_PROXIES:
                 return RESPONSE_PROXIES[name](measured["site_sums"])
-            if name == "synflow" and "synflow_score" in measured:
-                return measured["synflow_score"]
             proxy = PROXIES[name]
             return proxy.score(measured[proxy.measurement], params)
 
