@@ -99,10 +99,17 @@ def test_other_widths_in_the_same_buckets_compile_nothing(batch):
         for a, b, c, r in ((12, 20, 40, 24), (16, 28, 36, 24))
     )
     engine = MBV2Engine()
+
+    def measure(arch, seed):  # everything the engine measures
+        taken = (arch, init_params(arch, seed, NUM_CLASSES), *batch, NUM_CLASSES)
+        engine.measure(*taken, input_jacobian=True, loss_grads=True)
+        engine.half_batch_grads(*taken)
+        engine.synflow_grads(*taken[:2], batch[0].shape)
+
     CompileCounter.install()
-    engine.site_sums(first, init_params(first, 1, NUM_CLASSES), *batch, NUM_CLASSES)
+    measure(first, 1)
     before = CompileCounter.count
-    engine.site_sums(second, init_params(second, 2, NUM_CLASSES), *batch, NUM_CLASSES)
+    measure(second, 2)
     assert CompileCounter.count == before
 
 
