@@ -102,7 +102,7 @@ def test_other_widths_in_the_same_buckets_compile_nothing(batch):
 
     def measure(arch, seed):  # everything the engine measures
         taken = (arch, init_params(arch, seed, NUM_CLASSES), *batch, NUM_CLASSES)
-        engine.measure(*taken, input_jacobian=True, loss_grads=True)
+        engine.measure(*taken, input_jacobian=True, loss_grads=True, activations=True)
         engine.half_batch_grads(*taken)
         engine.synflow_grads(*taken[:2], batch[0].shape)
 
@@ -135,6 +135,7 @@ def test_buckets_and_padded_weights():
 
 
 ENGINE_GRADIENTS = ["input_jacobian", "loss_grads", "half_batch_grads", "synflow_grads"]
+ACTIVATIONS_RTOL = {"naswot": 1e-12, "meco": 1e-5}
 # Measured (float32, 2 CPUs): on "past-buckets" every leaf within 4e-5 of its largest entry
 # but the shortcut conv's bias, whose gradient is 0 (BatchNorm follows it) and both sides
 # round to ~1e-9; scores within 5e-5 relative (zico, a log of mean/std over two half
@@ -178,4 +179,25 @@ def test_gradients_equal_the_whole_network_measurements(text, batch):
         rtol = 1e-12 if proxy == "synflow" else SCORE_RTOL
         assert PROXIES[proxy].score(got[read], params) == pytest.approx(
             PROXIES[proxy].score(expected[read], params), rel=rtol
+        ), proxy
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_activations_equal_the_whole_network_measurements(text, batch):
+    """naswot's Hamming kernel (SE ReLU inputs, real channels only) exactly and meco's sum
+    (first image's block ReLU outputs, real rows and channels only) to float32 rounding,
+    through the padded pieces against `measures`' whole-network program."""
+    arch = parse(text)
+    params = init_params(arch, 42, NUM_CLASSES)
+    images, labels = batch
+    expected = MBV2Measurer(images, labels, NUM_CLASSES, 42).measure_many(
+        ["activations"], arch, params
+    )["activations"]
+    got = MBV2Engine().measure(
+        arch, params, images, labels, NUM_CLASSES, site_sums=False, activations=True
+    )["activations"]
+    np.testing.assert_array_equal(got[0], expected[0])
+    for proxy, rtol in ACTIVATIONS_RTOL.items():
+        assert PROXIES[proxy].score(got, params) == pytest.approx(
+            PROXIES[proxy].score(expected, params), rel=rtol
         ), proxy

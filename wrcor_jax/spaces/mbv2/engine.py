@@ -42,6 +42,7 @@ from wrcor_jax.spaces.mbv2.network import (
     resize_bilinear,
     se_channels,
 )
+from wrcor_jax.spaces.nb201_measures import _min_channel_eigenvalue
 from wrcor_jax.spaces.nb201_pieces import cross_entropy
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -406,8 +407,27 @@ def _kind(site: str, backward: bool) -> str:
     return kinds[backward]
 
 
+def _site_activations(sites: dict) -> dict:
+    """What naswot and meco read at a piece's sites (every ReLU's input): at an SE site the
+    Hamming kernel of the batch's codes (x > 0) over the real channels, elsewhere the first
+    image's ReLU output with the mask of its real entries (the host cuts it out)."""
+    out = {}
+    for name, (x, mask, _) in sites.items():
+        if name in SE_SITES:
+            real = jnp.broadcast_to(mask, x.shape[1:]).reshape(1, -1).astype(jnp.float32)
+            codes = (x.reshape(x.shape[0], -1) > 0).astype(jnp.float32)
+            agree = (codes * real) @ (codes * real).T + ((1 - codes) * real) @ (
+                (1 - codes) * real
+            ).T
+            out[name] = jnp.round(agree).astype(jnp.int32)
+        else:
+            out[name] = (jax.nn.relu(x[0]), jnp.broadcast_to(mask, x.shape[1:]))
+    return out
+
+
 class Piece:
-    """A piece's compiled forward (outputs and its sites' forward correlation terms) and
+    """A piece's compiled forward (outputs, its sites' forward correlation terms and, with
+    `activations`, what naswot and meco read there) and
     compiled backward (input cotangents, the sites' gradient terms and, with `weights`,
     the gradient of its weights), both for a static set of kinds
     to reduce and BatchNorm on or off (`norm`). The backward recomputes the piece's forward
@@ -420,7 +440,7 @@ class Piece:
         self.fn = fn
         self.saves = saves
         names = ("kinds", "norm", *static)
-        self.forward = jax.jit(self._forward, static_argnames=names)
+        self.forward = jax.jit(self._forward, static_argnames=(*names, "activations"))
         self.backward = jax.jit(self._backward, static_argnames=(*names, "weights"))
 
     @staticmethod
@@ -435,7 +455,7 @@ class Piece:
             terms[kind] = (total + corr, n + valid)
         return terms
 
-    def _forward(self, w, inputs, dims, kinds: frozenset, **static):
+    def _forward(self, w, inputs, dims, kinds: frozenset, activations: bool, **static):
         sites: dict = {}
 
         def probe(name, x, mask, count):
@@ -443,7 +463,8 @@ class Piece:
             return x
 
         outputs = self.fn(w, inputs, dims, probe, **static)
-        return outputs, self._terms(sites, kinds, backward=False)
+        acts = _site_activations(sites) if activations else {}
+        return outputs, self._terms(sites, kinds, backward=False), acts
 
     def _backward(
         self,
@@ -562,13 +583,15 @@ def _out_side(side: int, stride: int) -> int:
 
 class MBV2Engine:
     """MobileNetV2-space measurements through padded pieces: the WRCor family's correlation
-    sums at `kinds` (default: every MobileNetV2 kind), the input Jacobian (jacob_cov) from
-    the same forward pass, and synflow."""
+    sums at `kinds` (default: every MobileNetV2 kind) and, from the same forward pass, the
+    input Jacobian (jacob_cov), the loss gradients (snip, grad_norm) and the activations
+    (naswot, meco); the half-batch loss gradients (zico) and synflow's gradients."""
 
     def __init__(self, kinds: Sequence[str] = (*SE_KINDS, *BLOCK_KINDS)):
         self.kinds = frozenset(kinds)
         self._calls: list[tuple[int, _Call]] = []
         self._terms: list[tuple[int, dict]] = []
+        self._acts: list[dict] = []
 
     @staticmethod
     def supports(arch: MBV2Arch) -> bool:
@@ -583,19 +606,29 @@ class MBV2Engine:
         self, piece: str, block: int, path: tuple, w: dict, inputs: tuple, dims, **static
     ) -> tuple:
         static["norm"] = self._norm
-        outputs, terms = PIECES[piece].forward(w, inputs, dims, kinds=self._kinds, **static)
+        outputs, terms, acts = PIECES[piece].forward(
+            w, inputs, dims, kinds=self._kinds, activations=self._activations, **static
+        )
         self._calls.append((block, _Call(piece, path, w, inputs, dims, static, outputs)))
         self._terms.append((block, terms))
+        self._acts.append(acts)
         return outputs
 
     def _forward(
-        self, arch: MBV2Arch, params: dict, images: jax.Array, kinds: frozenset, norm: bool
+        self,
+        arch: MBV2Arch,
+        params: dict,
+        images: jax.Array,
+        kinds: frozenset,
+        norm: bool,
+        activations: bool = False,
     ) -> jax.Array:
-        """Run the pieces in order, recording each call and the forward terms at `kinds`;
-        returns the logits."""
+        """Run the pieces in order, recording each call, the forward terms at `kinds` and,
+        with `activations`, what naswot and meco read; returns the logits."""
         if not self.supports(arch):
             raise ValueError(f"the engine does not build {arch.blocks}: see `supports`")
-        self._calls, self._terms, self._kinds, self._norm = [], [], kinds, norm
+        self._calls, self._terms, self._acts = [], [], []
+        self._kinds, self._norm, self._activations = kinds, norm, activations
         stem_block, *rest = arch.blocks
         side = _out_side(arch.resolution, stem_block.stride)
         static = {
@@ -690,19 +723,23 @@ class MBV2Engine:
         site_sums: bool = True,
         input_jacobian: bool = False,
         loss_grads: bool = False,
+        activations: bool = False,
     ) -> dict:
         """One forward pass of `arch` (unpadded parameters, `network.init_params`) on an NHWC
-        batch, then a backward per cotangent asked for: `site_sums`, the per-(block, kind)
-        |corrcoef| sums `capture.site_sums` gives, and `loss_grads`, dL/dtheta in the shapes
-        of `params`, both from the loss gradient; `input_jacobian`, d(sum of logits)/d(images).
-        The last two as NumPy, as `measures` takes them."""
+        batch, giving `activations` (naswot's kernel and meco's sum), then a backward per
+        cotangent asked for: `site_sums`, the per-(block, kind) |corrcoef| sums
+        `capture.site_sums` gives, and `loss_grads`, dL/dtheta in the shapes of `params`,
+        both from the loss gradient; `input_jacobian`, d(sum of logits)/d(images). All but
+        the sums as NumPy, as `measures` takes them."""
         del num_classes  # the classifier's width says it
         padded = pad_params(params)
         images = jnp.asarray(images, jnp.float32)
         out: dict = {}
         kinds = self.kinds if site_sums else frozenset()
         try:
-            logits = self._forward(arch, padded, images, kinds, True)
+            logits = self._forward(arch, padded, images, kinds, True, activations)
+            if activations:
+                out["activations"] = _gather_activations(self._acts, logits.shape[0])
             if input_jacobian:
                 out["input_jacobian"] = np.asarray(
                     self._backward(jnp.ones_like(logits), frozenset())[0]
@@ -716,7 +753,7 @@ class MBV2Engine:
                     out["loss_grads"] = unpad(grads, params)
             return out
         finally:
-            self._calls, self._terms = [], []
+            self._calls, self._terms, self._acts = [], [], []
 
     def site_sums(
         self, arch: MBV2Arch, params: dict, images: jax.Array, labels: jax.Array, num_classes: int
@@ -748,7 +785,7 @@ class MBV2Engine:
                 _, grads = self._backward(jnp.ones_like(logits), frozenset(), weights=True)
                 return unpad(grads, params)
         finally:
-            self._calls, self._terms = [], []
+            self._calls, self._terms, self._acts = [], [], []
 
 
 def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
@@ -770,6 +807,22 @@ def unpad(grads: dict, params: dict) -> dict:
 @jax.jit
 def _loss_cotangent(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jax.grad(cross_entropy)(logits, labels)
+
+
+def _gather_activations(acts: list[dict], n: int) -> tuple[np.ndarray, float]:
+    """naswot's kernel (the SE sites' Hamming kernels summed) and meco's sum of smallest
+    channel-correlation eigenvalues over every other site's first-image ReLU output, cut to
+    its real rows and channels."""
+    kernel, meco = np.zeros((n, n), np.int64), 0.0
+    for piece_acts in jax.device_get(acts):
+        for name, value in piece_acts.items():
+            if name in SE_SITES:
+                kernel += value
+                continue
+            first, mask = value
+            flat, real = first.reshape(-1, first.shape[-1]), mask.reshape(-1, mask.shape[-1])
+            meco += _min_channel_eigenvalue(flat[real.any(axis=1)][:, real.any(axis=0)])
+    return kernel, meco
 
 
 def _gather(terms: list[tuple[int, dict]], num_blocks: int, n: int) -> SiteSums:

@@ -41,8 +41,10 @@ RESPONSE_PROXIES = {  # read the site sums
 MEASURED = tuple(name for name, proxy in PROXIES.items() if proxy.measurement in MEASUREMENTS)
 """The proxies scored from `measures.MBV2Measurer`'s measurements, as on NB201."""
 SCORED = (*COUNTED, *RESPONSE_PROXIES, *MEASURED)
-ENGINE_MEASURED = frozenset({"input_jacobian", "loss_grads", "half_batch_grads", "synflow_grads"})
-"""The measurements the composed engine takes (compile-bounded); `measures` takes the rest."""
+ON_THE_ENGINE_PASS = ("input_jacobian", "loss_grads", "activations")
+"""Measurements the composed engine takes from the forward pass of the WRCor sums."""
+ENGINE_MEASURED = frozenset({*ON_THE_ENGINE_PASS, "half_batch_grads", "synflow_grads"})
+"""The measurements the composed engine takes (compile-bounded); `measures` takes zen's."""
 
 
 def batch_sharding(batch_size: int) -> jax.sharding.NamedSharding | None:
@@ -72,11 +74,11 @@ class MBV2Scorer:
     weights drawn per architecture from the seed. `wrcor` and `act_cor` read the reference's
     sites (the SE ReLUs, SPEC 3b), `wrcor_allrelu` every ReLU, all from one pass of the
     compile-bounded `engine.MBV2Engine` (engine "composed"; otherwise one capture of the
-    Flax network per architecture, `capture.site_sums`); so do the gradients that synflow,
-    jacob_cov, snip, grad_norm and zico read (jacob_cov's, snip's and grad_norm's from the
-    WRCor sums' forward pass). naswot, meco and zen come from `measures` (site choices
-    there), each measurement taken once per architecture for all the proxies reading it,
-    compiled per architecture. `wrcor_clean`
+    Flax network per architecture, `capture.site_sums`); so do what synflow, jacob_cov,
+    snip, grad_norm, zico, naswot and meco read (all but synflow's and zico's from the WRCor
+    sums' forward pass), with the site choices of `measures`. zen comes from `measures`,
+    compiled per architecture (and so does everything when the engine is not "composed").
+    `wrcor_clean`
     and `act_grad_cor` (NB201 site sets) are refused. The compiled programs are released
     whenever the process outgrows its `ExecutableBudget` (a third of the machine's memory).
 
@@ -110,19 +112,17 @@ class MBV2Scorer:
         self.executables = ExecutableBudget()
 
     def _measure(self, arch: MBV2Arch, params: dict, names: Sequence[str]) -> dict:
-        """What the proxies `names` read, each taken once: `site_sums` and the gradients
-        (ENGINE_MEASURED) from the compile-bounded engine where it applies, the rest from
-        `measures`' per-architecture programs."""
+        """What the proxies `names` read, each taken once: `site_sums` and ENGINE_MEASURED
+        from the compile-bounded engine where it applies, the rest from `measures`'
+        per-architecture programs."""
         reads = {PROXIES[name].measurement for name in names if name in MEASURED}
         sums = any(name in RESPONSE_PROXIES for name in names)
         batch = (arch, params, self.images, self.labels, self.num_classes)
         measured: dict = {}
         if self.engine is not None and self.engine.supports(arch):
-            jacobian, grads = "input_jacobian" in reads, "loss_grads" in reads
-            if sums or jacobian or grads:
-                measured |= self.engine.measure(
-                    *batch, site_sums=sums, input_jacobian=jacobian, loss_grads=grads
-                )
+            asked = {name: name in reads for name in ON_THE_ENGINE_PASS}
+            if sums or any(asked.values()):
+                measured |= self.engine.measure(*batch, site_sums=sums, **asked)
             if "half_batch_grads" in reads:
                 measured["half_batch_grads"] = self.engine.half_batch_grads(*batch)
             if "synflow_grads" in reads:
