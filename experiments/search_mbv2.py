@@ -9,7 +9,8 @@ The report holds the command, the machine, the wall time, and per search the arc
 found (FLOPs and parameters of the 1000-class network), its proxy scores, the seconds per
 evaluation, and the paper's EA_our_vote_600M scored on the same batch, with where the
 search's vote ranks it among the architectures the search evaluated (result.json's
-`landmarks`). Resumable: a finished search is skipped, an unfinished one continues.
+`landmarks`). Resumable: a finished search is skipped, an unfinished one continues, and
+the compiled pieces are reloaded from the persistent compilation cache (as `wrcor-jax`'s).
 
     python experiments/search_mbv2.py --data-dir ~/tensorflow_datasets --budget 5000 \\
         --out results/search_mbv2
@@ -37,7 +38,7 @@ from typing import Any
 from search_nb201 import algo_options, machine, run_one, write_report
 
 from wrcor_jax import allocator
-from wrcor_jax.cli import parse_count
+from wrcor_jax.cli import add_compile_cache_options, parse_count, use_compile_cache
 from wrcor_jax.scoring import ScoreConfig
 from wrcor_jax.search import cached_fitness
 from wrcor_jax.spaces import get_space
@@ -141,6 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", help="score cache (default OUT/cache)")
     parser.add_argument("--out", default="results/search_mbv2")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compile_cache_options(parser)
     args = parser.parse_args(argv)
     args.proxies = tuple(p.strip() for p in args.proxies.split(",") if p.strip())
     if args.budget < 1 or args.seeds < 1 or not args.proxies:
@@ -157,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     command = "python experiments/search_mbv2.py " + shlex.join(
         sys.argv[1:] if argv is None else list(argv)
     )
+    use_compile_cache(args)
     started, where = time.perf_counter(), machine()
     space = get_space("mbv2", flops_limit=parse_count(args.flops_limit))
     config = ScoreConfig(

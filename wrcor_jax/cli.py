@@ -104,7 +104,7 @@ def _score(args: argparse.Namespace) -> None:
 
     proxies, votes = parse_columns(args.proxies, PROXIES)
     config = _score_config(args, proxies, args.seed, chunk_size=args.chunk_size)
-    _use_compile_cache(args)
+    use_compile_cache(args)
     cluster = join_job(args)
     if cluster is None:
         summary = score_archs(
@@ -221,7 +221,7 @@ def _search(args: argparse.Namespace) -> None:
     if args.ground_truth and args.space != "nb201":
         raise ValueError(f"--ground-truth is NAS-Bench-201's; the {args.space} space has none")
     truth = load_ground_truth(args.ground_truth) if args.ground_truth else None
-    _use_compile_cache(args)
+    use_compile_cache(args)
     # resolved here: the spaces' scorers take composed or vmap (search has no progress line)
     config = replace(config, engine=resolve_engine(config.engine))
     options = {}
@@ -336,7 +336,10 @@ def _table(rows: Sequence[dict]) -> str:
     )
 
 
-def _add_compile_cache_options(command: argparse.ArgumentParser) -> None:
+def add_compile_cache_options(command: argparse.ArgumentParser) -> None:
+    """`--compile-cache DIR` / `--no-compile-cache`: where compiled programs are kept on
+    disk, so that a restarted run (or one after `ExecutableBudget` released them) reloads
+    them instead of compiling again."""
     cache = command.add_mutually_exclusive_group()
     cache.add_argument(
         "--compile-cache",
@@ -346,7 +349,8 @@ def _add_compile_cache_options(command: argparse.ArgumentParser) -> None:
     cache.add_argument("--no-compile-cache", action="store_true", help="keep none on disk")
 
 
-def _use_compile_cache(args: argparse.Namespace) -> None:
+def use_compile_cache(args: argparse.Namespace) -> None:
+    """Turn on the persistent compilation cache `add_compile_cache_options` asked for."""
     from wrcor_jax.compilation import default_cache_dir, use_persistent_cache
 
     directory = None if args.no_compile_cache else args.compile_cache or default_cache_dir()
@@ -425,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--workers", type=int, default=2, help="archs in flight (composed)")
     score.add_argument("--out", required=True, help="results CSV (appended, resumable)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_compile_cache_options(score)
+    add_compile_cache_options(score)
     add_hosts_options(
         score,
         "each process scores its share into OUT.part-I-of-N, process 0 merges them into OUT",
@@ -484,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--cache-dir", help="score cache shared between searches")
     search.add_argument("--cache-preload", help="a `wrcor-jax score` file of this config")
     search.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_compile_cache_options(search)
+    add_compile_cache_options(search)
     add_hosts_options(
         search,
         "every process runs the search and scores its share of each batch; process I > 0 "
