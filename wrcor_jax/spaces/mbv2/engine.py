@@ -416,9 +416,8 @@ def _site_activations(sites: dict) -> dict:
         if name in SE_SITES:
             real = jnp.broadcast_to(mask, x.shape[1:]).reshape(1, -1).astype(jnp.float32)
             codes = (x.reshape(x.shape[0], -1) > 0).astype(jnp.float32)
-            agree = (codes * real) @ (codes * real).T + ((1 - codes) * real) @ (
-                (1 - codes) * real
-            ).T
+            on, off = codes * real, (1 - codes) * real
+            agree = jnp.dot(on, on.T, precision=HIGHEST) + jnp.dot(off, off.T, precision=HIGHEST)
             out[name] = jnp.round(agree).astype(jnp.int32)
         else:
             out[name] = (jax.nn.relu(x[0]), jnp.broadcast_to(mask, x.shape[1:]))
@@ -427,13 +426,13 @@ def _site_activations(sites: dict) -> dict:
 
 class Piece:
     """A piece's compiled forward (outputs, its sites' forward correlation terms and, with
-    `activations`, what naswot and meco read there) and
-    compiled backward (input cotangents, the sites' gradient terms and, with `weights`,
-    the gradient of its weights), both for a static set of kinds
-    to reduce and BatchNorm on or off (`norm`). The backward recomputes the piece's forward
-    (given its forward outputs as `saved` when `saves`, for the piece to reuse) and adds to
-    each input's cotangent the one `carried` from other readers of that input (None: none),
-    so no eager add compiles per shape outside the pieces; an output's cotangent None is 0.
+    `activations`, what naswot and meco read there) and compiled backward (input
+    cotangents, the sites' gradient terms and, with `weights`, the gradient of its
+    weights), both for a static set of kinds to reduce and BatchNorm on or off (`norm`).
+    The backward recomputes the piece's forward (given its forward outputs as `saved` when
+    `saves`, for the piece to reuse) and adds to each input's cotangent the one `carried`
+    from other readers of that input (None: none), so no eager add compiles per shape
+    outside the pieces; an output's cotangent None is 0.
     """
 
     def __init__(self, fn: Callable, static: Sequence[str] = (), saves: bool = False):
