@@ -28,7 +28,7 @@ from wrcor_jax.spaces.mbv2.engine import (
     pad_params,
     rows_bucket,
 )
-from wrcor_jax.spaces.mbv2.measures import MBV2Measurer
+from wrcor_jax.spaces.mbv2.measures import MBV2Measurer, zen_inputs, zen_params
 from wrcor_jax.spaces.mbv2.network import init_params
 
 SAMPLE = Path(__file__).parents[1].parent / "shared" / "data" / "cifar10_sample.npz"
@@ -105,6 +105,7 @@ def test_other_widths_in_the_same_buckets_compile_nothing(batch):
         engine.measure(*taken, input_jacobian=True, loss_grads=True, activations=True)
         engine.half_batch_grads(*taken)
         engine.synflow_grads(*taken[:2], batch[0].shape)
+        engine.zen(arch, zen_params(arch, seed, NUM_CLASSES), *zen_inputs(arch, seed, BATCH))
 
     CompileCounter.install()
     measure(first, 1)
@@ -136,6 +137,10 @@ def test_buckets_and_padded_weights():
 
 ENGINE_GRADIENTS = ["input_jacobian", "loss_grads", "half_batch_grads", "synflow_grads"]
 ACTIVATIONS_RTOL = {"naswot": 1e-12, "meco": 1e-5}
+# Measured: delta within 6.6e-6 relative (an L1 norm of the difference of two nearby
+# float32 feature maps, so rounding weighs ~100x), the log-std sum 1e-7, the score 4.6e-7.
+ZEN_RTOL = 2e-5
+ZEN_SCORE_RTOL = 2e-6
 # Measured (float32, 2 CPUs): on "past-buckets" every leaf within 4e-5 of its largest entry
 # but the shortcut conv's bias, whose gradient is 0 (BatchNorm follows it) and both sides
 # round to ~1e-9; scores within 5e-5 relative (zico, a log of mean/std over two half
@@ -201,3 +206,17 @@ def test_activations_equal_the_whole_network_measurements(text, batch):
         assert PROXIES[proxy].score(got, params) == pytest.approx(
             PROXIES[proxy].score(expected, params), rel=rtol
         ), proxy
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_zen_equals_the_whole_network_measurement(text, batch):
+    """Zen-score's two terms through the padded pieces (residual links off, BatchNorm input
+    variances over the real rows and channels) against `measures`' whole network."""
+    arch = parse(text)
+    measurer = MBV2Measurer(*batch, NUM_CLASSES, 42)
+    expected = measurer.measure_many(["zen"], arch, init_params(arch, 42, NUM_CLASSES))["zen"]
+    gaussian = zen_params(arch, 42, NUM_CLASSES)
+    got = MBV2Engine().zen(arch, gaussian, *zen_inputs(arch, 42, BATCH))
+    assert got == pytest.approx(expected, rel=ZEN_RTOL)
+    score = PROXIES["zen"].score
+    assert score(got, gaussian) == pytest.approx(score(expected, gaussian), rel=ZEN_SCORE_RTOL)

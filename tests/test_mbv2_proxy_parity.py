@@ -44,11 +44,11 @@ NAMES = MEASURED_NAMES + RESPONSE_NAMES
 # Largest relative differences measured over ARCHS (3 December 2026, 2 CPUs), JAX float32 vs
 # float64 torch, float32 torch vs float64 torch in brackets: synflow 2.0e-16 (0; float64 on
 # every side), snip 1.6e-4 (2.6e-7), grad_norm 1.3e-4 (2.5e-7), jacob_cov 6.6e-7 (3.4e-9),
-# naswot 0 (0), zico 2.7e-3 (9.8e-4), meco 1.8e-7 (1.5e-7), zen 8.7e-7 (1.0e-6), wrcor
+# naswot 0 (0), zico 2.7e-3 (9.8e-4), meco 1.8e-7 (1.5e-7), zen 6.7e-8 (1.0e-6), wrcor
 # 1.8e-5 (1.4e-7; 7.6e-6 before the engine's BatchNorm backwards worked from saved
 # statistics: float32 order, the engines agree to 2e-14 in float64), wrcor_allrelu 1.4e-7
-# (1.5e-9), act_cor 2.3e-6 (3.3e-6). All but zen through the padded engine (snip 1.5e-4,
-# grad_norm 1.2e-4, zico 2.8e-3, meco 4.6e-8 from `measures`'s whole network). snip and
+# (1.5e-9), act_cor 2.3e-6 (3.3e-6). All through the padded engine (snip 1.5e-4,
+# grad_norm 1.2e-4, zico 2.8e-3, meco 4.6e-8, zen 8.7e-7 from `measures`' whole network). snip and
 # grad_norm are float32 rounding, not a difference of computation: the same loss gradients
 # taken by JAX in float64 equal float64 torch's to 7e-14 (snip, both archs); the larger
 # error comes from the arch at resolution 48, where JAX float32 gradients of single layers

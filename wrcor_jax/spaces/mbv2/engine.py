@@ -312,7 +312,22 @@ def _conv_bn(conv: Callable, x, w: dict, side, rows, norm: bool, saved, fused=No
     return z, (rstd,)
 
 
-def _expand(w, inputs, dims, probe, norm: bool, relu: bool, saved=None):
+BN_SITE = "bn_"
+"""Prefix of the sites where zen's pass records a BatchNorm input's per-channel variance."""
+
+
+def _record_variance(probe, name: str, variance: jax.Array, channels) -> None:
+    """Record, as site `bn_<name>`, the batch variance per channel of a BatchNorm's input,
+    of which the first `channels` are real (Zen-score's sigma terms read it)."""
+    probe(BN_SITE + name, variance, _channel_mask(variance.shape[-1], channels), channels)
+
+
+def _variance(rstd: jax.Array) -> jax.Array:
+    """The batch variance that BatchNorm's 1 / std came from."""
+    return 1 / jnp.square(rstd) - BN_EPS
+
+
+def _expand(w, inputs, dims, probe, norm: bool, zen: bool, relu: bool, saved=None):
     """1x1 conv, BatchNorm, then the ReLU when `relu` (a conv block's layer). Without it (a
     sub-block's expand, whose depthwise piece applies the ReLU) the output is pre-ReLU and,
     with BatchNorm, comes with its 1 / std: given back as `saved`, they spare the backward
@@ -322,26 +337,33 @@ def _expand(w, inputs, dims, probe, norm: bool, relu: bool, saved=None):
     rows = side * side
     saved = None if relu else saved
     z, rstd = _conv_bn(_conv1x1_rows, inputs[0], w, side, rows, norm, saved, conv1x1_bn_rows)
+    if zen:
+        _record_variance(probe, "out", _variance(rstd[0]), channels)
     z = probe("out", z, _real(z, rows, channels), rows * channels)
     return (jax.nn.relu(z),) if relu else (z, *rstd)
 
 
-def _project(w, inputs, dims, probe, norm: bool, saved=None):
+def _project(w, inputs, dims, probe, norm: bool, zen: bool, saved=None):
     """1x1 conv of ReLU(h) (h: the depthwise piece's pre-ReLU output) gated per channel by
-    the SE, BatchNorm, plus the residual, ReLU. With BatchNorm it also returns the (narrow)
-    BatchNorm output and its 1 / std: given back as `saved`, they spare the backward the
-    forward's wide product and statistics. dims: side, real output channels."""
+    the SE, BatchNorm, plus the residual (not for `zen`: Zen-NAS drops residual links),
+    ReLU. With BatchNorm it also returns the (narrow) BatchNorm output and its 1 / std:
+    given back as `saved`, they spare the backward the forward's wide product and
+    statistics. dims: side, real output channels."""
     h, gate, residual = inputs
     side, channels = dims[0], dims[1]
     rows = side * side
     x = jax.nn.relu(h) * gate[:, None, :]
     saved = saved[1:] if saved is not None else None
     z, rstd = _conv_bn(_conv1x1_rows, x, w, side, rows, norm, saved, conv1x1_bn_rows)
-    out = probe("out", z + residual, _real(z, rows, channels), rows * channels)
+    if zen:
+        _record_variance(probe, "out", _variance(rstd[0]), channels)
+    out = probe("out", z if zen else z + residual, _real(z, rows, channels), rows * channels)
     return (jax.nn.relu(out), *((z, *rstd) if norm else ()))
 
 
-def _depthwise_se(w, inputs, dims, probe, norm: bool, stride: int, p_out: int, saved=None):
+def _depthwise_se(
+    w, inputs, dims, probe, norm: bool, zen: bool, stride: int, p_out: int, saved=None
+):
     """ReLU (of the expand's output), k x k depthwise conv with the stride, BatchNorm, then
     the squeeze-excite gate from the real rows' mean of its ReLU. Returns the pre-ReLU
     output (the project piece applies the ReLU), the gate and, with BatchNorm, its 1 / std:
@@ -353,19 +375,28 @@ def _depthwise_se(w, inputs, dims, probe, norm: bool, stride: int, p_out: int, s
     conv = functools.partial(depthwise_strided_rows, stride=stride, p_out=p_out)
     x = jax.nn.relu(inputs[0])
     z, rstd = _conv_bn(conv, x, w["depthwise"], side, rows, norm, saved)
+    if zen:
+        _record_variance(probe, "depthwise", _variance(rstd[0]), channels)
     z = probe("depthwise", z, _real(z, rows, channels), rows * channels)
     h = jax.nn.relu(z)
     pooled = h.sum(axis=1) / rows
     se = w["se"]
-    s = _norm(pooled @ se["reduce"]["kernel"][0, 0], se["reduce"], norm)
+    s = pooled @ se["reduce"]["kernel"][0, 0]
+    if zen:
+        _record_variance(probe, "se_reduce", jnp.var(s, axis=0), mid)
+    s = _norm(s, se["reduce"], norm)
     s = jax.nn.relu(probe("se", s, _channel_mask(s.shape[1], mid), mid))
-    s = _norm(s @ se["restore"]["kernel"][0, 0], se["restore"], norm)
+    s = s @ se["restore"]["kernel"][0, 0]
+    if zen:
+        _record_variance(probe, "se_restore", jnp.var(s, axis=0), channels)
+    s = _norm(s, se["restore"], norm)
     return z, jax.nn.sigmoid(s), *rstd
 
 
-def _shortcut(w, inputs, dims, probe, norm: bool, stride: int, p_out: int):
-    """The first sub-block's projection: (subsample,) 1x1 conv with bias, BatchNorm."""
-    del probe
+def _shortcut(w, inputs, dims, probe, norm: bool, zen: bool, stride: int, p_out: int):
+    """The first sub-block's projection: (subsample,) 1x1 conv with bias, BatchNorm (never
+    run for zen)."""
+    del probe, zen
     (x,) = inputs
     side = dims[0]
     if stride == 2:
@@ -376,7 +407,16 @@ def _shortcut(w, inputs, dims, probe, norm: bool, stride: int, p_out: int):
 
 
 def _stem(
-    w, inputs, dims, probe, norm: bool, layers: int, stride: int, resolution: int, p_out: int
+    w,
+    inputs,
+    dims,
+    probe,
+    norm: bool,
+    zen: bool,
+    layers: int,
+    stride: int,
+    resolution: int,
+    p_out: int,
 ):
     """Block 0 on the images, exactly in NHWC: resize, (conv, BN, ReLU) x layers; then the
     output as padded rows. dims: real output channels."""
@@ -384,7 +424,10 @@ def _stem(
     x = resize_bilinear(images, resolution)
     for j in range(layers):
         layer = w[layer_name(j)]
-        y = _norm(conv2d(x, layer["kernel"], stride if j == 0 else 1), layer, norm)
+        y = conv2d(x, layer["kernel"], stride if j == 0 else 1)
+        if zen:
+            _record_variance(probe, f"layer_{j}", jnp.var(y, axis=(0, 1, 2)), dims[0])
+        y = _norm(y, layer, norm)
         mask = _channel_mask(y.shape[-1], dims[0])
         x = jax.nn.relu(probe(f"layer_{j}", y, mask, y.shape[1] * y.shape[2] * dims[0]))
     n, h, _, c = x.shape
@@ -392,9 +435,9 @@ def _stem(
     return (jnp.pad(rows, ((0, 0), (0, p_out - h * h), (0, 0))),)
 
 
-def _head(w, inputs, dims, probe, norm: bool):
+def _head(w, inputs, dims, probe, norm: bool, zen: bool):
     """Mean over the real rows, then the linear classifier: the logits."""
-    del probe, norm
+    del probe, norm, zen
     (x,) = inputs
     return ((x.sum(axis=1) / (dims[0] * dims[0])) @ w["kernel"] + w["bias"],)
 
@@ -402,7 +445,17 @@ def _head(w, inputs, dims, probe, norm: bool):
 SE_SITES = ("se",)
 
 
-def _kind(site: str, backward: bool) -> str:
+def _log_mean_std(variance: jax.Array, mask: jax.Array, count: jax.Array) -> jax.Array:
+    """log sqrt(mean over the real channels of a BatchNorm input's batch variance); 0 for a
+    constant input, which carries no scale (as `nb201_measures._log_mean_std`)."""
+    mean = jnp.where(mask, variance, 0.0).sum() / count
+    return jnp.where(mean > 0, 0.5 * jnp.log(jnp.where(mean > 0, mean, 1.0)), 0.0)
+
+
+def _kind(site: str, backward: bool) -> str | None:
+    """The response kind a site's terms add to (None for zen's variance sites)."""
+    if site.startswith(BN_SITE):
+        return None
     kinds = SE_KINDS if site in SE_SITES else BLOCK_KINDS
     return kinds[backward]
 
@@ -413,6 +466,8 @@ def _site_activations(sites: dict) -> dict:
     image's ReLU output with the mask of its real entries (the host cuts it out)."""
     out = {}
     for name, (x, mask, _) in sites.items():
+        if name.startswith(BN_SITE):
+            continue
         if name in SE_SITES:
             real = jnp.broadcast_to(mask, x.shape[1:]).reshape(1, -1).astype(jnp.float32)
             codes = (x.reshape(x.shape[0], -1) > 0).astype(jnp.float32)
@@ -438,7 +493,7 @@ class Piece:
     def __init__(self, fn: Callable, static: Sequence[str] = (), saves: bool = False):
         self.fn = fn
         self.saves = saves
-        names = ("kinds", "norm", *static)
+        names = ("kinds", "norm", "zen", *static)
         self.forward = jax.jit(self._forward, static_argnames=(*names, "activations"))
         self.backward = jax.jit(self._backward, static_argnames=(*names, "weights"))
 
@@ -462,8 +517,12 @@ class Piece:
             return x
 
         outputs = self.fn(w, inputs, dims, probe, **static)
-        acts = _site_activations(sites) if activations else {}
-        return outputs, self._terms(sites, kinds, backward=False), acts
+        reads = _site_activations(sites) if activations else {}
+        if static["zen"]:
+            reads |= {
+                name: _log_mean_std(*sites[name]) for name in sites if name.startswith(BN_SITE)
+            }
+        return outputs, self._terms(sites, kinds, backward=False), reads
 
     def _backward(
         self,
@@ -604,7 +663,7 @@ class MBV2Engine:
     def _apply(
         self, piece: str, block: int, path: tuple, w: dict, inputs: tuple, dims, **static
     ) -> tuple:
-        static["norm"] = self._norm
+        static["norm"], static["zen"] = self._norm, self._zen
         outputs, terms, acts = PIECES[piece].forward(
             w, inputs, dims, kinds=self._kinds, activations=self._activations, **static
         )
@@ -621,13 +680,15 @@ class MBV2Engine:
         kinds: frozenset,
         norm: bool,
         activations: bool = False,
+        zen: bool = False,
     ) -> jax.Array:
         """Run the pieces in order, recording each call, the forward terms at `kinds` and,
-        with `activations`, what naswot and meco read; returns the logits."""
+        with `activations`, what naswot and meco read; `zen` runs Zen-NAS's network (no
+        residual links) and records its BatchNorm inputs' scales. Returns the logits."""
         if not self.supports(arch):
             raise ValueError(f"the engine does not build {arch.blocks}: see `supports`")
         self._calls, self._terms, self._acts = [], [], []
-        self._kinds, self._norm, self._activations = kinds, norm, activations
+        self._kinds, self._norm, self._activations, self._zen = kinds, norm, activations, zen
         stem_block, *rest = arch.blocks
         side = _out_side(arch.resolution, stem_block.stride)
         static = {
@@ -672,7 +733,7 @@ class MBV2Engine:
                 "depthwise_se", index, path, w_dw, (e,), _dims(side, dw, mid), **strided
             )
             residual = x
-            if "shortcut" in w:
+            if "shortcut" in w and not self._zen:
                 (residual,) = self._apply(
                     "shortcut", index, (*path, "shortcut"), w["shortcut"], (x,), _dims(side),
                     **strided,
@@ -786,6 +847,21 @@ class MBV2Engine:
         finally:
             self._calls, self._terms, self._acts = [], [], []
 
+    def zen(self, arch: MBV2Arch, params: dict, x: jax.Array, x_mixed: jax.Array) -> tuple:
+        """Zen-score's terms as `measures` takes them: on `params` (Gaussian, unpadded) and
+        the Gaussian images x and x + 0.01 eps at the architecture's resolution, residual
+        links off, BatchNorm in training mode: E ||f(x) - f(x_mixed)||_1 of the pre-pooling
+        features and the sum over the BatchNorms of log sqrt(mean batch variance)."""
+        padded = pad_params(params)
+        try:
+            self._forward(arch, padded, jnp.asarray(x), frozenset(), True, zen=True)
+            clean = self._calls[-1][1].inputs[0]  # the head's input
+            log_std = sum(float(v) for acts in jax.device_get(self._acts) for v in acts.values())
+            self._forward(arch, padded, jnp.asarray(x_mixed), frozenset(), True, zen=True)
+            return float(_l1_distance(clean, self._calls[-1][1].inputs[0])), log_std
+        finally:
+            self._calls, self._terms, self._acts = [], [], []
+
 
 def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
     """The dict at `path` in a nested dict, made on the way where missing."""
@@ -801,6 +877,12 @@ def unpad(grads: dict, params: dict) -> dict:
         params,
         jax.device_get(grads),
     )
+
+
+@jax.jit
+def _l1_distance(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Mean over samples of sum |a - b| (padded entries are 0 on both sides)."""
+    return jnp.abs(a - b).reshape(a.shape[0], -1).sum(axis=1).mean()
 
 
 @jax.jit

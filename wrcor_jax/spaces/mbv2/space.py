@@ -24,7 +24,7 @@ from wrcor_jax.spaces.mbv2.arch import MBV2Arch, format_arch, parse
 from wrcor_jax.spaces.mbv2.capture import site_sums
 from wrcor_jax.spaces.mbv2.cost import describe
 from wrcor_jax.spaces.mbv2.engine import BLOCK_KINDS, SE_KINDS, MBV2Engine
-from wrcor_jax.spaces.mbv2.measures import MEASUREMENTS, MBV2Measurer
+from wrcor_jax.spaces.mbv2.measures import MEASUREMENTS, MBV2Measurer, zen_inputs, zen_params
 from wrcor_jax.spaces.mbv2.network import init_params
 
 if TYPE_CHECKING:
@@ -43,8 +43,8 @@ MEASURED = tuple(name for name, proxy in PROXIES.items() if proxy.measurement in
 SCORED = (*COUNTED, *RESPONSE_PROXIES, *MEASURED)
 ON_THE_ENGINE_PASS = ("input_jacobian", "loss_grads", "activations")
 """Measurements the composed engine takes from the forward pass of the WRCor sums."""
-ENGINE_MEASURED = frozenset({*ON_THE_ENGINE_PASS, "half_batch_grads", "synflow_grads"})
-"""The measurements the composed engine takes (compile-bounded); `measures` takes zen's."""
+ENGINE_MEASURED = frozenset({*ON_THE_ENGINE_PASS, "half_batch_grads", "synflow_grads", "zen"})
+"""The measurements the composed engine takes, compile-bounded: all of them."""
 
 
 def batch_sharding(batch_size: int) -> jax.sharding.NamedSharding | None:
@@ -74,10 +74,11 @@ class MBV2Scorer:
     weights drawn per architecture from the seed. `wrcor` and `act_cor` read the reference's
     sites (the SE ReLUs, SPEC 3b), `wrcor_allrelu` every ReLU, all from one pass of the
     compile-bounded `engine.MBV2Engine` (engine "composed"; otherwise one capture of the
-    Flax network per architecture, `capture.site_sums`); so do what synflow, jacob_cov,
-    snip, grad_norm, zico, naswot and meco read (all but synflow's and zico's from the WRCor
-    sums' forward pass), with the site choices of `measures`. zen comes from `measures`,
-    compiled per architecture (and so does everything when the engine is not "composed").
+    Flax network per architecture, `capture.site_sums`); so do what every other proxy reads
+    (jacob_cov, snip, grad_norm, naswot and meco from the WRCor sums' forward pass; zico,
+    synflow and zen from passes of their own), with the site choices of `measures`. With
+    another engine, or an architecture the pieces do not build, `measures` takes them,
+    compiled per architecture.
     `wrcor_clean`
     and `act_grad_cor` (NB201 site sets) are refused. The compiled programs are released
     whenever the process outgrows its `ExecutableBudget` (a third of the machine's memory).
@@ -129,6 +130,10 @@ class MBV2Scorer:
                 measured["synflow_grads"] = self.engine.synflow_grads(
                     arch, params, self.images.shape
                 )
+            if "zen" in reads:
+                seed, n = self.config.seed, self.images.shape[0]
+                gaussian = zen_params(arch, seed, self.num_classes)
+                measured["zen"] = self.engine.zen(arch, gaussian, *zen_inputs(arch, seed, n))
             reads -= ENGINE_MEASURED
         elif sums:
             measured["site_sums"] = site_sums(*batch)
