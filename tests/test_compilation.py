@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from wrcor_jax.allocator import resident_mb
-from wrcor_jax.compilation import ExecutableBudget, default_cache_dir
+from wrcor_jax.compilation import ExecutableBudget, default_cache_dir, mapping_limit, mappings
 
 # Run apart: the persistent cache is process-wide configuration.
 RELOAD = """
@@ -54,6 +54,20 @@ def test_budget_releases_only_when_over_it() -> None:
     tight = ExecutableBudget(limit_mb=0)
     assert tight.check() and tight.releases == 1
     assert float(f(jnp.ones(()))) == 2.0  # recompiled on demand
+
+
+def test_budget_releases_executables_past_its_mapping_limit() -> None:
+    """Loaded executables hold memory mappings, which the kernel caps per process: past the
+    budget's limit they are released, and their mappings go with them."""
+    functions = [jax.jit(lambda x, k=k: jnp.tanh(x * k) + k) for k in range(30)]
+    for f in functions:
+        f(jnp.ones(8)).block_until_ready()
+    held = mappings()
+    assert held > 0 and (mapping_limit() or 0) > held
+    assert not ExecutableBudget(limit_mb=10**9, map_limit=10**9).check()
+    budget = ExecutableBudget(limit_mb=10**9, map_limit=held - 1)
+    assert budget.check() and budget.releases == 1
+    assert mappings() < held - 30  # ~3 mappings each for these small programs
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
