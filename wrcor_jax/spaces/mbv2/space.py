@@ -81,7 +81,7 @@ class MBV2Scorer:
     compiled per architecture.
     `wrcor_clean`
     and `act_grad_cor` (NB201 site sets) are refused. The compiled programs are released
-    whenever the process outgrows its `ExecutableBudget` (a third of the machine's memory, or
+    whenever the process outgrows its `ExecutableBudget` (a fifth of the machine's memory, or
     half the kernel's cap on memory mappings).
 
     With several local devices the batch is split over them (`batch_sharding`): every
