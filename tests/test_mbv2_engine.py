@@ -187,7 +187,7 @@ def test_gradients_equal_the_whole_network_measurements(text, batch):
         ), proxy
 
 
-@pytest.mark.parametrize("text", CASES)
+@pytest.mark.parametrize("text", CASES[1:])  # padding; two-layer stem, stride-1 shortcut
 def test_activations_equal_the_whole_network_measurements(text, batch):
     """naswot's Hamming kernel (SE ReLU inputs, real channels only) exactly and meco's sum
     (first image's block ReLU outputs, real rows and channels only) to float32 rounding,
@@ -208,7 +208,7 @@ def test_activations_equal_the_whole_network_measurements(text, batch):
         ), proxy
 
 
-@pytest.mark.parametrize("text", CASES)
+@pytest.mark.parametrize("text", CASES[1:])
 def test_zen_equals_the_whole_network_measurement(text, batch):
     """Zen-score's two terms through the padded pieces (residual links off, BatchNorm input
     variances over the real rows and channels) against `measures`' whole network."""
