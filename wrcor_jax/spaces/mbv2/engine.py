@@ -647,6 +647,10 @@ class MBV2Engine:
 
     def __init__(self, kinds: Sequence[str] = (*SE_KINDS, *BLOCK_KINDS)):
         self.kinds = frozenset(kinds)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what the last pass recorded (its arrays: every piece's inputs and outputs)."""
         self._calls: list[tuple[int, _Call]] = []
         self._terms: list[tuple[int, dict]] = []
         self._acts: list[dict] = []
@@ -687,7 +691,7 @@ class MBV2Engine:
         residual links) and records its BatchNorm inputs' scales. Returns the logits."""
         if not self.supports(arch):
             raise ValueError(f"the engine does not build {arch.blocks}: see `supports`")
-        self._calls, self._terms, self._acts = [], [], []
+        self._forget()
         self._kinds, self._norm, self._activations, self._zen = kinds, norm, activations, zen
         stem_block, *rest = arch.blocks
         side = _out_side(arch.resolution, stem_block.stride)
@@ -813,7 +817,7 @@ class MBV2Engine:
                     out["loss_grads"] = unpad(grads, params)
             return out
         finally:
-            self._calls, self._terms, self._acts = [], [], []
+            self._forget()
 
     def site_sums(
         self, arch: MBV2Arch, params: dict, images: jax.Array, labels: jax.Array, num_classes: int
@@ -845,7 +849,7 @@ class MBV2Engine:
                 _, grads = self._backward(jnp.ones_like(logits), frozenset(), weights=True)
                 return unpad(grads, params)
         finally:
-            self._calls, self._terms, self._acts = [], [], []
+            self._forget()
 
     def zen(self, arch: MBV2Arch, params: dict, x: jax.Array, x_mixed: jax.Array) -> tuple:
         """Zen-score's terms as `measures` takes them: on `params` (Gaussian, unpadded) and
@@ -860,7 +864,7 @@ class MBV2Engine:
             self._forward(arch, padded, jnp.asarray(x_mixed), frozenset(), True, zen=True)
             return float(_l1_distance(clean, self._calls[-1][1].inputs[0])), log_std
         finally:
-            self._calls, self._terms, self._acts = [], [], []
+            self._forget()
 
 
 def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
