@@ -66,6 +66,12 @@ CASES = [
 ]
 
 
+THREE_QUARTER_BUCKETS = pytest.param(  # 96^2 rows in 12,288, dw 288 in 384 channels
+    "SuperConvK3BNRELU(3,16,1,1)SuperResIDWE6K3(16,16,2,48,1)SuperConvK1BNRELU(16,16,1,1)@96",
+    id="three-quarter-buckets",
+)
+
+
 @pytest.fixture(scope="module")
 def batch():
     if not SAMPLE.exists():
@@ -73,7 +79,7 @@ def batch():
     return load_batch("cifar10", BATCH, 42, SAMPLE, None)
 
 
-@pytest.mark.parametrize("text", CASES)
+@pytest.mark.parametrize("text", [*CASES, THREE_QUARTER_BUCKETS])
 def test_padded_pieces_equal_the_unpadded_capture(text, batch):
     arch = parse(text)
     assert MBV2Engine.supports(arch)
@@ -122,8 +128,26 @@ def test_unsupported_blocks_are_named():
 
 
 def test_buckets_and_padded_weights():
-    assert [channel_bucket(c) for c in (1, 32, 33, 64, 65, 1536)] == [32, 32, 64, 64, 128, 2048]
-    assert [rows_bucket(p) for p in (1, 9, 16, 17, 12544)] == [1, 16, 16, 32, 16384]
+    assert [channel_bucket(c) for c in (1, 32, 33, 64, 65, 288, 385, 1536)] == [
+        32,
+        32,
+        64,
+        64,
+        128,
+        384,
+        512,
+        1536,
+    ]
+    assert [rows_bucket(p) for p in (1, 9, 16, 17, 6144, 9216, 12544, 20736)] == [
+        1,
+        16,
+        16,
+        32,
+        8192,
+        12288,
+        16384,
+        24576,
+    ]
     arch = parse("SuperConvK3BNRELU(3,12,2,1)SuperResIDWE2K3(12,20,2,12,1)@16")
     params = init_params(arch, 0, NUM_CLASSES)
     padded = pad_params(params)

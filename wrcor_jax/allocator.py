@@ -4,9 +4,11 @@ Every call of a compiled program allocates its outputs and one temporary buffer,
 each at batch 64 in the MobileNetV2 space. glibc hands any block over 32 MB to a fresh
 `mmap` and unmaps it on free, so each call touches its buffers page by page anew: on this
 machine a MobileNetV2 architecture took 24 s that way and 7.2-7.6 s with these settings
-(docs/mbv2_engine.md). Keeping freed memory in the heap (no `mmap` for
-large blocks, one arena, no trimming), in 2 MB pages where the kernel allows, lets the next
-call reuse it without a fault.
+(docs/mbv2_engine.md). Keeping freed memory in the heap (no `mmap` below 256 MB, one arena,
+no trimming), in 2 MB pages where the kernel allows, lets the next call reuse it without a
+fault. Blocks of 256 MB and more still get their own mapping: kept in one heap, a few GB-sized
+arrays of many sizes fragmented it by a third of the peak (22.5 GB against 14.4 GB for the
+widest architecture met), and in 2 MB pages their faults cost little.
 
 glibc reads these settings (`GLIBC_TUNABLES`) only when a process starts, so the command
 line re-executes itself once with them (`reexec_tuned`); set `WRCOR_JAX_MALLOC=default` to
@@ -26,7 +28,7 @@ from pathlib import Path
 
 TUNABLES = (
     "glibc.malloc.hugetlb=1",  # madvise 2 MB pages: 512x fewer faults where memory grows
-    "glibc.malloc.mmap_max=0",  # large blocks from the heap, reused after free
+    f"glibc.malloc.mmap_threshold={256 << 20}",  # blocks under 256 MB from the heap
     "glibc.malloc.arena_max=1",  # other threads' arenas would still mmap large blocks
     f"glibc.malloc.trim_threshold={1 << 40}",  # keep freed memory until release_free
 )

@@ -6,12 +6,14 @@ architectures share every shape, so a search compiles all the time (30-45 s each
 final 1x1 conv), depthwise conv + squeeze-excite, projection shortcut, head -- chained in
 Python (docs/mbv2_engine.md), and every piece sees padded shapes:
 
-- channels are rounded up to a power of two (at least 32); padded weights, BN scales and
-  biases are 0, so padded channels stay exactly 0 forward and backward;
+- channels are rounded up to a power of two (at least 32; above 256 also 3/4 of one: 384,
+  768, 1536); padded weights, BN scales and biases are 0, so padded channels stay exactly
+  0 forward and backward;
 - activations live as rows, (N, P, C) with P the per-image pixel count h*h rounded up to a
-  power of two, and the real side h is a run-time argument: BatchNorm statistics, SE and
-  head pooling, and every correlation count only the real rows and channels, and the
-  depthwise conv reads its taps as dynamic row offsets with column masks.
+  power of two (above 8192 also 3/4 of one), and the real side h is a run-time argument:
+  BatchNorm statistics, SE and head pooling, and every correlation count only the real rows
+  and channels, and the depthwise conv reads its taps as dynamic row offsets with column
+  masks.
 
 A piece is then keyed by (P, channel buckets, kernel, stride) and never by the resolution or
 the exact widths, so compilations stop growing after the first few dozen architectures.
@@ -57,14 +59,31 @@ architectures met 1.34x the keys of the first 20 (issue 12 asks for at most 1.3x
 32, 1.26x, for ~2% more padded work (docs/mbv2_engine.md)."""
 
 
+FINE_CHANNELS = 256
+FINE_ROWS = 8192
+"""Above these sizes a bucket may also be 3/4 of a power of two. Wide tensors at the first
+stages held most of the memory at batch 64 (a 144 x 144 image's 20,736 rows padded to 32,768
+and 288 channels to 512 stored 2.8x the real expand output), and they are few enough in
+kind that the extra keys are rare (docs/mbv2_engine.md)."""
+
+
+def _bucket(size: int, least: int, fine_from: int) -> int:
+    """The next power of two at least `least`, or 3/4 of it when that is above `fine_from`
+    and still holds `size`."""
+    power = max(least, 1 << (size - 1).bit_length())
+    three_quarters = 3 * power // 4
+    return three_quarters if three_quarters > fine_from and size <= three_quarters else power
+
+
 def channel_bucket(channels: int) -> int:
-    """Padded width: the next power of two, at least `MIN_CHANNELS`."""
-    return max(MIN_CHANNELS, 1 << (channels - 1).bit_length())
+    """Padded width: the next power of two, at least `MIN_CHANNELS`, or 3/4 of one above
+    `FINE_CHANNELS`."""
+    return _bucket(channels, MIN_CHANNELS, FINE_CHANNELS)
 
 
 def rows_bucket(pixels: int) -> int:
-    """Padded pixels per image: the next power of two."""
-    return 1 << (pixels - 1).bit_length()
+    """Padded pixels per image: the next power of two, or 3/4 of one above `FINE_ROWS`."""
+    return _bucket(pixels, 1, FINE_ROWS)
 
 
 # --------------------------------------------------------------------------- masked maths
@@ -751,18 +770,23 @@ class MBV2Engine:
         return x, side
 
     def _backward(
-        self, cotangent: jax.Array, kinds: frozenset, weights: bool = False
+        self, cotangent: jax.Array, kinds: frozenset, weights: bool = False, last: bool = True
     ) -> tuple[jax.Array, dict | None]:
         """Chain the recorded pieces' backwards from the logits' cotangent, summing the
         cotangents of arrays read by several pieces (a sub-block's input feeds its expand
         and its shortcut or residual) inside the backward of the reader run last. Adds the
         gradient terms at `kinds`; returns the gradient at the images and, with `weights`,
-        the padded parameter tree's gradient."""
+        the padded parameter tree's gradient. The `last` backward of a forward pass drops
+        each piece's record once past it, so that the wide first blocks' backwards do not
+        run beside every later block's stored outputs."""
         pending: dict[int, jax.Array] = {}
         logits = self._calls[-1][1].outputs[0]
+        images = self._calls[0][1].inputs[0]
         pending[id(logits)] = cotangent
         grads: dict | None = {} if weights else None
-        for block, call in reversed(self._calls):
+        calls = self._calls if last else list(self._calls)
+        while calls:
+            block, call = calls.pop()
             cotangents = tuple(pending.pop(id(out), None) for out in call.outputs)
             carried = tuple(pending.pop(id(array), None) for array in call.inputs)
             d_inputs, terms, d_w = PIECES[call.piece].backward(
@@ -774,7 +798,7 @@ class MBV2Engine:
                 _subtree(grads, call.path).update(d_w)
             for array, d in zip(call.inputs, d_inputs, strict=True):
                 pending[id(array)] = d
-        images = self._calls[0][1].inputs[0]
+            del call, d_inputs
         return pending[id(images)], grads
 
     def measure(
@@ -805,9 +829,10 @@ class MBV2Engine:
             if activations:
                 out["activations"] = _gather_activations(self._acts, logits.shape[0])
             if input_jacobian:
-                out["input_jacobian"] = np.asarray(
-                    self._backward(jnp.ones_like(logits), frozenset())[0]
+                jacobian, _ = self._backward(
+                    jnp.ones_like(logits), frozenset(), last=not (site_sums or loss_grads)
                 )
+                out["input_jacobian"] = np.asarray(jacobian)
             if site_sums or loss_grads:
                 cotangent = _loss_cotangent(logits, jnp.asarray(labels))
                 _, grads = self._backward(cotangent, kinds, weights=loss_grads)
