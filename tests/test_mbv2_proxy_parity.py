@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 
+import jax
 import numpy as np
 import pytest
 
@@ -54,6 +55,9 @@ NAMES = MEASURED_NAMES + RESPONSE_NAMES
 # error comes from the arch at resolution 48, where JAX float32 gradients of single layers
 # are up to 1e-2 off (this deep BatchNorm network's backward is ill-conditioned) and torch's
 # float32 CPU kernels land closer. zico is heavy-tailed as on NB201 (test_proxy_parity).
+# Another machine of the same kind and packages (XLA:CPU compiles for the CPU it runs on)
+# gave jacob_cov 7.7e-6, zico 1.3e-2 and wrcor_allrelu 5.9e-7; zico is then also checked in
+# float64 (below).
 # Tolerances: 2-3x the measured values (naswot: exact up to slogdet rounding; jacob_cov kept
 # from an earlier 8.5e-6).
 RTOL = {
@@ -62,7 +66,7 @@ RTOL = {
     "grad_norm": 4e-4,
     "jacob_cov": 2e-5,
     "naswot": 1e-12,
-    "zico": 1e-2,
+    "zico": 3e-2,
     "meco": 5e-7,
     "zen": 3e-6,
     "wrcor": 5e-5,
@@ -139,6 +143,24 @@ def test_proxies_match_the_torch_twin(scores, capsys):
             )
     for name in NAMES:
         assert worst[name] <= RTOL[name], f"{name}: {worst[name]:.2e} > {RTOL[name]:.0e}"
+
+
+@pytest.mark.slow
+def test_zico_in_float64_is_the_float64_twins(scores):
+    """zico's float32 error is heavy-tailed: 2.7e-3 on one machine of this kind, 1.3e-2 on
+    another with the same packages (XLA:CPU compiles for the CPU it runs on). In float64
+    the same engine gives float64 torch's value."""
+    images, labels = load_batch("cifar10", BATCH, SEED, data=require(SAMPLE))
+    for text, (_, exact, _) in scores.items():
+        arch = parse(text)
+        params = init_params(arch, SEED, NUM_CLASSES)
+        with jax.enable_x64(True):
+            params64 = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), params)
+            halves = MBV2Engine().half_batch_grads(
+                arch, params64, np.asarray(images, np.float64), labels, NUM_CLASSES
+            )
+        zico = PROXIES["zico"].score(halves, params)
+        assert relative_difference(zico, exact["zico"]) < 1e-9, text
 
 
 def test_pass_computes_the_network():

@@ -770,15 +770,21 @@ class MBV2Engine:
         return x, side
 
     def _backward(
-        self, cotangent: jax.Array, kinds: frozenset, weights: bool = False, last: bool = True
+        self,
+        cotangent: jax.Array,
+        kinds: frozenset,
+        weights: bool = False,
+        last: bool = True,
+        terms: bool = True,
     ) -> tuple[jax.Array, dict | None]:
         """Chain the recorded pieces' backwards from the logits' cotangent, summing the
         cotangents of arrays read by several pieces (a sub-block's input feeds its expand
         and its shortcut or residual) inside the backward of the reader run last. Adds the
-        gradient terms at `kinds`; returns the gradient at the images and, with `weights`,
-        the padded parameter tree's gradient. The `last` backward of a forward pass drops
-        each piece's record once past it, so that the wide first blocks' backwards do not
-        run beside every later block's stored outputs."""
+        gradient terms at `kinds` (computed but dropped without `terms`); returns the
+        gradient at the images and, with `weights`, the padded parameter tree's gradient.
+        The `last` backward of a forward pass drops each piece's record once past it, so
+        that the wide first blocks' backwards do not run beside every later block's stored
+        outputs."""
         pending: dict[int, jax.Array] = {}
         logits = self._calls[-1][1].outputs[0]
         images = self._calls[0][1].inputs[0]
@@ -789,11 +795,12 @@ class MBV2Engine:
             block, call = calls.pop()
             cotangents = tuple(pending.pop(id(out), None) for out in call.outputs)
             carried = tuple(pending.pop(id(array), None) for array in call.inputs)
-            d_inputs, terms, d_w = PIECES[call.piece].backward(
+            d_inputs, piece_terms, d_w = PIECES[call.piece].backward(
                 call.w, call.inputs, call.dims, call.outputs, cotangents, carried, kinds=kinds,
                 weights=weights, **call.static,
             )  # fmt: skip
-            self._terms.append((block, terms))
+            if terms:
+                self._terms.append((block, piece_terms))
             if grads is not None:
                 _subtree(grads, call.path).update(d_w)
             for array, d in zip(call.inputs, d_inputs, strict=True):
@@ -821,7 +828,7 @@ class MBV2Engine:
         the sums as NumPy, as `measures` takes them."""
         del num_classes  # the classifier's width says it
         padded = pad_params(params)
-        images = jnp.asarray(images, jnp.float32)
+        images = jnp.asarray(images, jax.tree.leaves(padded)[0].dtype)  # the weights' precision
         out: dict = {}
         kinds = self.kinds if site_sums else frozenset()
         try:
@@ -829,8 +836,11 @@ class MBV2Engine:
             if activations:
                 out["activations"] = _gather_activations(self._acts, logits.shape[0])
             if input_jacobian:
+                # the site sums' backward program, its terms dropped: SE sites' terms cost
+                # nothing beside a backward, and a compilation per piece key is spared
+                shared = kinds if kinds <= frozenset(SE_KINDS) and not loss_grads else frozenset()
                 jacobian, _ = self._backward(
-                    jnp.ones_like(logits), frozenset(), last=not (site_sums or loss_grads)
+                    jnp.ones_like(logits), shared, last=not (site_sums or loss_grads), terms=False
                 )
                 out["input_jacobian"] = np.asarray(jacobian)
             if site_sums or loss_grads:
