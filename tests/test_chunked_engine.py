@@ -60,10 +60,17 @@ def test_chunk_size_follows_free_device_memory():
     assert big.conv3x3 == big.conv1x1 == -(-big.archs // 4)
 
 
+# Float32's own error in the gradient kinds' sums, which differ by summation order between
+# the engines: on one machine of this kind they agreed within 1e-5; on another, same packages
+# (XLA:CPU compiles for the CPU it runs on), each was 2.1e-3 (act_grad) and 2.9e-3 (bn_grad)
+# from the composed engine in float64 on BEST_CIFAR10, and up to 2.1e-3 from each other.
+GRADIENT_ATOL = 1e-2
+
+
 def test_chunked_scores_equal_composed_scores(params, small_batch, engine):
     # On the noise fallback a few near-zero gradients flip their sign code between the two
     # engines' float32 summation orders (site sums off by 4e-4 at scale 5; scores by 5e-9
-    # relative): the 1e-5 bound on the sums holds for real images, which the engines score.
+    # relative): the bounds hold for real images, which the engines score.
     require(SAMPLE)
     images, labels = small_batch
     archs = np.stack(
@@ -82,7 +89,8 @@ def test_chunked_scores_equal_composed_scores(params, small_batch, engine):
         want = engine.site_sums(ops, params, images, labels)
         for kind in want.counts:
             assert np.array_equal(got.counts[kind], want.counts[kind]), kind
-            np.testing.assert_allclose(got.sums[kind], want.sums[kind], rtol=1e-5, atol=1e-5)
+            atol = GRADIENT_ATOL if kind.endswith("grad") else 1e-5
+            np.testing.assert_allclose(got.sums[kind], want.sums[kind], rtol=1e-5, atol=atol)
         for name, proxy in RESPONSE_PROXIES.items():
             assert proxy(got) == pytest.approx(proxy(want), rel=1e-5), name
 
