@@ -128,26 +128,10 @@ def test_unsupported_blocks_are_named():
 
 
 def test_buckets_and_padded_weights():
-    assert [channel_bucket(c) for c in (1, 32, 33, 64, 65, 288, 385, 1536)] == [
-        32,
-        32,
-        64,
-        64,
-        128,
-        384,
-        512,
-        1536,
-    ]
-    assert [rows_bucket(p) for p in (1, 9, 16, 17, 6144, 9216, 12544, 20736)] == [
-        1,
-        16,
-        16,
-        32,
-        8192,
-        12288,
-        16384,
-        24576,
-    ]
+    widths = (1, 32, 33, 64, 65, 288, 385, 1536)
+    assert [channel_bucket(c) for c in widths] == [32, 32, 64, 64, 128, 384, 512, 1536]
+    pixels = (1, 9, 16, 17, 6144, 9216, 12544, 20736)
+    assert [rows_bucket(p) for p in pixels] == [1, 16, 16, 32, 8192, 12288, 16384, 24576]
     arch = parse("SuperConvK3BNRELU(3,12,2,1)SuperResIDWE2K3(12,20,2,12,1)@16")
     params = init_params(arch, 0, NUM_CLASSES)
     padded = pad_params(params)

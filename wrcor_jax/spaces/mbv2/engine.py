@@ -805,7 +805,6 @@ class MBV2Engine:
                 _subtree(grads, call.path).update(d_w)
             for array, d in zip(call.inputs, d_inputs, strict=True):
                 pending[id(array)] = d
-            del call, d_inputs
         return pending[id(images)], grads
 
     def measure(
