@@ -9,6 +9,7 @@ same buckets compiles nothing new.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -23,6 +24,8 @@ from wrcor_jax.responses import KINDS
 from wrcor_jax.spaces.mbv2.arch import parse
 from wrcor_jax.spaces.mbv2.capture import site_sums
 from wrcor_jax.spaces.mbv2.engine import (
+    PIECES,
+    SE_KINDS,
     MBV2Engine,
     channel_bucket,
     pad_params,
@@ -94,6 +97,35 @@ def test_padded_pieces_equal_the_unpadded_capture(text, batch):
     for score in (mbv2_wrcor, mbv2_wrcor_allrelu):
         assert score(padded) == pytest.approx(score(exact), rel=RTOL)
     assert mbv2_act_cor(padded) == pytest.approx(mbv2_act_cor(exact), abs=ACT_COR_ATOL)
+
+
+@pytest.mark.parametrize("text", [CASES[0], CASES[2]])  # stride-2 stem; two-layer stem
+def test_se_sums_skip_the_backwards_below_the_first_se(text, batch, monkeypatch):
+    """WRCor's SE sites need no cotangent below the first squeeze-excite: the backwards of
+    the stem and of the first sub-block's expand and shortcut are skipped, and the SE
+    sums are those of the full backward that the other kinds need."""
+    arch = parse(text)
+    params = init_params(arch, 42, NUM_CLASSES)
+    ran: list[str] = []
+    for name, piece in PIECES.items():
+        monkeypatch.setattr(piece, "backward", _recording(piece.backward, name, ran))
+    se = MBV2Engine(SE_KINDS).site_sums(arch, params, *batch, NUM_CLASSES)
+    skipping = list(ran)
+    ran.clear()
+    every = MBV2Engine().site_sums(arch, params, *batch, NUM_CLASSES)
+    assert Counter(ran) - Counter(skipping) == Counter(["stem", "expand", "shortcut"])
+    assert not Counter(skipping) - Counter(ran)
+    for kind in SE_KINDS:
+        np.testing.assert_array_equal(se.counts[kind], every.counts[kind], err_msg=kind)
+        np.testing.assert_allclose(se.sums[kind], every.sums[kind], atol=1e-6, err_msg=kind)
+
+
+def _recording(backward, name: str, ran: list):
+    def call(*args, **static):
+        ran.append(name)
+        return backward(*args, **static)
+
+    return call
 
 
 def test_other_widths_in_the_same_buckets_compile_nothing(batch):

@@ -506,12 +506,20 @@ class Piece:
     The backward recomputes the piece's forward (given its forward outputs as `saved` when
     `saves`, for the piece to reuse) and adds to each input's cotangent the one `carried`
     from other readers of that input (None: none), so no eager add compiles per shape
-    outside the pieces; an output's cotangent None is 0.
+    outside the pieces; an output's cotangent None is 0. `kinds` are the gradient kinds its
+    sites add to (`MBV2Engine._backward` skips the backwards that reach none asked for).
     """
 
-    def __init__(self, fn: Callable, static: Sequence[str] = (), saves: bool = False):
+    def __init__(
+        self,
+        fn: Callable,
+        static: Sequence[str] = (),
+        saves: bool = False,
+        kinds: Sequence[str] = (),
+    ):
         self.fn = fn
         self.saves = saves
+        self.kinds = frozenset(kinds)
         names = ("kinds", "norm", "zen", *static)
         self.forward = jax.jit(self._forward, static_argnames=(*names, "activations"))
         self.backward = jax.jit(self._backward, static_argnames=(*names, "weights"))
@@ -595,12 +603,15 @@ class Piece:
         return d_inputs, self._terms(sites, kinds, backward=True), d_w
 
 
+BLOCK_GRAD = (BLOCK_KINDS[1],)
 PIECES = {
-    "stem": Piece(_stem, ("layers", "stride", "resolution", "p_out")),
-    "expand": Piece(_expand, ("relu",), saves=True),
-    "depthwise_se": Piece(_depthwise_se, ("stride", "p_out"), saves=True),
+    "stem": Piece(_stem, ("layers", "stride", "resolution", "p_out"), kinds=BLOCK_GRAD),
+    "expand": Piece(_expand, ("relu",), saves=True, kinds=BLOCK_GRAD),
+    "depthwise_se": Piece(
+        _depthwise_se, ("stride", "p_out"), saves=True, kinds=(SE_KINDS[1], *BLOCK_GRAD)
+    ),
     "shortcut": Piece(_shortcut, ("stride", "p_out")),
-    "project": Piece(_project, saves=True),
+    "project": Piece(_project, saves=True, kinds=BLOCK_GRAD),
     "head": Piece(_head),
 }
 
@@ -774,27 +785,33 @@ class MBV2Engine:
         cotangent: jax.Array,
         kinds: frozenset,
         weights: bool = False,
+        to_images: bool = False,
         last: bool = True,
         terms: bool = True,
-    ) -> tuple[jax.Array, dict | None]:
+    ) -> tuple[jax.Array | None, dict | None]:
         """Chain the recorded pieces' backwards from the logits' cotangent, summing the
         cotangents of arrays read by several pieces (a sub-block's input feeds its expand
         and its shortcut or residual) inside the backward of the reader run last. Adds the
         gradient terms at `kinds` (computed but dropped without `terms`); returns the
-        gradient at the images and, with `weights`, the padded parameter tree's gradient.
-        The `last` backward of a forward pass drops each piece's record once past it, so
-        that the wide first blocks' backwards do not run beside every later block's stored
-        outputs."""
+        gradient at the images (with `to_images`, else None) and, with `weights`, the padded
+        parameter tree's gradient. Only the backwards whose cotangents reach something
+        asked for run: WRCor's SE sites need none below the first SE, so the stem's
+        backward at full resolution is skipped. The `last` backward of a forward pass drops
+        each piece's record once past it, so that the wide first blocks' backwards do not
+        run beside every later block's stored outputs."""
         pending: dict[int, jax.Array] = {}
         logits = self._calls[-1][1].outputs[0]
         images = self._calls[0][1].inputs[0]
         pending[id(logits)] = cotangent
         grads: dict | None = {} if weights else None
+        needed = self._needed(kinds, weights, to_images)
         calls = self._calls if last else list(self._calls)
         while calls:
             block, call = calls.pop()
             cotangents = tuple(pending.pop(id(out), None) for out in call.outputs)
             carried = tuple(pending.pop(id(array), None) for array in call.inputs)
+            if not needed.pop():
+                continue
             d_inputs, piece_terms, d_w = PIECES[call.piece].backward(
                 call.w, call.inputs, call.dims, call.outputs, cotangents, carried, kinds=kinds,
                 weights=weights, **call.static,
@@ -805,7 +822,22 @@ class MBV2Engine:
                 _subtree(grads, call.path).update(d_w)
             for array, d in zip(call.inputs, d_inputs, strict=True):
                 pending[id(array)] = d
-        return pending[id(images)], grads
+        return pending[id(images)] if to_images else None, grads
+
+    def _needed(self, kinds: frozenset, weights: bool, to_images: bool) -> list[bool]:
+        """Per recorded call, whether its backward reaches something asked for: the
+        weights' gradient, the images' (through the calls that produced its inputs) or
+        a site of `kinds` (its own, or one of a call upstream of it)."""
+        if weights:
+            return [True] * len(self._calls)
+        reaches = {id(self._calls[0][1].inputs[0]): to_images}
+        needed = []
+        for _, call in self._calls:
+            feeds = any(reaches.get(id(array), False) for array in call.inputs)
+            need = feeds or bool(PIECES[call.piece].kinds & kinds)
+            reaches |= {id(out): need for out in call.outputs}
+            needed.append(need)
+        return needed
 
     def measure(
         self,
@@ -839,7 +871,11 @@ class MBV2Engine:
                 # nothing beside a backward, and a compilation per piece key is spared
                 shared = kinds if kinds <= frozenset(SE_KINDS) and not loss_grads else frozenset()
                 jacobian, _ = self._backward(
-                    jnp.ones_like(logits), shared, last=not (site_sums or loss_grads), terms=False
+                    jnp.ones_like(logits),
+                    shared,
+                    to_images=True,
+                    last=not (site_sums or loss_grads),
+                    terms=False,
                 )
                 out["input_jacobian"] = np.asarray(jacobian)
             if site_sums or loss_grads:
