@@ -252,9 +252,13 @@ def _min_channel_eigenvalue(feature_map: np.ndarray) -> float:
 
 @jax.jit
 def _log_mean_std(bn_input: jax.Array) -> jax.Array:
-    """log sqrt(mean over channels of the batch variance at a BatchNorm's input); 0 for an
-    all-constant input (a conv reading a dead node), which carries no scale to measure."""
-    variance = jnp.var(bn_input, axis=(0, 1, 2)).mean()
+    """log sqrt(mean over channels of the batch variance at a BatchNorm's input)."""
+    return log_sqrt_or_zero(jnp.var(bn_input, axis=(0, 1, 2)).mean())
+
+
+def log_sqrt_or_zero(variance: jax.Array) -> jax.Array:
+    """log sqrt(variance); 0 for a variance of 0 (an all-constant input, e.g. a conv reading
+    a dead node), which carries no scale to measure."""
     return jnp.where(variance > 0, 0.5 * jnp.log(jnp.where(variance > 0, variance, 1.0)), 0.0)
 
 

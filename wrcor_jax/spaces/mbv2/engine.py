@@ -44,7 +44,7 @@ from wrcor_jax.spaces.mbv2.network import (
     resize_bilinear,
     se_channels,
 )
-from wrcor_jax.spaces.nb201_measures import _min_channel_eigenvalue
+from wrcor_jax.spaces.nb201_measures import _min_channel_eigenvalue, log_sqrt_or_zero
 from wrcor_jax.spaces.nb201_pieces import cross_entropy
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -465,10 +465,8 @@ SE_SITES = ("se",)
 
 
 def _log_mean_std(variance: jax.Array, mask: jax.Array, count: jax.Array) -> jax.Array:
-    """log sqrt(mean over the real channels of a BatchNorm input's batch variance); 0 for a
-    constant input, which carries no scale (as `nb201_measures._log_mean_std`)."""
-    mean = jnp.where(mask, variance, 0.0).sum() / count
-    return jnp.where(mean > 0, 0.5 * jnp.log(jnp.where(mean > 0, mean, 1.0)), 0.0)
+    """log sqrt(mean over the real channels of a BatchNorm input's batch variance)."""
+    return log_sqrt_or_zero(jnp.where(mask, variance, 0.0).sum() / count)
 
 
 def _kind(site: str, backward: bool) -> str | None:
