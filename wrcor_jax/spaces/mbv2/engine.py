@@ -802,7 +802,7 @@ class MBV2Engine:
         images = self._calls[0][1].inputs[0]
         pending[id(logits)] = cotangent
         grads: dict | None = {} if weights else None
-        needed = self._needed(kinds, weights, to_images)
+        needed = self._needed(kinds, weights, images if to_images else None)
         calls = self._calls if last else list(self._calls)
         while calls:
             block, call = calls.pop()
@@ -822,13 +822,13 @@ class MBV2Engine:
                 pending[id(array)] = d
         return pending[id(images)] if to_images else None, grads
 
-    def _needed(self, kinds: frozenset, weights: bool, to_images: bool) -> list[bool]:
+    def _needed(self, kinds: frozenset, weights: bool, images: jax.Array | None) -> list[bool]:
         """Per recorded call, whether its backward reaches something asked for: the
-        weights' gradient, the images' (through the calls that produced its inputs) or
-        a site of `kinds` (its own, or one of a call upstream of it)."""
+        weights' gradient, the gradient at `images` (None: not asked; through the calls
+        that produced its inputs) or a site of `kinds` (its own, or one upstream of it)."""
         if weights:
             return [True] * len(self._calls)
-        reaches = {id(self._calls[0][1].inputs[0]): to_images}
+        reaches = {id(images): True} if images is not None else {}
         needed = []
         for _, call in self._calls:
             feeds = any(reaches.get(id(array), False) for array in call.inputs)
