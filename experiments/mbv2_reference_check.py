@@ -87,12 +87,12 @@ def jax_scorer(batch: tuple[np.ndarray, np.ndarray], proxies: Sequence[str], dat
 
     The scorer draws SPEC 2's augmented batch itself (the one searches use); for the CSV's
     protocol its batch (images, labels and the measurer holding them) is replaced by `batch`.
-    JAX's caches are cleared after each architecture: kept, the programs compiled for these
-    twelve took the process to 17 GB and the OOM killer after six of them at batch 64.
+    The executables are released after each architecture: kept, the programs compiled for
+    these twelve took the process to 17 GB and the OOM killer after six of them at batch 64.
     """
-    import jax
     import jax.numpy as jnp
 
+    from wrcor_jax.compilation import release_executables
     from wrcor_jax.scoring import ScoreConfig
     from wrcor_jax.spaces.mbv2.measures import MBV2Measurer
     from wrcor_jax.spaces.mbv2.space import MBV2Scorer
@@ -105,7 +105,7 @@ def jax_scorer(batch: tuple[np.ndarray, np.ndarray], proxies: Sequence[str], dat
 
     def score(arch: MBV2Arch) -> list[float]:
         row = scorer.score([arch])[0]
-        jax.clear_caches()
+        release_executables()
         return row
 
     return score

@@ -12,7 +12,13 @@ import jax.numpy as jnp
 import pytest
 
 from wrcor_jax.allocator import resident_mb
-from wrcor_jax.compilation import ExecutableBudget, default_cache_dir, mapping_limit, mappings
+from wrcor_jax.compilation import (
+    ExecutableBudget,
+    RetainedJit,
+    default_cache_dir,
+    mapping_limit,
+    mappings,
+)
 
 # Run apart: the persistent cache is process-wide configuration.
 RELOAD = """
@@ -69,6 +75,64 @@ def test_budget_releases_executables_past_its_mapping_limit() -> None:
     budget = ExecutableBudget(limit_mb=10**9, map_limit=held - 1)
     assert budget.check() and budget.releases == 1
     assert mappings() < held - 30  # ~3 mappings each for these small programs
+
+
+RETAINED = """
+import json, sys
+import jax, jax.numpy as jnp
+from wrcor_jax.compilation import (
+    CompileCounter, RetainedJit, mappings, release_executables, use_persistent_cache,
+)
+use_persistent_cache(sys.argv[1])
+CompileCounter.install()
+traces = []
+def f(x, scale):
+    traces.append(x.shape)
+    return jnp.tanh(x) * scale
+functions = [RetainedJit(lambda x, k=k: f(x, k)) for k in range(20)]
+def run():
+    return [float(g(jnp.ones(17)).sum()) for g in functions]
+first = run()
+held = mappings()
+release_executables()
+freed = held - mappings()
+again = run()
+print(json.dumps([first == again, len(traces), freed, CompileCounter.count, CompileCounter.loads]))
+"""
+
+
+def test_retained_jit_reloads_released_programs_without_tracing(tmp_path: Path) -> None:
+    """After a release, the executables' mappings are gone and calling again reads them
+    back from the persistent cache: nothing traced or compiled twice."""
+    run = subprocess.run(
+        [sys.executable, "-c", RETAINED, str(tmp_path / "xla")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    same, traces, freed, compiles, loads = json.loads(run.stdout.splitlines()[-1])
+    assert same
+    assert traces == 20  # one trace per function, none after the release
+    assert freed >= 20  # at least one mapping per released executable
+    assert compiles >= 20 and loads >= 20
+
+
+def test_retained_jit_keys_on_shapes_and_static_arguments() -> None:
+    traces: list = []
+
+    def scaled(x: jax.Array, power: int) -> jax.Array:
+        traces.append((x.shape, power))
+        return x**power
+
+    g = RetainedJit(scaled, static_argnames=("power",))
+    assert float(g(jnp.full(3, 2.0), power=2).sum()) == 12.0
+    assert float(g(jnp.full(3, 2.0), power=3).sum()) == 24.0
+    assert float(g(jnp.full(4, 2.0), power=2).sum()) == 16.0
+    assert float(g(jnp.full(3, 1.0), power=2).sum()) == 3.0  # same signature: no trace
+    assert traces == [((3,), 2), ((3,), 3), ((4,), 2)]
+    # under a transformation it is plain jit
+    assert float(jax.grad(lambda x: g(x, power=2).sum())(jnp.ones(3))[0]) == 2.0
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -135,8 +138,55 @@ class ExecutableBudget:
         if allocator.in_use_mb() <= self.limit_mb and within_maps:
             allocator.release_free(self.keep_mb)
             return False
-        jax.clear_caches()
-        gc.collect()
+        release_executables()
         allocator.release_free()
         self.releases += 1
         return True
+
+
+class RetainedJit:
+    """`jax.jit` whose traces outlive the release of its executables.
+
+    `jax.clear_caches()` frees the executables but drops every trace and lowering with
+    them, and a MobileNetV2 search releases every few architectures: most of its Python
+    time went to tracing and lowering again the pieces it had met before (py-spy, 85% of
+    its busy samples). This keeps each argument signature's lowering, compiles it ahead of
+    time (`compiler_options={}` keeps the executable off the lowering, so dropping it frees
+    it), and after `release_executables` reloads it from the persistent cache without
+    tracing. Inside another transformation (tracer arguments) it is plain `jax.jit`."""
+
+    def __init__(self, fn: Callable, static_argnames: Sequence[str] = ()):
+        self.jitted = jax.jit(fn, static_argnames=tuple(static_argnames))
+        self._static = frozenset(static_argnames)
+        self._lowered: dict = {}
+        self._compiled: dict = {}
+        _RETAINED.add(self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        dynamic = {k: v for k, v in kwargs.items() if k not in self._static}
+        leaves, structure = jax.tree.flatten((args, dynamic))
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+            return self.jitted(*args, **kwargs)
+        static = tuple(sorted((k, v) for k, v in kwargs.items() if k in self._static))
+        key = (structure, static, tuple(jax.typeof(leaf) for leaf in leaves))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            if key not in self._lowered:
+                self._lowered[key] = self.jitted.lower(*args, **kwargs)
+            compiled = self._compiled[key] = self._lowered[key].compile(compiler_options={})
+        return compiled(*args, **dynamic)
+
+    def release(self) -> None:
+        """Drop the executables (freed at the next `jax.clear_caches()`), keep the lowerings."""
+        self._compiled.clear()
+
+
+_RETAINED: weakref.WeakSet[RetainedJit] = weakref.WeakSet()
+
+
+def release_executables() -> None:
+    """Free every loaded executable, `RetainedJit`'s too; their lowerings stay."""
+    for retained in list(_RETAINED):
+        retained.release()
+    jax.clear_caches()
+    gc.collect()

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wrcor_jax.compilation import RetainedJit
 from wrcor_jax.layers import batch_norm, conv2d
 from wrcor_jax.responses import KINDS, SiteSums
 from wrcor_jax.spaces.mbv2.arch import ConvBlock, MBV2Arch, ResBlock
@@ -519,8 +520,8 @@ class Piece:
         self.saves = saves
         self.kinds = frozenset(kinds)
         names = ("kinds", "norm", "zen", *static)
-        self.forward = jax.jit(self._forward, static_argnames=(*names, "activations"))
-        self.backward = jax.jit(self._backward, static_argnames=(*names, "weights"))
+        self.forward = RetainedJit(self._forward, static_argnames=(*names, "activations"))
+        self.backward = RetainedJit(self._backward, static_argnames=(*names, "weights"))
 
     @staticmethod
     def _terms(sites: dict, kinds: frozenset, backward: bool) -> dict:
