@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from wrcor_jax import compilation
 from wrcor_jax.allocator import resident_mb
 from wrcor_jax.compilation import (
     ExecutableBudget,
@@ -18,6 +19,7 @@ from wrcor_jax.compilation import (
     default_cache_dir,
     mapping_limit,
     mappings,
+    release_executables,
 )
 
 # Run apart: the persistent cache is process-wide configuration.
@@ -80,6 +82,7 @@ def test_budget_releases_executables_past_its_mapping_limit() -> None:
 RETAINED = """
 import json, sys
 import jax, jax.numpy as jnp
+from wrcor_jax import compilation
 from wrcor_jax.compilation import (
     CompileCounter, RetainedJit, mappings, release_executables, use_persistent_cache,
 )
@@ -133,6 +136,23 @@ def test_retained_jit_keys_on_shapes_and_static_arguments() -> None:
     assert traces == [((3,), 2), ((3,), 3), ((4,), 2)]
     # under a transformation it is plain jit
     assert float(jax.grad(lambda x: g(x, power=2).sum())(jnp.ones(3))[0]) == 2.0
+
+
+def test_retained_jit_keeps_the_most_recently_used_lowerings(monkeypatch) -> None:
+    monkeypatch.setattr(compilation, "KEPT_LOWERINGS", 2)
+    traces: list = []
+
+    def double(x: jax.Array) -> jax.Array:
+        traces.append(x.shape)
+        return 2 * x
+
+    g = RetainedJit(double)
+    for n in (1, 2, 3):
+        g(jnp.ones(n))
+    release_executables()
+    g(jnp.ones(3))  # kept
+    g(jnp.ones(1))  # the oldest: traced again
+    assert traces == [(1,), (2,), (3,), (1,)]
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ import gc
 import os
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -150,15 +151,15 @@ class RetainedJit:
     `jax.clear_caches()` frees the executables but drops every trace and lowering with
     them, and a MobileNetV2 search releases every few architectures: most of its Python
     time went to tracing and lowering again the pieces it had met before (py-spy, 85% of
-    its busy samples). This keeps each argument signature's lowering, compiles it ahead of
-    time (`compiler_options={}` keeps the executable off the lowering, so dropping it frees
+    its busy samples). This keeps each argument signature's lowering (the most recently
+    used `KEPT_LOWERINGS` of all instances), compiles it ahead of time
+    (`compiler_options={}` keeps the executable off the lowering, so dropping it frees
     it), and after `release_executables` reloads it from the persistent cache without
     tracing. Inside another transformation (tracer arguments) it is plain `jax.jit`."""
 
     def __init__(self, fn: Callable, static_argnames: Sequence[str] = ()):
         self.jitted = jax.jit(fn, static_argnames=tuple(static_argnames))
         self._static = frozenset(static_argnames)
-        self._lowered: dict = {}
         self._compiled: dict = {}
         _RETAINED.add(self)
 
@@ -168,24 +169,30 @@ class RetainedJit:
         if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
             return self.jitted(*args, **kwargs)
         static = tuple(sorted((k, v) for k, v in kwargs.items() if k in self._static))
-        key = (structure, static, tuple(jax.typeof(leaf) for leaf in leaves))
+        key = (self, structure, static, tuple(jax.typeof(leaf) for leaf in leaves))
         compiled = self._compiled.get(key)
         if compiled is None:
-            if key not in self._lowered:
-                self._lowered[key] = self.jitted.lower(*args, **kwargs)
-            compiled = self._compiled[key] = self._lowered[key].compile(compiler_options={})
+            lowered = _LOWERINGS.pop(key, None) or self.jitted.lower(*args, **kwargs)
+            _LOWERINGS[key] = lowered
+            while len(_LOWERINGS) > KEPT_LOWERINGS:
+                _LOWERINGS.popitem(last=False)
+            compiled = self._compiled[key] = lowered.compile(compiler_options={})
         return compiled(*args, **dynamic)
 
     def release(self) -> None:
-        """Drop the executables (freed at the next `jax.clear_caches()`), keep the lowerings."""
+        """Drop the executables (freed at the next `jax.clear_caches()`)."""
         self._compiled.clear()
 
 
+KEPT_LOWERINGS = 1024
+"""A MobileNetV2 piece's lowering held 1.4 MB on average (183 of them, 260 MB): at most
+about 1.4 GB, which counts toward `ExecutableBudget`'s limit like the executables."""
+_LOWERINGS: OrderedDict = OrderedDict()  # (instance, signature) -> Lowered, oldest use first
 _RETAINED: weakref.WeakSet[RetainedJit] = weakref.WeakSet()
 
 
 def release_executables() -> None:
-    """Free every loaded executable, `RetainedJit`'s too; their lowerings stay."""
+    """Free every loaded executable, `RetainedJit`'s too; the kept lowerings stay."""
     for retained in list(_RETAINED):
         retained.release()
     jax.clear_caches()
