@@ -38,15 +38,20 @@ print(json.dumps([first, (CompileCounter.count, CompileCounter.loads)]))
 """
 
 
-def test_released_programs_reload_from_the_persistent_cache(tmp_path: Path) -> None:
+def _run_apart(script: str, cache: Path) -> list:
+    """The JSON that `script` prints last, run in a fresh process with `cache` as argument."""
     run = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(tmp_path / "xla")],
+        [sys.executable, "-c", script, str(cache)],
         capture_output=True,
         text=True,
         check=True,
         timeout=120,
     )
-    (compiles, loads), (compiles_after, loads_after) = json.loads(run.stdout.splitlines()[-1])
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def test_released_programs_reload_from_the_persistent_cache(tmp_path: Path) -> None:
+    (compiles, loads), (compiles_after, loads_after) = _run_apart(RELOAD, tmp_path / "xla")
     assert compiles >= 1 and loads == 0
     assert compiles_after == compiles  # nothing compiled again
     assert loads_after >= 1  # read back instead
@@ -82,7 +87,6 @@ def test_budget_releases_executables_past_its_mapping_limit() -> None:
 RETAINED = """
 import json, sys
 import jax, jax.numpy as jnp
-from wrcor_jax import compilation
 from wrcor_jax.compilation import (
     CompileCounter, RetainedJit, mappings, release_executables, use_persistent_cache,
 )
@@ -107,14 +111,7 @@ print(json.dumps([first == again, len(traces), freed, CompileCounter.count, Comp
 def test_retained_jit_reloads_released_programs_without_tracing(tmp_path: Path) -> None:
     """After a release, the executables' mappings are gone and calling again reads them
     back from the persistent cache: nothing traced or compiled twice."""
-    run = subprocess.run(
-        [sys.executable, "-c", RETAINED, str(tmp_path / "xla")],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    same, traces, freed, compiles, loads = json.loads(run.stdout.splitlines()[-1])
+    same, traces, freed, compiles, loads = _run_apart(RETAINED, tmp_path / "xla")
     assert same
     assert traces == 20  # one trace per function, none after the release
     assert freed >= 20  # at least one mapping per released executable
