@@ -64,14 +64,61 @@ from wrcor_jax.spaces.nb201_engine import NB201Engine
 SAMPLE = Path(__file__).parents[1].parent / "shared" / "data" / "cifar10_sample.npz"
 
 
-def floor_flops(archs: np.ndarray, params: dict, images: jax.Array, labels: jax.Array) -> list:
-    """XLA's FLOP count of each architecture's own static program (lowered, not compiled)."""
+def xla_flops(program, *args, **static) -> float | None:
+    """XLA's FLOP count of a jitted `program`, lowered (not compiled) for the CPU, whose
+    count is the program's whatever the device; None where this jax has no cost analysis of
+    lowered programs (jax 0.11.2 on the H200 had none, for GPU or CPU lowerings)."""
+    lowered = program.trace(*args, **static).lower(lowering_platforms=("cpu",))
+    analysis = lowered.cost_analysis()
+    return None if analysis is None else analysis["flops"]
+
+
+def floor_flops(
+    archs: np.ndarray, params: dict, images: jax.Array, labels: jax.Array
+) -> list | None:
+    """XLA's FLOP count of each architecture's own static program (None: no analysis)."""
     engine = NB201Engine(static_per_arch=True)
-    counts = []
-    for ops in archs:
-        program = jax.jit(functools.partial(engine._blocks, tuple(int(op) for op in ops)))
-        counts.append(program.lower(params, images, labels).cost_analysis()["flops"])
-    return counts
+    programs = [jax.jit(functools.partial(engine._blocks, tuple(map(int, ops)))) for ops in archs]
+    counts = [xla_flops(program, params, images, labels) for program in programs]
+    return None if None in counts else counts
+
+
+def flop_report(
+    flops: tuple[float, list[float]] | None,
+    places: int,
+    chunks: int,
+    archs: int,
+    rate: float,
+    peak_rate: float,
+) -> dict:
+    """The report's FLOP figures from (FLOPs of one full chunk's program, the floor
+    architectures' FLOPs): executed per architecture (part-filled chunks' padding included)
+    and per chunk place, against the floor, and the achieved rate; None where uncounted."""
+    keys = (
+        "executed_flops_per_arch", "executed_flops_per_chunk_place", "floor_flops_per_arch",
+        "floor_flops_standard_error", "floor_archs", "executed_over_floor",
+        "full_chunk_over_floor", "achieved_flops_per_s", "utilisation",
+    )  # fmt: skip
+    report = dict.fromkeys(keys) | {"matmul_peak_flops_per_s": peak_rate}
+    if flops is None:
+        return report
+    chunk_flops, floors = flops
+    per_place = chunk_flops / places
+    executed = per_place * chunks * places / archs
+    floor = statistics.mean(floors)
+    return report | {
+        "executed_flops_per_arch": executed,
+        "executed_flops_per_chunk_place": per_place,
+        "floor_flops_per_arch": floor,
+        "floor_flops_standard_error": (
+            statistics.stdev(floors) / len(floors) ** 0.5 if len(floors) > 1 else float("nan")
+        ),
+        "floor_archs": len(floors),
+        "executed_over_floor": executed / floor,
+        "full_chunk_over_floor": per_place / floor,
+        "achieved_flops_per_s": executed * rate,
+        "utilisation": executed * rate / peak_rate,
+    }
 
 
 def peak_memory_bytes(device: jax.Device) -> tuple[float, str]:
@@ -118,14 +165,10 @@ def run(args: argparse.Namespace) -> dict:
     say(f"first chunk {first_s:.2f} s; {rate:.3f} archs/s steady (WRCor on the host included)")
     peak, peak_source = peak_memory_bytes(device)
 
-    unrolled = chunk_site_sums.lower(params, padded, slots, images, labels, unroll=True)
-    per_place = unrolled.cost_analysis()["flops"] / shape.archs
-    executed = per_place * len(plan) * shape.archs / len(archs)
+    unrolled = xla_flops(chunk_site_sums, params, padded, slots, images, labels, unroll=True)
     floors = floor_flops(archs[: args.floor_archs], params, images, labels)
-    floor = statistics.mean(floors)
-    floor_se = statistics.stdev(floors) / len(floors) ** 0.5 if len(floors) > 1 else float("nan")
+    flops = None if unrolled is None or floors is None else (unrolled, floors)
     peak_rate = matmul_flops_per_s(args.matmul_size)
-    achieved = executed * rate
 
     reference = NB201Engine()
     diffs = []
@@ -153,16 +196,7 @@ def run(args: argparse.Namespace) -> dict:
         "projected_s_all_15625": nb201.NUM_ARCHS / rate,
         "peak_memory_bytes": peak,
         "peak_memory_source": peak_source,
-        "executed_flops_per_arch": executed,
-        "executed_flops_per_chunk_place": per_place,
-        "floor_flops_per_arch": floor,
-        "floor_flops_standard_error": floor_se,
-        "floor_archs": len(floors),
-        "executed_over_floor": executed / floor,
-        "full_chunk_over_floor": per_place / floor,
-        "achieved_flops_per_s": achieved,
-        "matmul_peak_flops_per_s": peak_rate,
-        "utilisation": achieved / peak_rate,
+        **flop_report(flops, shape.archs, len(plan), len(archs), rate, peak_rate),
         "wrcor_checked_archs": len(diffs),
         "wrcor_max_rel_diff_vs_composed": max(diffs, default=float("nan")),
     }
@@ -170,15 +204,20 @@ def run(args: argparse.Namespace) -> dict:
         f"projected {report['projected_s_all_15625']:.0f} s for all 15,625 archs; "
         f"peak memory {peak / 2**30:.2f} GiB ({peak_source})"
     )
-    say(
-        f"FLOPs per arch: executed {executed / 1e9:.1f} G, floor {floor / 1e9:.1f} G "
-        f"(+- {floor_se / 1e9:.1f}, {len(floors)} archs): ratio {executed / floor:.2f}, "
-        f"{per_place / floor:.2f} in full chunks ({report['chunk_fill']:.0%} filled here)"
-    )
-    say(
-        f"achieved {achieved / 1e12:.3f} TFLOP/s of a measured matmul peak "
-        f"{peak_rate / 1e12:.3f} TFLOP/s: utilisation {achieved / peak_rate:.1%}"
-    )
+    if flops is None:
+        say("FLOPs: this jax has no cost analysis of lowered programs; not reported")
+    else:
+        say(
+            f"FLOPs per arch: executed {report['executed_flops_per_arch'] / 1e9:.1f} G, floor "
+            f"{report['floor_flops_per_arch'] / 1e9:.1f} G (+- "
+            f"{report['floor_flops_standard_error'] / 1e9:.1f}, {report['floor_archs']} archs): "
+            f"ratio {report['executed_over_floor']:.2f}, {report['full_chunk_over_floor']:.2f} "
+            f"in full chunks ({report['chunk_fill']:.0%} filled here)"
+        )
+        say(
+            f"achieved {report['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s of a measured "
+            f"matmul peak {peak_rate / 1e12:.3f} TFLOP/s: utilisation {report['utilisation']:.1%}"
+        )
     say(
         f"WRCor vs NB201Engine over {len(diffs)} archs: max rel diff "
         f"{report['wrcor_max_rel_diff_vs_composed']:.2e}; load average {load}"

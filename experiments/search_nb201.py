@@ -409,8 +409,14 @@ def write_report(out: Path, report: dict[str, Any], table: str) -> dict[str, Any
 
 
 def machine(with_load: bool = True) -> str:
-    """CPU model and core count (and the load when the experiment started)."""
+    """CPU model and core count, the accelerators JAX scores on if any (and the load when the
+    experiment started)."""
+    import jax
+
     where = f"{cpu_model()}, {os.cpu_count()} cores"
+    if jax.default_backend() != "cpu":
+        devices = jax.devices()
+        where += f", JAX on {len(devices)} x {devices[0].device_kind}"
     if not with_load:
         return where
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan

@@ -55,6 +55,10 @@ twin, `torch_ref.mbv2`) and jax (`MBV2Scorer` through the `score` path, one arch
 Its floor counts the same passes over all convolutions and the classifier (`cost.describe`
 at 10 classes) at the float32 matmul rate, its Gram matrices (small) not counted.
 
+On a machine with an accelerator the jax rows use the device JAX sees (its float32 matmul
+rate sets the floor), and `--torch-device cuda` runs the paper_code rows on the GPU (its
+`find_measures` moves network and batch there itself); the machine record names both.
+
     python experiments/timing_vs_pytorch.py --proxies synflow,jacob_cov,wrcor \
         --reference-code /path/to/ZSNAS-WRCor --torch-threads 2 --num-archs 20 --json t.json
 """
@@ -175,7 +179,9 @@ def _paper_scorer(args: argparse.Namespace, result: dict) -> Callable[[object, d
 
     def score(arch, params: dict) -> list[float]:
         net = paper_network(code, arch, NUM_CLASSES, params)
-        values = paper_scores(code, net, images, labels, NUM_CLASSES, args.proxies)
+        values = paper_scores(
+            code, net, images, labels, NUM_CLASSES, args.proxies, args.torch_device
+        )
         return [values[proxy] for proxy in args.proxies]
 
     return score
@@ -533,10 +539,20 @@ def _machine(args: argparse.Namespace) -> dict:
         "python": platform.python_version(),
         **{pkg: version(pkg) for pkg in ("jax", "jaxlib", "flax", "numpy", "torch")},
         "torch_threads": args.torch_threads,
+        "torch_device": args.torch_device,
+        "jax_devices": _jax_devices(),
         "openblas_threads": os.environ["OPENBLAS_NUM_THREADS"],
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "load_average_start": os.getloadavg(),
     }
+
+
+def _jax_devices() -> str:
+    """What JAX scores on, asked in a child process: the parent keeps no device (on a GPU,
+    JAX's allocator would hold its memory while the workers run)."""
+    code = "import jax; d = jax.devices(); print(f'{len(d)} x {d[0].device_kind}')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return run.stdout.strip() or f"unknown: {run.stderr.strip().splitlines()[-1:]}"
 
 
 def _spawn(args: argparse.Namespace, name: str, extra: tuple[str, ...] = ()) -> dict:
@@ -831,6 +847,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, of {', '.join(NB201_PROXIES)} (mbv2: {', '.join(MBV2_PROXIES)})",
     )
     parser.add_argument("--reference-code", type=Path, help="a ZSNAS-WRCor checkout")
+    parser.add_argument(
+        "--torch-device", default="cpu", help="torch device of the paper_code rows, e.g. cuda"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument(

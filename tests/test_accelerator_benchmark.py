@@ -29,3 +29,30 @@ def test_benchmark_reports_speed_memory_and_flops(tmp_path: Path) -> None:
     assert 0.5 < report["full_chunk_over_floor"] < 5 and 0 < report["utilisation"] < 1
     assert report["wrcor_checked_archs"] == 2
     assert report["wrcor_max_rel_diff_vs_composed"] < 1e-5
+
+
+def _benchmark_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "accelerator_benchmark", ROOT / "experiments" / "accelerator_benchmark.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flop_figures_from_counts_and_null_without_them() -> None:
+    """Two chunks of 4 places for 6 archs, a full chunk's program at 8 GFLOP, floors of 1
+    and 3 GFLOP: 2 G per place, 8/3 G executed per arch; without counts every figure is null
+    (XLA:GPU's jax 0.11.2 analysed no lowered program) but the matmul peak."""
+    flop_report = _benchmark_module().flop_report
+    report = flop_report((8e9, [1e9, 3e9]), 4, 2, 6, 10.0, 1e12)
+    assert report["executed_flops_per_chunk_place"] == 2e9
+    assert report["executed_flops_per_arch"] == pytest.approx(8e9 / 3)
+    assert report["floor_flops_per_arch"] == 2e9 and report["floor_archs"] == 2
+    assert report["full_chunk_over_floor"] == 1.0
+    assert report["utilisation"] == pytest.approx(8e9 / 3 * 10 / 1e12)
+    empty = flop_report(None, 4, 2, 6, 10.0, 1e12)
+    assert empty.pop("matmul_peak_flops_per_s") == 1e12
+    assert set(empty.values()) == {None}

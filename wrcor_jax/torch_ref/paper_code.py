@@ -96,8 +96,10 @@ def paper_scores(
     labels: np.ndarray,
     num_classes: int,
     proxies: tuple[str, ...] | list[str],
+    device: str = "cpu",
 ) -> dict[str, float]:
-    """{proxy: score} from the paper's `find_measures` on `net` and one NHWC batch.
+    """{proxy: score} from the paper's `find_measures` on `net` and one NHWC batch, on torch
+    `device` (its code moves the network and the batch there itself).
 
     Its NumPy warnings (corrcoef of constant rows, which it skips) and torch's about its
     old-style module backward hooks (what its WRCor reads, SPEC 3a) are silenced."""
@@ -111,6 +113,6 @@ def paper_scores(
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.simplefilter("ignore", FutureWarning)
         values, _ = code.find_measures(
-            net, [(images, targets)], ("random", 1, num_classes), "cpu", measure_names=names
+            net, [(images, targets)], ("random", 1, num_classes), device, measure_names=names
         )
     return {name: float(values[PAPER_MEASURES[name]]) for name in proxies}
