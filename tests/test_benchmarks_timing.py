@@ -226,6 +226,8 @@ def test_max_rel_diff_on_non_finite(timing):
 def test_arguments(timing, capsys):
     base = ["--json", "x", "--space", "mbv2"]
     assert timing._parse_args(base).names == ["torch_eager", "jax"]  # no checkout given
+    assert timing._parse_args(base).torch_device == "cpu"
+    assert timing._parse_args([*base, "--torch-device", "cuda"]).torch_device == "cuda"
     with_code = timing._parse_args([*base, "--reference-code", "r"])
     assert with_code.names == ["paper_code", "torch_eager", "jax"]
     for bad in (

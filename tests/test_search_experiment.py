@@ -264,3 +264,15 @@ def test_main_from_a_preloaded_cache(tmp_path, truth, capsys):
     write_meta(scores, {"dataset": "cifar10", "seed": 0, "batch_size": 16, "data": str(data)})
     with pytest.raises(ValueError, match="another seed"):
         experiment.main([*args, "--cache-preload", str(scores)])
+
+
+def test_machine_names_the_accelerator_jax_scores_on(monkeypatch):
+    import types
+
+    import jax
+
+    assert "JAX on" not in experiment.machine(with_load=False)  # the CPU: nothing to add
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    h200 = types.SimpleNamespace(device_kind="NVIDIA H200")
+    monkeypatch.setattr(jax, "devices", lambda: [h200])
+    assert experiment.machine(with_load=False).endswith(", JAX on 1 x NVIDIA H200")
