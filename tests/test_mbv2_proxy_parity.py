@@ -193,6 +193,23 @@ def test_refused_proxy_is_one_line():
     assert "\n" not in str(error.value)
 
 
+def test_a_scorer_off_the_cpu_says_it_is_compile_bound(monkeypatch):
+    """On an accelerator the scorer warns that its pieces compile in seconds there; the cost
+    proxies, which run no network, and the CPU say nothing."""
+    import warnings
+
+    import jax
+
+    config = ScoreConfig(space="mbv2", proxies=("wrcor",), data=str(require(SAMPLE)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MBV2Scorer(config)
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        MBV2Scorer(ScoreConfig(space="mbv2", proxies=("params", "flops")))
+    with pytest.warns(UserWarning, match="compile-bound"):
+        MBV2Scorer(config)
+
+
 def test_score_synflow_jacob_cov_wrcor_through_the_cli(tmp_path):
     """The CLI writes the three columns of the paper's vote for a MobileNetV2 architecture,
     equal to the engine's measurements taken directly (their agreement with the

@@ -8,6 +8,7 @@ that will be trained.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,15 @@ def batch_sharding(batch_size: int) -> jax.sharding.NamedSharding | None:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
 
 
+ACCELERATOR_NOTE = (
+    "the mbv2 engine compiles its pieces on this accelerator in seconds each and runs them in "
+    "milliseconds: the first architectures take minutes, and a search stays compile-bound "
+    "(measured on an H200: docs/timing.md); the CPU is the measured path for this space"
+)
+"""Warned when a scorer that runs the network is made off the CPU (once per process, by
+Python's default filter): the pieces are a CPU design (docs/mbv2_engine.md)."""
+
+
 class MBV2Scorer:
     """Proxy scores of MobileNetV2-space architectures on one batch.
 
@@ -109,6 +119,8 @@ class MBV2Scorer:
                 self.images = jax.device_put(self.images, sharding)
                 self.labels = jax.device_put(self.labels, sharding)
             self.measurer = MBV2Measurer(self.images, self.labels, self.num_classes, config.seed)
+            if jax.default_backend() != "cpu":
+                warnings.warn(ACCELERATOR_NOTE, stacklevel=2)
         kinds = (*SE_KINDS, *(BLOCK_KINDS if "wrcor_allrelu" in config.proxies else ()))
         self.engine = MBV2Engine(kinds) if config.engine == "composed" else None
         self.executables = ExecutableBudget()
