@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from wrcor_jax import allocator
-from wrcor_jax.benchmarks.machine import cpu_model
+from wrcor_jax.benchmarks.machine import cpu_model, jax_devices
 from wrcor_jax.benchmarks.nb201 import DATASETS, evaluate_table
 from wrcor_jax.jsonio import write_json
 from wrcor_jax.search import ALGORITHMS, CachedFitness, Fitness, ScoreCache
@@ -415,8 +415,7 @@ def machine(with_load: bool = True) -> str:
 
     where = f"{cpu_model()}, {os.cpu_count()} cores"
     if jax.default_backend() != "cpu":
-        devices = jax.devices()
-        where += f", JAX on {len(devices)} x {devices[0].device_kind}"
+        where += f", JAX on {jax_devices()}"
     if not with_load:
         return where
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan

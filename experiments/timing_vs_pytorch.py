@@ -550,7 +550,7 @@ def _machine(args: argparse.Namespace) -> dict:
 def _jax_devices() -> str:
     """What JAX scores on, asked in a child process: the parent keeps no device (on a GPU,
     JAX's allocator would hold its memory while the workers run)."""
-    code = "import jax; d = jax.devices(); print(f'{len(d)} x {d[0].device_kind}')"
+    code = "from wrcor_jax.benchmarks.machine import jax_devices; print(jax_devices())"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return run.stdout.strip() or f"unknown: {run.stderr.strip().splitlines()[-1:]}"
 

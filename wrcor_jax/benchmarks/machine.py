@@ -17,6 +17,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def jax_devices() -> str:
+    """The devices JAX computes on, e.g. "1 x NVIDIA H200" (initialises its backend)."""
+    import jax
+
+    devices = jax.devices()
+    return f"{len(devices)} x {devices[0].device_kind}"
+
+
 def _flops_per_s(fn, operands: tuple, flops: float, repeats: int) -> float:
     """`flops` over the median seconds of the jitted `fn(*operands)`, after its compile."""
     import statistics
