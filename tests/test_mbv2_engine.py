@@ -128,13 +128,13 @@ def _recording(backward, name: str, ran: list):
     return call
 
 
-def test_other_widths_in_the_same_buckets_compile_nothing(batch):
+def test_other_widths_and_kernels_in_the_same_buckets_compile_nothing(batch):
     first, second = (
         parse(
-            f"SuperConvK3BNRELU(3,{a},2,1)SuperResIDWE2K3({a},{b},2,{a},1)"
+            f"SuperConvK3BNRELU(3,{a},2,1)SuperResIDWE2K{k}({a},{b},2,{a},1)"
             f"SuperConvK1BNRELU({b},{c},1,1)@{r}"
         )
-        for a, b, c, r in ((12, 20, 40, 24), (16, 28, 36, 24))
+        for a, b, c, k, r in ((12, 20, 40, 3, 24), (16, 28, 36, 7, 24))
     )
     engine = MBV2Engine()
 
@@ -171,7 +171,11 @@ def test_buckets_and_padded_weights():
     assert stem.shape == (3, 3, 3, 32)
     np.testing.assert_array_equal(stem[..., :12], params["block_00"]["layer_0"]["kernel"])
     assert not stem[..., 12:].any()
-    assert padded["block_01"]["layer_0"]["depthwise"]["kernel"].shape == (3, 3, 1, 32)
+    depthwise = padded["block_01"]["layer_0"]["depthwise"]["kernel"]
+    assert depthwise.shape == (7, 7, 1, 32)  # k x k centred in MAX_KERNEL: k is run-time
+    real = params["block_01"]["layer_0"]["depthwise"]["kernel"]
+    np.testing.assert_array_equal(depthwise[2:5, 2:5, :, :24], real)
+    assert np.count_nonzero(depthwise) == np.count_nonzero(real)
     assert padded["classifier"]["kernel"].shape == (32, NUM_CLASSES)
 
 

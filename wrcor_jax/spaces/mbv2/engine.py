@@ -15,8 +15,11 @@ Python (docs/mbv2_engine.md), and every piece sees padded shapes:
   and channels, and the depthwise conv reads its taps as dynamic row offsets with column
   masks.
 
-A piece is then keyed by (P, channel buckets, kernel, stride) and never by the resolution or
-the exact widths, so compilations stop growing after the first few dozen architectures.
+The depthwise kernel is stored as 7 x 7 with the architecture's k x k at its centre, and its
+radius is a run-time argument too: the piece holds one branch per kernel size and runs the
+architecture's. A piece is then keyed by (P, channel buckets, stride) and never by the
+resolution, the kernel size or the exact widths, so compilations stop growing after the
+first few dozen architectures.
 Padding changes no result beyond float32 summation order (tests/test_mbv2_engine.py).
 The stem (block 0, a k x k conv on the resized images) runs exactly in NHWC, keyed by the
 resolution; it is the only place the resolution enters.
@@ -229,35 +232,70 @@ def subsample_rows(x: jax.Array, side: jax.Array, p_out: int) -> jax.Array:
     return jnp.where(inside[None, :, None], taken, 0.0)
 
 
-def _written_once(live: jax.Array, fn: Callable, *args: jax.Array) -> jax.Array:
-    """fn(*args), computed once and stored: the branch of a conditional on `live`, a value
-    true at run time that the compiler cannot fold. XLA:CPU otherwise fuses a depthwise
-    conv's taps into every pass that reads its output, BatchNorm's three included, and its
-    optimization barrier does not survive XLA:CPU's pipeline; a conditional's result is
-    always written out."""
-    shape = jax.eval_shape(fn, *args)
-    return jax.lax.cond(live, fn, lambda *_: jnp.zeros(shape.shape, shape.dtype), *args)
+MAX_KERNEL = 7
+"""Depthwise kernels are stored padded to this size, centred (`pad_params`)."""
+RADII = tuple(range(1, MAX_KERNEL // 2 + 1))  # k = 3, 5, 7
 
 
+def _branches(stride: int, p_out: int) -> list[Callable]:
+    """Per radius r, the stride-`stride` depthwise conv with the centre (2r+1)^2 of a
+    `MAX_KERNEL`-padded kernel, its padded rows zeroed."""
+
+    def at_radius(r: int) -> Callable:
+        def conv(x: jax.Array, kernel: jax.Array, side: jax.Array) -> jax.Array:
+            centre = MAX_KERNEL // 2
+            y = depthwise_rows(
+                x, kernel[centre - r : centre + r + 1, centre - r : centre + r + 1], side
+            )
+            if stride == 2:
+                return subsample_rows(y, side, p_out)
+            return jnp.where(_row_mask(y.shape[1], side * side), y, 0.0)
+
+        return conv
+
+    return [at_radius(r) for r in RADII]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def depthwise_strided_rows(
-    x: jax.Array, kernel: jax.Array, side: jax.Array, stride: int, p_out: int
+    x: jax.Array, kernel: jax.Array, geometry: jax.Array, stride: int, p_out: int
 ) -> jax.Array:
-    """`depthwise_rows` with the stride (subsampling rows), its padded rows zeroed."""
+    """`depthwise_rows` with the stride (subsampling rows), its padded rows zeroed, for a
+    kernel padded to `MAX_KERNEL`; geometry: (side, radius), both known only at run time.
 
-    def conv(x: jax.Array, kernel: jax.Array, side: jax.Array) -> jax.Array:
-        y = depthwise_rows(x, kernel, side)
-        if stride == 2:
-            return subsample_rows(y, side, p_out)
-        return jnp.where(_row_mask(y.shape[1], side * side), y, 0.0)
+    The conv is a `lax.switch` over the radii, so one program serves k = 3, 5 and 7: keyed
+    by k, the depthwise + SE piece met 1.3x the keys of the first 20 sampled architectures
+    at 40 (issue 12 asks for at most 1.3x), and a conditional's result is written out once,
+    which XLA:CPU needs anyway: it otherwise fuses the taps into every pass that reads the
+    output, BatchNorm's three included. Its backward is a switch of each branch's own vjp:
+    autodiff of the switch would store every branch's residuals."""
+    side, radius = geometry[0], geometry[1]
+    return jax.lax.switch(radius - 1, _branches(stride, p_out), x, kernel, side)
 
-    return _written_once(side > 0, conv, x, kernel, side)
+
+def _depthwise_strided_fwd(x, kernel, geometry, stride: int, p_out: int) -> tuple:
+    return depthwise_strided_rows(x, kernel, geometry, stride, p_out), (x, kernel, geometry)
+
+
+def _depthwise_strided_bwd(stride: int, p_out: int, residuals: tuple, g: jax.Array) -> tuple:
+    x, kernel, geometry = residuals
+
+    def backward(conv: Callable) -> Callable:
+        return lambda x, kernel, side, g: jax.vjp(lambda x, k: conv(x, k, side), x, kernel)[1](g)
+
+    branches = [backward(conv) for conv in _branches(stride, p_out)]
+    d_x, d_kernel = jax.lax.switch(geometry[1] - 1, branches, x, kernel, geometry[0], g)
+    return d_x, d_kernel, None
+
+
+depthwise_strided_rows.defvjp(_depthwise_strided_fwd, _depthwise_strided_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def batch_norm_saved(
-    conv: Callable, x: jax.Array, w: dict, side: jax.Array, rows: jax.Array, z, rstd
+    conv: Callable, x: jax.Array, w: dict, geometry: jax.Array, rows: jax.Array, z, rstd
 ) -> jax.Array:
-    """`batch_norm_rows` of conv(x, w["kernel"], side) (`rows` real rows) for the backward
+    """`batch_norm_rows` of conv(x, w["kernel"], geometry) (`rows` real rows) for the backward
     pass, given what the forward pass computed: its output z and 1 / std. Returns z; its
     backward is BatchNorm's closed form, reading the conv output's normalised value back
     from z, then the conv's own backward, which reads x only for the kernel's gradient.
@@ -265,16 +303,16 @@ def batch_norm_saved(
     of the six passes that read its output (the depthwise + SE backward took ~2.4x longer),
     and an expand's backward redid its forward's covariance and product. A zero BN scale gets
     a zero gradient (padded channels; PyTorch's default BatchNorm scale is 1)."""
-    del conv, x, w, side, rows, rstd
+    del conv, x, w, geometry, rows, rstd
     return z
 
 
-def _batch_norm_saved_fwd(conv: Callable, x, w, side, rows, z, rstd) -> tuple:
-    return z, (x, w, side, rows, z, rstd)
+def _batch_norm_saved_fwd(conv: Callable, x, w, geometry, rows, z, rstd) -> tuple:
+    return z, (x, w, geometry, rows, z, rstd)
 
 
 def _batch_norm_saved_bwd(conv: Callable, residuals: tuple, g: jax.Array) -> tuple:
-    x, w, side, rows, z, rstd = residuals
+    x, w, geometry, rows, z, rstd = residuals
     mask = _row_mask(z.shape[1], rows)
     n = z.shape[0] * rows
     scale = w["scale"]
@@ -284,7 +322,7 @@ def _batch_norm_saved_bwd(conv: Callable, residuals: tuple, g: jax.Array) -> tup
     d_bias = g.sum(axis=(0, 1))
     d_scale = (g * normed).sum(axis=(0, 1))
     d_y = jnp.where(mask, scale * rstd * (g - d_bias / n - normed * (d_scale / n)), 0.0)
-    d_x, d_kernel = jax.vjp(lambda x, k: conv(x, k, side), x, w["kernel"])[1](d_y)
+    d_x, d_kernel = jax.vjp(lambda x, k: conv(x, k, geometry), x, w["kernel"])[1](d_y)
     d_w = {"kernel": d_kernel, "scale": d_scale, "bias": d_bias}
     return d_x, d_w, None, None, None, None
 
@@ -316,19 +354,20 @@ def _real(z: jax.Array, rows: jax.Array, channels: jax.Array) -> jax.Array:
     return _row_mask(z.shape[1], rows) & _channel_mask(z.shape[2], channels)
 
 
-def _conv_bn(conv: Callable, x, w: dict, side, rows, norm: bool, saved, fused=None) -> tuple:
-    """conv(x, w["kernel"], side), BatchNormed over its `rows` real rows when `norm`, and
+def _conv_bn(conv: Callable, x, w: dict, geometry, rows, norm: bool, saved, fused=None) -> tuple:
+    """conv(x, w["kernel"], geometry) (what the conv reads besides x and its kernel: the side;
+    the depthwise conv's side and radius), BatchNormed over its `rows` real rows when `norm`, and
     then its 1 / std, as a 1-tuple (empty without BatchNorm). `fused(x, w, rows)` computes
     both at once when given. In the backward pass `saved` holds the piece's forward outputs,
     the first and the last of them these two: `batch_norm_saved` reads them back."""
     if not norm:
-        return conv(x, w["kernel"], side), ()
+        return conv(x, w["kernel"], geometry), ()
     if saved is not None:
-        return batch_norm_saved(conv, x, w, side, rows, saved[0], saved[-1]), (saved[-1],)
+        return batch_norm_saved(conv, x, w, geometry, rows, saved[0], saved[-1]), (saved[-1],)
     if fused is not None:
         z, rstd = fused(x, w, rows)
     else:
-        z, rstd = _batch_norm_rows_rstd(conv(x, w["kernel"], side), w, rows)
+        z, rstd = _batch_norm_rows_rstd(conv(x, w["kernel"], geometry), w, rows)
     return z, (rstd,)
 
 
@@ -388,13 +427,14 @@ def _depthwise_se(
     the squeeze-excite gate from the real rows' mean of its ReLU. Returns the pre-ReLU
     output (the project piece applies the ReLU), the gate and, with BatchNorm, its 1 / std:
     given back as `saved`, these spare the backward the conv and its statistics. dims:
-    input side, real depthwise and SE channels."""
+    input side, real depthwise and SE channels, kernel radius."""
     side, channels, mid = dims[0], dims[1], dims[2]
     out_side = (side + 1) // 2 if stride == 2 else side
     rows = out_side * out_side
     conv = functools.partial(depthwise_strided_rows, stride=stride, p_out=p_out)
     x = jax.nn.relu(inputs[0])
-    z, rstd = _conv_bn(conv, x, w["depthwise"], side, rows, norm, saved)
+    geometry = jnp.stack([side, dims[3]])
+    z, rstd = _conv_bn(conv, x, w["depthwise"], geometry, rows, norm, saved)
     if zen:
         _record_variance(probe, "depthwise", _variance(rstd[0]), channels)
     z = probe("depthwise", z, _real(z, rows, channels), rows * channels)
@@ -626,9 +666,16 @@ def _pad_axes(leaf: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return np.pad(np.asarray(leaf), pads)
 
 
+def _pad_kernel(kernel: np.ndarray) -> np.ndarray:
+    """A depthwise kernel's k x k centred in `MAX_KERNEL` x `MAX_KERNEL` zeros."""
+    edge = (MAX_KERNEL - kernel.shape[0]) // 2
+    return np.pad(kernel, ((edge, edge), (edge, edge), (0, 0), (0, 0)))
+
+
 def pad_params(params: dict) -> dict:
-    """The parameter tree with every width padded to its bucket with zeros. The stem keeps
-    its 3 input channels, a depthwise kernel its 1, the classifier its classes."""
+    """The parameter tree with every width padded to its bucket with zeros, and depthwise
+    kernels to `MAX_KERNEL`, centred. The stem keeps its 3 input channels, a depthwise
+    kernel its 1, the classifier its classes."""
 
     def pad(path: tuple, leaf: np.ndarray) -> np.ndarray:
         keys = [str(getattr(k, "key", k)) for k in path]
@@ -636,7 +683,9 @@ def pad_params(params: dict) -> dict:
             return _pad_axes(leaf, (0,) if keys[-1] == "kernel" else ())
         if leaf.ndim == 1:
             return _pad_axes(leaf, (0,))
-        if "depthwise" in keys or (keys[0] == block_name(0) and leaf.shape[2] == 3):
+        if "depthwise" in keys:
+            return _pad_kernel(_pad_axes(leaf, (3,)))
+        if keys[0] == block_name(0) and leaf.shape[2] == 3:
             return _pad_axes(leaf, (3,))
         return _pad_axes(leaf, (2, 3))
 
@@ -751,7 +800,7 @@ class MBV2Engine:
     def _res_block(self, index: int, block: ResBlock, w_block: dict, x, side: int):
         """The sub-blocks of a SuperResIDWE block: expand, depthwise + SE, [shortcut],
         project (+ residual, ReLU)."""
-        dw, mid = block.dw_channels, se_channels(block.dw_channels)
+        dw, mid, radius = block.dw_channels, se_channels(block.dw_channels), block.kernel // 2
         for j in range(block.layers):
             path = (block_name(index), layer_name(j))
             w = w_block[path[1]]
@@ -763,7 +812,7 @@ class MBV2Engine:
             )
             w_dw = {"depthwise": w["depthwise"], "se": w["se"]}
             h, gate, *_ = self._apply(
-                "depthwise_se", index, path, w_dw, (e,), _dims(side, dw, mid), **strided
+                "depthwise_se", index, path, w_dw, (e,), _dims(side, dw, mid, radius), **strided
             )
             residual = x
             if "shortcut" in w and not self._zen:
@@ -944,12 +993,17 @@ def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
 
 
 def unpad(grads: dict, params: dict) -> dict:
-    """A padded gradient tree cut back to the shapes of `params`, as NumPy."""
-    return jax.tree.map(
-        lambda p, g: np.asarray(g)[tuple(slice(0, n) for n in np.shape(p))],
-        params,
-        jax.device_get(grads),
-    )
+    """A padded gradient tree cut back to the shapes of `params`, as NumPy: channels from the
+    start, a conv kernel's two spatial axes (padded only for depthwise kernels) centred."""
+
+    def cut(p: np.ndarray, g: jax.Array) -> np.ndarray:
+        spatial = 2 if np.ndim(p) == 4 else 0
+        starts = [(g.shape[a] - n) // 2 if a < spatial else 0 for a, n in enumerate(np.shape(p))]
+        return np.asarray(g)[
+            tuple(slice(s, s + n) for s, n in zip(starts, np.shape(p), strict=True))
+        ]
+
+    return jax.tree.map(cut, params, jax.device_get(grads))
 
 
 @jax.jit
