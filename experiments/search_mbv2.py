@@ -27,6 +27,7 @@ progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -35,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from search_nb201 import algo_options, machine, run_one, write_report
 
 from wrcor_jax import allocator
@@ -42,7 +44,8 @@ from wrcor_jax.cli import add_compile_cache_options, parse_count, use_compile_ca
 from wrcor_jax.scoring import ScoreConfig
 from wrcor_jax.search import cached_fitness
 from wrcor_jax.spaces import get_space
-from wrcor_jax.spaces.mbv2.space import DEFAULT_FLOPS_LIMIT
+from wrcor_jax.spaces.mbv2.precompile import precompile
+from wrcor_jax.spaces.mbv2.space import DEFAULT_FLOPS_LIMIT, MBV2Space
 
 VOTE = ("synflow", "jacob_cov", "wrcor")
 LANDMARK = "EA_our_vote_600M"
@@ -126,6 +129,20 @@ def caption(report: Mapping[str, Any]) -> str:
     )
 
 
+def run_precompile(space: MBV2Space, config: ScoreConfig, args: argparse.Namespace) -> dict:
+    """Compile the pieces of `--precompile` architectures sampled from the space (seeded by
+    the score seed) into the compilation cache; what `precompile` reports."""
+    archs = space.sample(np.random.default_rng(args.score_seed), args.precompile)
+
+    def progress(done: int, total: int) -> None:
+        if not args.quiet and (done % 10 == 0 or done == total):
+            print(f"precompile: {done}/{total} architectures walked", file=sys.stderr)
+
+    report = precompile(space.scorer(config), archs, args.compile_workers, progress)
+    print(f"precompile: {report}", file=sys.stderr)
+    return dataclasses.asdict(report)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=int, required=True, help="evaluations per search")
@@ -142,11 +159,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", help="score cache (default OUT/cache)")
     parser.add_argument("--out", default="results/search_mbv2")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--precompile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first compile into the compilation cache the pieces N sampled architectures "
+        "run (on an accelerator a search otherwise waits on every new piece's compilation)",
+    )
+    parser.add_argument("--compile-workers", type=int, help="compiler threads (default: cores)")
     add_compile_cache_options(parser)
     args = parser.parse_args(argv)
     args.proxies = tuple(p.strip() for p in args.proxies.split(",") if p.strip())
     if args.budget < 1 or args.seeds < 1 or not args.proxies:
         parser.error("--budget and --seeds must be positive, --proxies not empty")
+    if args.precompile < 0 or (args.precompile and args.no_compile_cache):
+        parser.error("--precompile takes a count >= 0 and needs the compilation cache")
     args.cache_dir = args.cache_dir or str(Path(args.out) / "cache")
     return args
 
@@ -171,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data=args.data,
         data_dir=args.data_dir,
     )
+    compiled_ahead = run_precompile(space, config, args) if args.precompile else None
     fitness = cached_fitness(config, args.cache_dir)
     settings = algo_options("evolution", args.budget, args.population, args.tournament)
     out, searches = Path(args.out), []
@@ -214,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         == FULL_SCALE
         and space.flops_limit == DEFAULT_FLOPS_LIMIT,
         "cache": {"dir": str(fitness.cache.directory), "key": fitness.cache.key},
+        "precompile": compiled_ahead,
         "searches": searches,
     }
     report["caption"] = caption(report)

@@ -37,6 +37,7 @@ def test_toy_search_reports_the_found_architecture_beside_the_landmark(
     assert not report["full_scale"] and report["flops_limit"] == 600_000_000
     assert report["algo_options"] == {"population_size": 10, "tournament_size": 10}
     assert report["wall_s_this_run"] >= 0 and report["machine"]
+    assert report["precompile"] is None
     space = get_space("mbv2")
     for seed, search in enumerate(report["searches"]):
         assert search["seed"] == seed and search["ran"] and search["evaluations"] == 20
@@ -75,3 +76,11 @@ def test_a_limit_that_excludes_the_landmark(experiment, tmp_path, capsys):
     landmark = report["searches"][0]["landmark"]
     assert "over the limit of 300,000,000" in landmark["outside"]
     assert "outside: 591,710,478 FLOPs" in capsys.readouterr().out
+
+
+def test_precompile_needs_the_compilation_cache(experiment, capsys):
+    with pytest.raises(SystemExit):
+        experiment.parse_args(["--budget", "5", "--precompile", "3", "--no-compile-cache"])
+    assert "--precompile takes a count >= 0 and needs the compilation cache" in (
+        capsys.readouterr().err
+    )

@@ -163,13 +163,21 @@ class RetainedJit:
         self._compiled: dict = {}
         _RETAINED.add(self)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def signature(self, args: tuple, kwargs: dict) -> tuple | None:
+        """What one compiled program serves: the arguments' structure, static values and
+        abstract values (None inside another transformation)."""
         dynamic = {k: v for k, v in kwargs.items() if k not in self._static}
         leaves, structure = jax.tree.flatten((args, dynamic))
         if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
-            return self.jitted(*args, **kwargs)
+            return None
         static = tuple(sorted((k, v) for k, v in kwargs.items() if k in self._static))
-        key = (self, structure, static, tuple(jax.typeof(leaf) for leaf in leaves))
+        return (self, structure, static, tuple(jax.typeof(leaf) for leaf in leaves))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = self.signature(args, kwargs)
+        if key is None:
+            return self.jitted(*args, **kwargs)
+        dynamic = {k: v for k, v in kwargs.items() if k not in self._static}
         compiled = self._compiled.get(key)
         if compiled is None:
             lowered = _LOWERINGS.pop(key, None) or self.jitted.lower(*args, **kwargs)

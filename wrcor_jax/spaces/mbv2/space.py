@@ -109,7 +109,7 @@ class MBV2Scorer:
             )
         self.config = config
         self.num_classes = get_dataset_info(config.dataset).num_classes
-        if any(name not in COUNTED for name in config.proxies):
+        if self.runs_network:
             images, labels = load_batch(
                 config.dataset, config.batch_size, config.seed, config.data, config.data_dir
             )
@@ -125,7 +125,12 @@ class MBV2Scorer:
         self.engine = MBV2Engine(kinds) if config.engine == "composed" else None
         self.executables = ExecutableBudget()
 
-    def _measure(self, arch: MBV2Arch, params: dict, names: Sequence[str]) -> dict:
+    @property
+    def runs_network(self) -> bool:
+        """Whether a proxy of its configuration reads the network (not only counts it)."""
+        return any(name not in COUNTED for name in self.config.proxies)
+
+    def measure(self, arch: MBV2Arch, params: dict, names: Sequence[str]) -> dict:
         """What the proxies `names` read, each taken once: `site_sums` and ENGINE_MEASURED
         from the compile-bounded engine where it applies, the rest from `measures`'
         per-architecture programs."""
@@ -159,7 +164,7 @@ class MBV2Scorer:
         if all(name in COUNTED for name in names):
             return [float(getattr(cost, name)) for name in names]
         params = init_params(arch, self.config.seed, self.num_classes)
-        measured = self._measure(arch, params, names)
+        measured = self.measure(arch, params, names)
 
         def score(name: str) -> float:
             if name in COUNTED:

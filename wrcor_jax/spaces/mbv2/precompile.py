@@ -1,0 +1,122 @@
+"""Compile a MobileNetV2 search's pieces before the search needs them.
+
+On an accelerator a piece of `engine.MBV2Engine` compiles in seconds and runs in
+milliseconds (one H200: 1.9 s median per compilation, docs/timing.md), so a search there
+waits on every key it meets for the first time. The keys are padded shapes, never whole
+architectures: about 1,300 for 200 sampled architectures, growing ~10% per doubling
+(docs/mbv2_engine.md). This walks a scorer's measurements over architectures (a sample of
+the space: a search's draws and mutations meet mostly the same keys) with every piece
+replaced by a stand-in that lowers it, hands the lowering to a pool of compiler threads,
+and returns zeros of its output shapes; only the small jitted glue between pieces runs. The
+programs go to the persistent compilation cache (`compilation.use_persistent_cache`, which
+must be on), from which the scorer's first call of each key then reads them back.
+
+The zeros are NumPy's, allocated lazily, so the walk costs no memory for the activations it
+never computes. One device only: with the batch split over several, the scorer's pieces see
+sharded arrays, which these stand-ins do not reproduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import jax
+import numpy as np
+
+from wrcor_jax.compilation import CompileCounter, RetainedJit
+from wrcor_jax.spaces.mbv2.arch import MBV2Arch
+from wrcor_jax.spaces.mbv2.engine import PIECES
+from wrcor_jax.spaces.mbv2.network import init_params
+from wrcor_jax.spaces.mbv2.space import MBV2Scorer
+
+
+@dataclasses.dataclass
+class PrecompileReport:
+    """What a `precompile` did: piece keys met, XLA compilations (pieces and glue) and
+    executables found already in the persistent cache, and the wall time."""
+
+    archs: int
+    keys: int
+    compiled: int
+    loaded: int
+    seconds: float
+
+
+class _CompilingStandIn:
+    """In place of one piece's `RetainedJit`: each new signature is lowered here and compiled
+    on the pool (into the persistent cache, the executable then dropped); every call
+    returns zeros of the output shapes."""
+
+    def __init__(self, retained: RetainedJit, pool: ThreadPoolExecutor, pending: list[Future]):
+        self.retained, self.pool, self.pending = retained, pool, pending
+        self.outputs: dict = {}
+
+    def __call__(self, *args, **kwargs):
+        key = self.retained.signature(args, kwargs)
+        if key not in self.outputs:
+            lowered = self.retained.jitted.lower(*args, **kwargs)
+            self.outputs[key] = lowered.out_info
+            self.pending.append(self.pool.submit(_compile, lowered))
+        return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self.outputs[key])
+
+
+def _compile(lowered: jax.stages.Lowered) -> None:
+    lowered.compile(compiler_options={})  # as RetainedJit compiles: the same cache entry
+
+
+@contextlib.contextmanager
+def _stand_ins(workers: int) -> Iterator[tuple[list[_CompilingStandIn], list[Future]]]:
+    """Every piece's forward and backward replaced by compiling stand-ins, restored after."""
+    pending: list[Future] = []
+    saved = {name: (piece.forward, piece.backward) for name, piece in PIECES.items()}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        stand_ins = []
+        try:
+            for piece in PIECES.values():
+                piece.forward = _CompilingStandIn(piece.forward, pool, pending)
+                piece.backward = _CompilingStandIn(piece.backward, pool, pending)
+                stand_ins += [piece.forward, piece.backward]
+            yield stand_ins, pending
+        finally:
+            for name, (forward, backward) in saved.items():
+                PIECES[name].forward, PIECES[name].backward = forward, backward
+
+
+def precompile(
+    scorer: MBV2Scorer,
+    archs: Sequence[MBV2Arch],
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PrecompileReport:
+    """Compile into the persistent cache every piece `scorer` would run to score `archs`
+    with its proxies, on `workers` compiler threads (default: one per CPU core; on this
+    2-core CPU one XLA:CPU compilation already keeps ~1.75 cores busy, docs/mbv2_engine.md).
+    `progress(done, total)` is called after each architecture's walk."""
+    if scorer.engine is None or not scorer.runs_network:
+        raise ValueError("nothing to compile ahead: only the composed engine's pieces are")
+    if not jax.config.jax_enable_compilation_cache:
+        raise ValueError("precompiling needs the persistent compilation cache")
+    if jax.local_device_count() > 1:
+        raise ValueError("precompiling covers one device; this process sees several")
+    CompileCounter.install()
+    compiled, loaded, start = CompileCounter.count, CompileCounter.loads, time.perf_counter()
+    with _stand_ins(workers or os.cpu_count() or 1) as (stand_ins, pending):
+        for done, arch in enumerate(archs, start=1):
+            params = init_params(arch, scorer.config.seed, scorer.num_classes)
+            scorer.measure(arch, params, scorer.config.proxies)
+            if progress is not None:
+                progress(done, len(archs))
+        for future in pending:
+            future.result()  # re-raises a failed compilation
+    return PrecompileReport(
+        archs=len(archs),
+        keys=sum(len(stand_in.outputs) for stand_in in stand_ins),
+        compiled=CompileCounter.count - compiled,
+        loaded=CompileCounter.loads - loaded,
+        seconds=round(time.perf_counter() - start, 1),
+    )
