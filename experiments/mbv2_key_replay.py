@@ -1,0 +1,126 @@
+"""Piece keys of the MobileNetV2 engine from the architectures alone (issue #12).
+
+`mbv2_compiles.py --trace-only` counts the keys by tracing each new one (minutes per hundred
+architectures). This replays the engine's keying in plain Python -- which piece runs on which
+padded shapes and static arguments, and which backwards WRCor's SE sites need -- so that
+questions over many samples take seconds: how the keys grow from 20 to 40 architectures over
+several sample seeds, and how much of a search's keys a precompiled sample
+(`search_mbv2.py --precompile`) covers. `tests/test_mbv2_key_replay.py` holds it to the
+keys the engine's pieces actually meet.
+
+    python experiments/mbv2_key_replay.py --seeds 10
+    python experiments/mbv2_key_replay.py --sample 200,500,1000 \\
+        --cover experiments/runs/search_mbv2_1000/evolution_vote_0/history.csv
+
+One JSON line per result on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from wrcor_jax.spaces import get_space
+from wrcor_jax.spaces.mbv2 import sampling
+from wrcor_jax.spaces.mbv2.arch import MBV2Arch, ResBlock
+from wrcor_jax.spaces.mbv2.engine import channel_bucket, rows_bucket
+from wrcor_jax.spaces.mbv2.network import se_channels
+
+Key = tuple
+
+
+def piece_calls(arch: MBV2Arch) -> list[tuple[Key, bool]]:
+    """Each piece call of WRCor's pass over `arch`, in order: its key (piece, padded rows
+    and channels, static arguments) and whether its backward runs (the backwards below the
+    first squeeze-excite do not: `MBV2Engine._needed`)."""
+    stem, *rest = arch.blocks
+    side = -(-arch.resolution // stem.stride)
+    stem_key = ("stem", arch.resolution, stem.layers, stem.stride, stem.kernel)
+    calls = [((*stem_key, channel_bucket(stem.out_channels), rows_bucket(side * side)), False)]
+    below_se = True
+    for block in rest:
+        if not isinstance(block, ResBlock):  # a 1x1 conv block: expand pieces with the ReLU
+            for j in range(block.layers):
+                c_in = block.in_channels if j == 0 else block.out_channels
+                rows, c_out = rows_bucket(side * side), channel_bucket(block.out_channels)
+                calls.append((("expand", rows, channel_bucket(c_in), c_out, True), not below_se))
+            continue
+        dw = channel_bucket(block.dw_channels)
+        mid = channel_bucket(se_channels(block.dw_channels))
+        out = channel_bucket(block.out_channels)
+        for j in range(block.layers):
+            stride = block.stride if j == 0 else 1
+            c_in = channel_bucket(block.in_channels if j == 0 else block.out_channels)
+            out_side = -(-side // stride)
+            rows, rows_out = rows_bucket(side * side), rows_bucket(out_side * out_side)
+            calls.append((("expand", rows, c_in, dw, False), not below_se))
+            calls.append((("depthwise_se", rows, dw, mid, stride, rows_out), True))
+            if j == 0:
+                calls.append((("shortcut", rows, c_in, out, stride, rows_out), not below_se))
+            calls.append((("project", rows_out, dw, out), True))
+            below_se, side = False, out_side
+    last = channel_bucket(arch.blocks[-1].out_channels)
+    calls.append((("head", rows_bucket(side * side), last), not below_se))
+    return calls
+
+
+def keys_met(archs: Iterable[MBV2Arch]) -> set[Key]:
+    """The compiled programs scoring `archs` needs: each piece key forward, and backward
+    where the backward runs."""
+    met = set()
+    for arch in archs:
+        for key, backward in piece_calls(arch):
+            met.add(("forward", *key))
+            if backward:
+                met.add(("backward", *key))
+    return met
+
+
+def growth(archs: list[MBV2Arch], checkpoints: Iterable[int]) -> dict[int, int]:
+    """Keys met by the first n architectures, for each checkpoint n."""
+    return {n: len(keys_met(archs[:n])) for n in checkpoints}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=1, help="sample seeds 0..S-1")
+    parser.add_argument("--checkpoints", default="20,40,100,200")
+    parser.add_argument("--flops-limit", type=int, default=600_000_000)
+    parser.add_argument("--cover", type=Path, help="a search's history.csv to cover")
+    parser.add_argument("--sample", default="1000", help="precompiled sample sizes (--cover)")
+    parser.add_argument("--sample-seed", type=int, default=42, help="the precompiled sample's")
+    args = parser.parse_args()
+    checkpoints = sorted(int(c) for c in args.checkpoints.split(","))
+    for seed in range(args.seeds):
+        archs = sampling.sample(
+            np.random.default_rng(seed), checkpoints[-1], flops_limit=args.flops_limit
+        )
+        keys = growth(archs, checkpoints)
+        ratio = keys[40] / keys[20] if {20, 40} <= keys.keys() else None
+        print(json.dumps({"sample_seed": seed, "keys": keys, "ratio_40_20": ratio}))
+    if args.cover:
+        space = get_space("mbv2", flops_limit=args.flops_limit)
+        with args.cover.open() as rows:
+            searched = keys_met(space.parse(row["arch"]) for row in csv.DictReader(rows))
+        for size in (int(s) for s in args.sample.split(",")):
+            sample = keys_met(space.sample(np.random.default_rng(args.sample_seed), size))
+            print(
+                json.dumps(
+                    {
+                        "search_keys": len(searched),
+                        "sample": size,
+                        "sample_keys": len(sample),
+                        "covered": len(searched & sample),
+                        "fraction": round(len(searched & sample) / len(searched), 4),
+                    }
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""experiments/mbv2_key_replay.py against the engine: the keys it replays from architectures
+alone are, piece by piece and direction by direction, the ones WRCor's pass meets."""
+
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SAMPLE, require
+
+from wrcor_jax.data import load_batch
+from wrcor_jax.spaces.mbv2 import sampling
+from wrcor_jax.spaces.mbv2.engine import PIECES, SE_KINDS, MBV2Engine
+from wrcor_jax.spaces.mbv2.network import init_params
+
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_replayed_keys_are_the_pieces_keys(monkeypatch):
+    replay, compiles = _load("mbv2_key_replay"), _load("mbv2_compiles")
+    for piece in PIECES.values():  # PieceKeys replaces them: put them back afterwards
+        monkeypatch.setattr(piece, "forward", piece.forward)
+        monkeypatch.setattr(piece, "backward", piece.backward)
+    traced = compiles.PieceKeys()
+    images, labels = load_batch("cifar10", 2, 42, require(SAMPLE), None)
+    archs = sampling.sample(np.random.default_rng(0), 3, flops_limit=600_000_000)
+    engine = MBV2Engine(SE_KINDS)
+    for arch in archs:
+        engine.site_sums(arch, init_params(arch, 42, 10), images, labels, 10)
+    replayed = Counter((key[1], key[0]) for key in replay.keys_met(archs))
+    assert replayed == traced.keys
