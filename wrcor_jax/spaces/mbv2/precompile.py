@@ -109,6 +109,7 @@ def precompile(
         for done, arch in enumerate(archs, start=1):
             params = init_params(arch, scorer.config.seed, scorer.num_classes)
             scorer.measure(arch, params, scorer.config.proxies)
+            scorer.executables.check()  # jax's own caches keep each trace and lowering
             if progress is not None:
                 progress(done, len(archs))
         for future in pending:
