@@ -70,7 +70,8 @@ def batch_sharding(batch_size: int) -> jax.sharding.NamedSharding | None:
 ACCELERATOR_NOTE = (
     "the mbv2 engine compiles its pieces on this accelerator in seconds each and runs them in "
     "milliseconds: the first architectures take minutes, and a search stays compile-bound "
-    "(measured on an H200: docs/timing.md); the CPU is the measured path for this space"
+    "(measured on an H200: docs/timing.md) unless its pieces are compiled ahead "
+    "(experiments/search_mbv2.py --precompile); the CPU is the measured path for this space"
 )
 """Warned when a scorer that runs the network is made off the CPU (once per process, by
 Python's default filter): the pieces are a CPU design (docs/mbv2_engine.md)."""
