@@ -9,9 +9,10 @@ compile, eager ops included). XLA:CPU keeps every executable in memory, so, as `
 does, the run releases them when it outgrows `--memory-budget-mb` and reads them back from
 a persistent cache that starts empty (`loads`, `releases`): every compilation is real.
 
-`--trace-only` compiles nothing: it counts the distinct (piece, direction, shapes, static
-arguments) keys the engine's jitted pieces meet -- each is one compilation -- tracing each
-new key once with `jax.eval_shape`, so the 100 and 200 rows take minutes, not hours.
+`--trace-only` compiles nothing: it counts the distinct call signatures (piece, direction,
+shapes, static arguments) the engine's jitted pieces meet -- each is one compilation --
+tracing each new one once with precompile's stand-ins, so the 100 and 200 rows take
+minutes, not hours.
 
     python experiments/mbv2_compiles.py --archs 200 --batch-size 64 --out compiles.jsonl
     python experiments/mbv2_compiles.py --archs 200 --trace-only --out keys.jsonl
@@ -20,16 +21,14 @@ new key once with `jax.eval_shape`, so the 100 and 200 rows take minutes, not ho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from wrcor_jax import allocator
@@ -37,40 +36,18 @@ from wrcor_jax.compilation import CompileCounter, ExecutableBudget, use_persiste
 from wrcor_jax.data import load_batch
 from wrcor_jax.proxies.wrcor import mbv2_wrcor
 from wrcor_jax.spaces.mbv2 import sampling
-from wrcor_jax.spaces.mbv2.engine import PIECES, SE_KINDS, MBV2Engine
+from wrcor_jax.spaces.mbv2.engine import SE_KINDS, MBV2Engine
 from wrcor_jax.spaces.mbv2.network import init_params
+from wrcor_jax.spaces.mbv2.precompile import PieceStandIn, piece_stand_ins
 
 SAMPLE = Path(__file__).parents[1].parent / "shared" / "data" / "cifar10_sample.npz"
 
 
-class PieceKeys:
-    """Stands in for the pieces' jitted forward and backward: records each call's jit key
-    and returns zeros of the output shapes (traced once per key), compiling nothing."""
-
-    def __init__(self):
-        self.keys: Counter = Counter()  # (piece, direction) -> distinct keys met
-        self._outputs: dict = {}
-        for name, piece in PIECES.items():
-            piece.forward = self._stand_in(name, "forward", piece.forward)
-            piece.backward = self._stand_in(name, "backward", piece.backward)
-
-    def _stand_in(self, name: str, direction: str, jitted: Callable) -> Callable:
-        def call(*args, **static):
-            shapes = tuple((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(args))
-            structure = jax.tree.structure(args)
-            key = (name, direction, shapes, str(structure), tuple(sorted(static.items())))
-            if key not in self._outputs:
-                self.keys[name, direction] += 1
-                self._outputs[key] = jax.eval_shape(lambda *a: jitted(*a, **static), *args)
-            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._outputs[key])
-
-        return call
-
-    def row(self) -> dict:
-        return {
-            "piece_compiles": sum(self.keys.values()),
-            "by_piece": {f"{name}/{direction}": n for (name, direction), n in self.keys.items()},
-        }
+def key_counts(stand_ins: dict[str, PieceStandIn]) -> dict:
+    """The distinct keys (each one compilation) the stand-ins met, in all and per piece."""
+    by_piece = {name: len(stand_in.outputs) for name, stand_in in stand_ins.items()}
+    by_piece = {name: count for name, count in by_piece.items() if count}
+    return {"piece_compiles": sum(by_piece.values()), "by_piece": by_piece}
 
 
 def main() -> None:
@@ -85,11 +62,16 @@ def main() -> None:
     parser.add_argument("--memory-budget-mb", type=float, help="default: a third of the RAM")
     parser.add_argument("--trace-only", action="store_true", help="count keys, compile none")
     args = parser.parse_args()
+    with piece_stand_ins() if args.trace_only else contextlib.nullcontext() as keys:
+        measure(args, keys)
 
+
+def measure(args: argparse.Namespace, keys: dict[str, PieceStandIn] | None) -> None:
+    """Score `args.archs` sampled architectures, a JSON row at each checkpoint (with the
+    stand-ins' key counts in place of the compilations when `keys` is given)."""
     use_persistent_cache(tempfile.mkdtemp(prefix="mbv2-compiles-"))
     budget = ExecutableBudget(args.memory_budget_mb)
     CompileCounter.install()
-    keys = PieceKeys() if args.trace_only else None
     checkpoints = {int(c) for c in args.checkpoints.split(",")}
     archs = sampling.sample(
         np.random.default_rng(args.sample_seed), args.archs, flops_limit=args.flops_limit
@@ -120,7 +102,7 @@ def main() -> None:
                 "cpus": jax.local_device_count() and len(jax.devices()),
             }
             if keys:  # the stand-ins' zeros compile eager ops of their own: not the engine's
-                row = {k: v for k, v in row.items() if "compile" not in k} | keys.row()
+                row = {k: v for k, v in row.items() if "compile" not in k} | key_counts(keys)
             print(json.dumps(row), flush=True)
             if out:
                 out.write(json.dumps(row) + "\n")

@@ -47,21 +47,24 @@ class PrecompileReport:
     seconds: float
 
 
-class _CompilingStandIn:
-    """In place of one piece's `RetainedJit`: each new signature is lowered here and compiled
-    on the pool (into the persistent cache, the executable then dropped); every call
-    returns zeros of the output shapes."""
+class PieceStandIn:
+    """In place of one piece's forward or backward `RetainedJit`: traces each new call
+    signature once (`outputs`) and returns zeros of its output shapes, running nothing; with
+    a `pool`, also lowers it and compiles it there, into the persistent cache (the executable
+    is then dropped)."""
 
-    def __init__(self, retained: RetainedJit, pool: ThreadPoolExecutor, pending: list[Future]):
-        self.retained, self.pool, self.pending = retained, pool, pending
+    def __init__(self, retained: RetainedJit, pool: ThreadPoolExecutor | None):
+        self.retained, self.pool = retained, pool
         self.outputs: dict = {}
+        self.compiling: list[Future] = []
 
     def __call__(self, *args, **kwargs):
         key = self.retained.signature(args, kwargs)
         if key not in self.outputs:
-            lowered = self.retained.jitted.lower(*args, **kwargs)
-            self.outputs[key] = lowered.out_info
-            self.pending.append(self.pool.submit(_compile, lowered))
+            traced = self.retained.jitted.trace(*args, **kwargs)
+            self.outputs[key] = traced.out_info
+            if self.pool is not None:
+                self.compiling.append(self.pool.submit(_compile, traced.lower()))
         return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self.outputs[key])
 
 
@@ -70,21 +73,19 @@ def _compile(lowered: jax.stages.Lowered) -> None:
 
 
 @contextlib.contextmanager
-def _stand_ins(workers: int) -> Iterator[tuple[list[_CompilingStandIn], list[Future]]]:
-    """Every piece's forward and backward replaced by compiling stand-ins, restored after."""
-    pending: list[Future] = []
+def piece_stand_ins(pool: ThreadPoolExecutor | None = None) -> Iterator[dict[str, PieceStandIn]]:
+    """Every piece's forward and backward replaced by stand-ins (compiling on `pool` if
+    given), named "piece/direction"; the pieces are restored afterwards."""
     saved = {name: (piece.forward, piece.backward) for name, piece in PIECES.items()}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        stand_ins = []
-        try:
-            for piece in PIECES.values():
-                piece.forward = _CompilingStandIn(piece.forward, pool, pending)
-                piece.backward = _CompilingStandIn(piece.backward, pool, pending)
-                stand_ins += [piece.forward, piece.backward]
-            yield stand_ins, pending
-        finally:
-            for name, (forward, backward) in saved.items():
-                PIECES[name].forward, PIECES[name].backward = forward, backward
+    stand_ins = {}
+    try:
+        for name, piece in PIECES.items():
+            piece.forward = stand_ins[f"{name}/forward"] = PieceStandIn(piece.forward, pool)
+            piece.backward = stand_ins[f"{name}/backward"] = PieceStandIn(piece.backward, pool)
+        yield stand_ins
+    finally:
+        for name, (forward, backward) in saved.items():
+            PIECES[name].forward, PIECES[name].backward = forward, backward
 
 
 def precompile(
@@ -105,18 +106,20 @@ def precompile(
         raise ValueError("precompiling covers one device; this process sees several")
     CompileCounter.install()
     compiled, loaded, start = CompileCounter.count, CompileCounter.loads, time.perf_counter()
-    with _stand_ins(workers or os.cpu_count() or 1) as (stand_ins, pending):
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+    with pool, piece_stand_ins(pool) as stand_ins:
         for done, arch in enumerate(archs, start=1):
             params = init_params(arch, scorer.config.seed, scorer.num_classes)
             scorer.measure(arch, params, scorer.config.proxies)
             scorer.executables.check()  # jax's own caches keep each trace and lowering
             if progress is not None:
                 progress(done, len(archs))
-        for future in pending:
-            future.result()  # re-raises a failed compilation
+        for stand_in in stand_ins.values():
+            for compiling in stand_in.compiling:
+                compiling.result()  # re-raises a failed compilation
     return PrecompileReport(
         archs=len(archs),
-        keys=sum(len(stand_in.outputs) for stand_in in stand_ins),
+        keys=sum(len(stand_in.outputs) for stand_in in stand_ins.values()),
         compiled=CompileCounter.count - compiled,
         loaded=CompileCounter.loads - loaded,
         seconds=round(time.perf_counter() - start, 1),
