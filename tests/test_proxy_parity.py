@@ -45,9 +45,11 @@ ARCHS = [
 ] + [arch_string(ops) for ops in sample_archs(np.random.default_rng(2026), 3)]
 
 # float32 JAX against float64 torch (synflow: float64 on both sides); exact for the counts.
-# snip and grad_norm: on an AVX-512 machine (2026-12-02) one architecture gives 1.2e-4 and
-# 1.3e-4 against float64 torch, where float32 torch itself is 1.6e-4 and 1.9e-4 away: the
-# bar is float32's own error on that architecture, not a difference of computation.
+# snip and grad_norm: float32's own error on one architecture (the first sampled one) is
+# larger than these bars and depends on the CPU: against float64 torch, JAX gives 1.2e-4 and
+# 1.3e-4 on one AVX-512 machine (2026-12-02) and 2.4e-4 and 3.0e-4 on another (2026-12-04),
+# where float32 torch itself is 1.6e-4 and 1.9e-4 away. So their bar is also at least
+# FLOAT32_FACTOR times float32 torch's error on the same architecture.
 RTOL = {
     "snip": 3e-4,
     "grad_norm": 3e-4,
@@ -60,6 +62,8 @@ RTOL = {
     "meco": 1e-5,
     "zen": 1e-5,
 }
+FLOAT32_BOUND = ("snip", "grad_norm")
+FLOAT32_FACTOR = 2.0
 ATOL = 1e-9  # for scores that are 0 on one side (disconnected cells)
 
 
@@ -73,9 +77,17 @@ def relative_difference(ours: float, theirs: float) -> float:
     return abs(ours - theirs) / abs(theirs)
 
 
+def tolerance(name: str, float64: dict, float32: dict) -> float:
+    """The bar for `name` on one architecture, given torch's float64 and float32 scores."""
+    if name not in FLOAT32_BOUND:
+        return RTOL[name]
+    return max(RTOL[name], FLOAT32_FACTOR * relative_difference(float32[name], float64[name]))
+
+
 @pytest.fixture(scope="module")
-def scores() -> dict[str, tuple[dict, dict]]:
-    """arch -> ({name: JAX score}, {name: float64 torch score})."""
+def scores() -> dict[str, tuple[dict, dict, dict]]:
+    """arch -> ({name: JAX score}, {name: float64 torch score}, {name: float32 torch score}
+    for FLOAT32_BOUND)."""
     from wrcor_jax.proxies import PROXIES
     from wrcor_jax.proxies.zen import zen_inputs, zen_params
     from wrcor_jax.scoring import NB201Scorer, ScoreConfig
@@ -107,7 +119,10 @@ def scores() -> dict[str, tuple[dict, dict]]:
                 zen_inputs=inputs,
                 dtype=torch.float64,
             )
-            out[arch] = ours, theirs
+            float32 = torch_proxy_scores(
+                arch, scorer.params, images, labels, FLOAT32_BOUND, scorer.num_classes
+            )
+            out[arch] = ours, theirs, float32
     finally:
         torch.set_num_threads(threads)
     return out
@@ -116,21 +131,23 @@ def scores() -> dict[str, tuple[dict, dict]]:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", NAMES)
 def test_proxy_matches_torch(name, arch, scores):
-    ours, theirs = scores[arch]
-    assert relative_difference(ours[name], theirs[name]) <= RTOL[name], (
+    ours, theirs, float32 = scores[arch]
+    assert relative_difference(ours[name], theirs[name]) <= tolerance(name, theirs, float32), (
         f"{name}: JAX {ours[name]!r} vs torch {theirs[name]!r}"
     )
 
 
 def test_parity_summary(scores, capsys):
-    """Largest relative difference per proxy over every architecture, printed for the log."""
-    pairs = list(scores.values())
-    worst = {
-        name: max(relative_difference(ours[name], theirs[name]) for ours, theirs in pairs)
-        for name in NAMES
-    }
+    """Largest relative difference per proxy over every architecture, and its share of the
+    architecture's bar, printed for the log."""
     with capsys.disabled():
         print(f"\nJAX vs float64 torch proxies over {len(ARCHS)} archs, batch {SMALL_BATCH}")
-        for name, value in worst.items():
-            print(f"  {name:10s} max rel diff {value:.2e} (tolerance {RTOL[name]:.0e})")
-    assert all(worst[name] <= RTOL[name] for name in NAMES)
+        for name in NAMES:
+            worst, share = 0.0, 0.0
+            for ours, theirs, float32 in scores.values():
+                difference = relative_difference(ours[name], theirs[name])
+                bar = tolerance(name, theirs, float32)
+                worst = max(worst, difference)
+                share = max(share, difference / bar if bar else float(difference > 0))
+            print(f"  {name:10s} max rel diff {worst:.2e} ({share:.0%} of its bar)")
+            assert share <= 1.0, name
