@@ -67,6 +67,7 @@ def test_chunk_size_follows_free_device_memory():
 GRADIENT_ATOL = 1e-2
 
 
+@pytest.mark.slow
 def test_chunked_scores_equal_composed_scores(params, small_batch, engine):
     # On the noise fallback a few near-zero gradients flip their sign code between the two
     # engines' float32 summation orders (site sums off by 4e-4 at scale 5; scores by 5e-9

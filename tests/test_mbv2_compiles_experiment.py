@@ -13,6 +13,7 @@ ROOT = Path(__file__).parents[1]
 SAMPLE = ROOT.parent / "shared" / "data" / "cifar10_sample.npz"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SAMPLE.exists(), reason="needs ../shared/data/cifar10_sample.npz")
 def test_trace_only_counts_piece_keys(tmp_path: Path) -> None:
     out = tmp_path / "keys.jsonl"

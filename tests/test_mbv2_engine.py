@@ -82,6 +82,7 @@ def batch():
     return load_batch("cifar10", BATCH, 42, SAMPLE, None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", [*CASES, THREE_QUARTER_BUCKETS])
 def test_padded_pieces_equal_the_unpadded_capture(text, batch):
     arch = parse(text)
@@ -99,6 +100,7 @@ def test_padded_pieces_equal_the_unpadded_capture(text, batch):
     assert mbv2_act_cor(padded) == pytest.approx(mbv2_act_cor(exact), abs=ACT_COR_ATOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", [CASES[0], CASES[2]])  # stride-2 stem; two-layer stem
 def test_se_sums_skip_the_backwards_below_the_first_se(text, batch, monkeypatch):
     """WRCor's SE sites need no cotangent below the first squeeze-excite: the backwards of
@@ -128,6 +130,7 @@ def _recording(backward, name: str, ran: list):
     return call
 
 
+@pytest.mark.slow
 def test_other_widths_and_kernels_in_the_same_buckets_compile_nothing(batch):
     first, second = (
         parse(
@@ -196,6 +199,7 @@ LEAF_ATOL = 1e-4
 SCORE_RTOL = 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", CASES[1:])
 def test_gradients_equal_the_whole_network_measurements(text, batch):
     """The gradients jacob_cov (input), snip and grad_norm (weights), zico (weights on each
@@ -231,6 +235,7 @@ def test_gradients_equal_the_whole_network_measurements(text, batch):
         ), proxy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", CASES[1:])  # padding; two-layer stem, stride-1 shortcut
 def test_activations_equal_the_whole_network_measurements(text, batch):
     """naswot's Hamming kernel (SE ReLU inputs, real channels only) exactly and meco's sum
@@ -252,6 +257,7 @@ def test_activations_equal_the_whole_network_measurements(text, batch):
         ), proxy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", CASES[1:])
 def test_zen_equals_the_whole_network_measurement(text, batch):
     """Zen-score's two terms through the padded pieces (residual links off, BatchNorm input

@@ -98,6 +98,7 @@ def test_importing_the_package_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", PARITY_ARCHS)
 def test_logits_match_flax(arch, params, batch, torch_batch, flax_logits):
     # float32 noise, not a difference in the maths (see the float64 test): the all-3x3 arch
@@ -108,6 +109,7 @@ def test_logits_match_flax(arch, params, batch, torch_batch, flax_logits):
     np.testing.assert_allclose(logits, expected, rtol=0, atol=5e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", PARITY_ARCHS)
 def test_logits_match_flax_in_float64(arch, params, batch, flax_logits):
     """The same network to 1e-10; 16 x 16 images (the ImageNet16 size) keep it quick."""
