@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,16 +29,33 @@ import numpy as np
 from wrcor_jax.spaces import get_space
 from wrcor_jax.spaces.mbv2 import sampling
 from wrcor_jax.spaces.mbv2.arch import MBV2Arch, ResBlock
-from wrcor_jax.spaces.mbv2.engine import channel_bucket, rows_bucket
+from wrcor_jax.spaces.mbv2.engine import FINE_CHANNELS, FINE_ROWS, MIN_CHANNELS, bucket
 from wrcor_jax.spaces.mbv2.network import se_channels
 
 Key = tuple
 
 
-def piece_calls(arch: MBV2Arch) -> list[tuple[Key, bool]]:
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The engine's padding rule (`engine.bucket`) with its parameters, the engine's by
+    default, so that other choices can be replayed before the engine takes them."""
+
+    min_channels: int = MIN_CHANNELS
+    fine_channels: int = FINE_CHANNELS
+    fine_rows: int = FINE_ROWS
+
+    def channels(self, channels: int) -> int:
+        return bucket(channels, self.min_channels, self.fine_channels)
+
+    def rows(self, pixels: int) -> int:
+        return bucket(pixels, 1, self.fine_rows)
+
+
+def piece_calls(arch: MBV2Arch, buckets: Buckets = Buckets()) -> list[tuple[Key, bool]]:
     """Each piece call of WRCor's pass over `arch`, in order: its key (piece, padded rows
     and channels, static arguments) and whether its backward runs (the backwards below the
     first squeeze-excite do not: `MBV2Engine._needed`)."""
+    channel_bucket, rows_bucket = buckets.channels, buckets.rows
     stem, *rest = arch.blocks
     side = -(-arch.resolution // stem.stride)
     stem_key = ("stem", arch.resolution, stem.layers, stem.stride, stem.kernel)
@@ -69,21 +87,23 @@ def piece_calls(arch: MBV2Arch) -> list[tuple[Key, bool]]:
     return calls
 
 
-def keys_met(archs: Iterable[MBV2Arch]) -> set[Key]:
+def keys_met(archs: Iterable[MBV2Arch], buckets: Buckets = Buckets()) -> set[Key]:
     """The compiled programs scoring `archs` needs: each piece key forward, and backward
     where the backward runs."""
     met = set()
     for arch in archs:
-        for key, backward in piece_calls(arch):
+        for key, backward in piece_calls(arch, buckets):
             met.add(("forward", *key))
             if backward:
                 met.add(("backward", *key))
     return met
 
 
-def growth(archs: list[MBV2Arch], checkpoints: Iterable[int]) -> dict[int, int]:
+def growth(
+    archs: list[MBV2Arch], checkpoints: Iterable[int], buckets: Buckets = Buckets()
+) -> dict[int, int]:
     """Keys met by the first n architectures, for each checkpoint n."""
-    return {n: len(keys_met(archs[:n])) for n in checkpoints}
+    return {n: len(keys_met(archs[:n], buckets)) for n in checkpoints}
 
 
 def main() -> None:
@@ -94,13 +114,18 @@ def main() -> None:
     parser.add_argument("--cover", type=Path, help="a search's history.csv to cover")
     parser.add_argument("--sample", default="1000", help="precompiled sample sizes (--cover)")
     parser.add_argument("--sample-seed", type=int, default=42, help="the precompiled sample's")
+    what_if = parser.add_argument_group("other buckets than the engine's (growth only)")
+    what_if.add_argument("--min-channels", type=int, default=MIN_CHANNELS)
+    what_if.add_argument("--fine-channels", type=int, default=FINE_CHANNELS)
+    what_if.add_argument("--fine-rows", type=int, default=FINE_ROWS)
     args = parser.parse_args()
+    buckets = Buckets(args.min_channels, args.fine_channels, args.fine_rows)
     checkpoints = sorted(int(c) for c in args.checkpoints.split(","))
     for seed in range(args.seeds):
         archs = sampling.sample(
             np.random.default_rng(seed), checkpoints[-1], flops_limit=args.flops_limit
         )
-        keys = growth(archs, checkpoints)
+        keys = growth(archs, checkpoints, buckets)
         ratio = keys[40] / keys[20] if {20, 40} <= keys.keys() else None
         print(json.dumps({"sample_seed": seed, "keys": keys, "ratio_40_20": ratio}))
     if args.cover:

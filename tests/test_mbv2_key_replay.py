@@ -2,6 +2,7 @@
 alone are, piece by piece and direction by direction, the ones WRCor's pass meets."""
 
 import importlib.util
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +21,7 @@ EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # for its dataclass
     spec.loader.exec_module(module)
     return module
 

@@ -71,7 +71,7 @@ and 288 channels to 512 stored 2.8x the real expand output), and they are few en
 kind that the extra keys are rare (docs/mbv2_engine.md)."""
 
 
-def _bucket(size: int, least: int, fine_from: int) -> int:
+def bucket(size: int, least: int, fine_from: int) -> int:
     """The next power of two at least `least`, or 3/4 of it when that is above `fine_from`
     and still holds `size`."""
     power = max(least, 1 << (size - 1).bit_length())
@@ -82,12 +82,12 @@ def _bucket(size: int, least: int, fine_from: int) -> int:
 def channel_bucket(channels: int) -> int:
     """Padded width: the next power of two, at least `MIN_CHANNELS`, or 3/4 of one above
     `FINE_CHANNELS`."""
-    return _bucket(channels, MIN_CHANNELS, FINE_CHANNELS)
+    return bucket(channels, MIN_CHANNELS, FINE_CHANNELS)
 
 
 def rows_bucket(pixels: int) -> int:
     """Padded pixels per image: the next power of two, or 3/4 of one above `FINE_ROWS`."""
-    return _bucket(pixels, 1, FINE_ROWS)
+    return bucket(pixels, 1, FINE_ROWS)
 
 
 # --------------------------------------------------------------------------- masked maths
