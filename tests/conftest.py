@@ -70,11 +70,3 @@ def job(tmp_path):
         yield job
     finally:
         job.kill_all()
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with slow tests run first (each file's tests stay together and in order): under
-    `-n 2 --dist loadfile` the two workers then finish on short files at about the same
-    time, instead of one running a long file alone at the end."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
