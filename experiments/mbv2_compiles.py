@@ -38,15 +38,14 @@ from wrcor_jax.proxies.wrcor import mbv2_wrcor
 from wrcor_jax.spaces.mbv2 import sampling
 from wrcor_jax.spaces.mbv2.engine import SE_KINDS, MBV2Engine
 from wrcor_jax.spaces.mbv2.network import init_params
-from wrcor_jax.spaces.mbv2.precompile import PieceStandIn, piece_stand_ins
+from wrcor_jax.spaces.mbv2.precompile import PieceStandIn, piece_stand_ins, signatures_met
 
 SAMPLE = Path(__file__).parents[1].parent / "shared" / "data" / "cifar10_sample.npz"
 
 
 def key_counts(stand_ins: dict[str, PieceStandIn]) -> dict:
     """The distinct keys (each one compilation) the stand-ins met, in all and per piece."""
-    by_piece = {name: len(stand_in.outputs) for name, stand_in in stand_ins.items()}
-    by_piece = {name: count for name, count in by_piece.items() if count}
+    by_piece = signatures_met(stand_ins)
     return {"piece_compiles": sum(by_piece.values()), "by_piece": by_piece}
 
 

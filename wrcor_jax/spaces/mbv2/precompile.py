@@ -88,6 +88,12 @@ def piece_stand_ins(pool: ThreadPoolExecutor | None = None) -> Iterator[dict[str
             PIECES[name].forward, PIECES[name].backward = forward, backward
 
 
+def signatures_met(stand_ins: dict[str, PieceStandIn]) -> dict[str, int]:
+    """How many distinct call signatures (each one compilation) each stand-in met, for those
+    that met any."""
+    return {name: len(stand_in.outputs) for name, stand_in in stand_ins.items() if stand_in.outputs}
+
+
 def precompile(
     scorer: MBV2Scorer,
     archs: Sequence[MBV2Arch],
@@ -119,7 +125,7 @@ def precompile(
                 compiling.result()  # re-raises a failed compilation
     return PrecompileReport(
         archs=len(archs),
-        keys=sum(len(stand_in.outputs) for stand_in in stand_ins.values()),
+        keys=sum(signatures_met(stand_ins).values()),
         compiled=CompileCounter.count - compiled,
         loaded=CompileCounter.loads - loaded,
         seconds=round(time.perf_counter() - start, 1),
