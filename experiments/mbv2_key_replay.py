@@ -51,22 +51,35 @@ class Buckets:
         return bucket(pixels, 1, self.fine_rows)
 
 
-def piece_calls(arch: MBV2Arch, buckets: Buckets = Buckets()) -> list[tuple[Key, bool]]:
+Backward = tuple[int, ...] | None
+
+
+def piece_calls(arch: MBV2Arch, buckets: Buckets = Buckets()) -> list[tuple[Key, Backward]]:
     """Each piece call of WRCor's pass over `arch`, in order: its key (piece, padded rows
-    and channels, static arguments) and whether its backward runs (the backwards below the
-    first squeeze-excite do not: `MBV2Engine._needed`)."""
+    and channels, static arguments) and, where its backward runs, the inputs that backward
+    leaves without a cotangent (None: it does not run). Below the first squeeze-excite no
+    backward runs, so the first sub-block's depthwise + SE and project backwards leave out
+    the inputs from there: `MBV2Engine._needed`."""
     channel_bucket, rows_bucket = buckets.channels, buckets.rows
     stem, *rest = arch.blocks
     side = -(-arch.resolution // stem.stride)
     stem_key = ("stem", arch.resolution, stem.layers, stem.stride, stem.kernel)
-    calls = [((*stem_key, channel_bucket(stem.out_channels), rows_bucket(side * side)), False)]
+    calls: list[tuple[Key, Backward]] = [
+        ((*stem_key, channel_bucket(stem.out_channels), rows_bucket(side * side)), None)
+    ]
     below_se = True
+
+    def above(frozen_below: tuple[int, ...] | None = None) -> Backward:
+        """A sub-block piece's backward: none below the first squeeze-excite, where the
+        SE's own pieces (`frozen_below` given) leave out the inputs from there."""
+        return () if not below_se else frozen_below
+
     for block in rest:
         if not isinstance(block, ResBlock):  # a 1x1 conv block: expand pieces with the ReLU
             for j in range(block.layers):
                 c_in = block.in_channels if j == 0 else block.out_channels
                 rows, c_out = rows_bucket(side * side), channel_bucket(block.out_channels)
-                calls.append((("expand", rows, channel_bucket(c_in), c_out, True), not below_se))
+                calls.append((("expand", rows, channel_bucket(c_in), c_out, True), above()))
             continue
         dw = channel_bucket(block.dw_channels)
         mid = channel_bucket(se_channels(block.dw_channels))
@@ -76,14 +89,14 @@ def piece_calls(arch: MBV2Arch, buckets: Buckets = Buckets()) -> list[tuple[Key,
             c_in = channel_bucket(block.in_channels if j == 0 else block.out_channels)
             out_side = -(-side // stride)
             rows, rows_out = rows_bucket(side * side), rows_bucket(out_side * out_side)
-            calls.append((("expand", rows, c_in, dw, False), not below_se))
-            calls.append((("depthwise_se", rows, dw, mid, stride, rows_out), True))
+            calls.append((("expand", rows, c_in, dw, False), above()))
+            calls.append((("depthwise_se", rows, dw, mid, stride, rows_out), above((0,))))
             if j == 0:
-                calls.append((("shortcut", rows, c_in, out, stride, rows_out), not below_se))
-            calls.append((("project", rows_out, dw, out), True))
+                calls.append((("shortcut", rows, c_in, out, stride, rows_out), above()))
+            calls.append((("project", rows_out, dw, out), above((2,))))
             below_se, side = False, out_side
     last = channel_bucket(arch.blocks[-1].out_channels)
-    calls.append((("head", rows_bucket(side * side), last), not below_se))
+    calls.append((("head", rows_bucket(side * side), last), above()))
     return calls
 
 
@@ -92,10 +105,10 @@ def keys_met(archs: Iterable[MBV2Arch], buckets: Buckets = Buckets()) -> set[Key
     where the backward runs."""
     met = set()
     for arch in archs:
-        for key, backward in piece_calls(arch, buckets):
+        for key, frozen in piece_calls(arch, buckets):
             met.add(("forward", *key))
-            if backward:
-                met.add(("backward", *key))
+            if frozen is not None:
+                met.add(("backward", *key, frozen))
     return met
 
 

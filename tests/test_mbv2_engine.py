@@ -104,19 +104,25 @@ def test_padded_pieces_equal_the_unpadded_capture(text, batch):
 @pytest.mark.parametrize("text", [CASES[0], CASES[2]])  # stride-2 stem; two-layer stem
 def test_se_sums_skip_the_backwards_below_the_first_se(text, batch, monkeypatch):
     """WRCor's SE sites need no cotangent below the first squeeze-excite: the backwards of
-    the stem and of the first sub-block's expand and shortcut are skipped, and the SE
-    sums are those of the full backward that the other kinds need."""
+    the stem and of the first sub-block's expand and shortcut are skipped, the first
+    depthwise + SE and project backwards leave out the cotangents of the inputs from there
+    (and the stem those of the images), and the SE sums are those of the full backward
+    that the other kinds need."""
     arch = parse(text)
     params = init_params(arch, 42, NUM_CLASSES)
-    ran: list[str] = []
+    ran: list[tuple[str, tuple]] = []
     for name, piece in PIECES.items():
         monkeypatch.setattr(piece, "backward", _recording(piece.backward, name, ran))
     se = MBV2Engine(SE_KINDS).site_sums(arch, params, *batch, NUM_CLASSES)
     skipping = list(ran)
     ran.clear()
     every = MBV2Engine().site_sums(arch, params, *batch, NUM_CLASSES)
-    assert Counter(ran) - Counter(skipping) == Counter(["stem", "expand", "shortcut"])
-    assert not Counter(skipping) - Counter(ran)
+    names = Counter(name for name, _ in ran)
+    assert names - Counter(name for name, _ in skipping) == Counter(["stem", "expand", "shortcut"])
+    assert not Counter(name for name, _ in skipping) - names
+    first_se = [("project", (2,)), ("depthwise_se", (0,))]  # in backward order
+    assert [call for call in skipping if call[1]] == first_se
+    assert [call for call in ran if call[1]] == [("stem", (0,))]
     for kind in SE_KINDS:
         np.testing.assert_array_equal(se.counts[kind], every.counts[kind], err_msg=kind)
         np.testing.assert_allclose(se.sums[kind], every.sums[kind], atol=1e-6, err_msg=kind)
@@ -124,7 +130,7 @@ def test_se_sums_skip_the_backwards_below_the_first_se(text, batch, monkeypatch)
 
 def _recording(backward, name: str, ran: list):
     def call(*args, **static):
-        ran.append(name)
+        ran.append((name, static.get("frozen", ())))
         return backward(*args, **static)
 
     return call

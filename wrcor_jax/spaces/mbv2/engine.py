@@ -547,6 +547,9 @@ class Piece:
     from other readers of that input (None: none), so no eager add compiles per shape
     outside the pieces; an output's cotangent None is 0. `kinds` are the gradient kinds its
     sites add to (`MBV2Engine._backward` skips the backwards that reach none asked for).
+    The backward's `frozen` names the inputs whose cotangents nothing reads (their
+    producers' backwards are skipped): they come back None, and XLA drops the work only
+    they needed (for WRCor, the first SE's depthwise conv and BatchNorm backward).
     """
 
     def __init__(
@@ -561,7 +564,7 @@ class Piece:
         self.kinds = frozenset(kinds)
         names = ("kinds", "norm", "zen", *static)
         self.forward = RetainedJit(self._forward, static_argnames=(*names, "activations"))
-        self.backward = RetainedJit(self._backward, static_argnames=(*names, "weights"))
+        self.backward = RetainedJit(self._backward, static_argnames=(*names, "weights", "frozen"))
 
     @staticmethod
     def _terms(sites: dict, kinds: frozenset, backward: bool) -> dict:
@@ -600,6 +603,7 @@ class Piece:
         carried,
         kinds: frozenset,
         weights: bool,
+        frozen: tuple[int, ...] = (),
         **static,
     ):
         if self.saves:
@@ -632,12 +636,22 @@ class Piece:
 
             return self.fn(w, inputs, dims, probe, **static)
 
+        def run_live(w, live, perturbations):
+            whole = tuple(
+                x if i in frozen else y for i, (x, y) in enumerate(zip(inputs, live, strict=True))
+            )
+            return run(w, whole, perturbations)
+
+        live = tuple(None if i in frozen else x for i, x in enumerate(inputs))
         if weights:
-            d_w, d_inputs, d_sites = jax.vjp(run, w, inputs, zeros)[1](cotangents)
+            d_w, d_live, d_sites = jax.vjp(run_live, w, live, zeros)[1](cotangents)
         else:
-            d_inputs, d_sites = jax.vjp(lambda i, p: run(w, i, p), inputs, zeros)[1](cotangents)
+            d_live, d_sites = jax.vjp(lambda i, p: run_live(w, i, p), live, zeros)[1](cotangents)
             d_w = None
-        d_inputs = tuple(d if c is None else d + c for d, c in zip(d_inputs, carried, strict=True))
+        d_inputs = tuple(
+            None if i in frozen else d if c is None else d + c
+            for i, (d, c) in enumerate(zip(d_live, carried, strict=True))
+        )
         sites = {name: (d_sites[name], *masks[name]) for name in d_sites}
         return d_inputs, self._terms(sites, kinds, backward=True), d_w
 
@@ -858,11 +872,14 @@ class MBV2Engine:
             block, call = calls.pop()
             cotangents = tuple(pending.pop(id(out), None) for out in call.outputs)
             carried = tuple(pending.pop(id(array), None) for array in call.inputs)
-            if not needed.pop():
+            frozen = needed.pop()
+            if frozen is None:
                 continue
+            # passed only when some are: the other calls keep the signatures cached before
+            static = call.static | ({"frozen": frozen} if frozen else {})
             d_inputs, piece_terms, d_w = PIECES[call.piece].backward(
                 call.w, call.inputs, call.dims, call.outputs, cotangents, carried, kinds=kinds,
-                weights=weights, **call.static,
+                weights=weights, **static,
             )  # fmt: skip
             if terms:
                 self._terms.append((block, piece_terms))
@@ -872,19 +889,23 @@ class MBV2Engine:
                 pending[id(array)] = d
         return pending[id(images)] if to_images else None, grads
 
-    def _needed(self, kinds: frozenset, weights: bool, images: jax.Array | None) -> list[bool]:
-        """Per recorded call, whether its backward reaches something asked for: the
+    def _needed(
+        self, kinds: frozenset, weights: bool, images: jax.Array | None
+    ) -> list[tuple[int, ...] | None]:
+        """Per recorded call, None when its backward reaches nothing asked for (the
         weights' gradient, the gradient at `images` (None: not asked; through the calls
-        that produced its inputs) or a site of `kinds` (its own, or one upstream of it)."""
+        that produced its inputs) or a site of `kinds`, its own or one upstream of it), else
+        which of its inputs need no cotangent: those whose producer's backward is skipped."""
         if weights:
-            return [True] * len(self._calls)
+            return [()] * len(self._calls)
         reaches = {id(images): True} if images is not None else {}
         needed = []
         for _, call in self._calls:
-            feeds = any(reaches.get(id(array), False) for array in call.inputs)
-            need = feeds or bool(PIECES[call.piece].kinds & kinds)
+            feeds = [reaches.get(id(array), False) for array in call.inputs]
+            need = any(feeds) or bool(PIECES[call.piece].kinds & kinds)
             reaches |= {id(out): need for out in call.outputs}
-            needed.append(need)
+            frozen = tuple(i for i, fed in enumerate(feeds) if not fed)
+            needed.append(frozen if need else None)
         return needed
 
     def measure(
