@@ -627,26 +627,23 @@ class Piece:
         }
         masks: dict = {}
 
-        def run(w, inputs, perturbations):
+        def run(w, live, perturbations):
+            """The piece of `live` inputs (None where frozen: those are not differentiated)."""
+
             def probe(name, x, mask, count):
                 if name not in perturbations:
                     return x
                 masks[name] = (mask, count)
                 return x + perturbations[name]
 
-            return self.fn(w, inputs, dims, probe, **static)
-
-        def run_live(w, live, perturbations):
-            whole = tuple(
-                x if i in frozen else y for i, (x, y) in enumerate(zip(inputs, live, strict=True))
-            )
-            return run(w, whole, perturbations)
+            whole = tuple(inputs[i] if i in frozen else x for i, x in enumerate(live))
+            return self.fn(w, whole, dims, probe, **static)
 
         live = tuple(None if i in frozen else x for i, x in enumerate(inputs))
         if weights:
-            d_w, d_live, d_sites = jax.vjp(run_live, w, live, zeros)[1](cotangents)
+            d_w, d_live, d_sites = jax.vjp(run, w, live, zeros)[1](cotangents)
         else:
-            d_live, d_sites = jax.vjp(lambda i, p: run_live(w, i, p), live, zeros)[1](cotangents)
+            d_live, d_sites = jax.vjp(lambda i, p: run(w, i, p), live, zeros)[1](cotangents)
             d_w = None
         d_inputs = tuple(
             None if i in frozen else d if c is None else d + c
