@@ -93,7 +93,7 @@ def piece_calls(arch: MBV2Arch, buckets: Buckets = Buckets()) -> list[tuple[Key,
             calls.append((("depthwise_se", rows, dw, mid, stride, rows_out), above((0,))))
             if j == 0:
                 calls.append((("shortcut", rows, c_in, out, stride, rows_out), above()))
-            calls.append((("project", rows_out, dw, out), above((2,))))
+            calls.append((("project", rows_out, dw, out), above((0, 2))))
             below_se, side = False, out_side
     last = channel_bucket(arch.blocks[-1].out_channels)
     calls.append((("head", rows_bucket(side * side), last), above()))

@@ -106,8 +106,8 @@ def test_se_sums_skip_the_backwards_below_the_first_se(text, batch, monkeypatch)
     """WRCor's SE sites need no cotangent below the first squeeze-excite: the backwards of
     the stem and of the first sub-block's expand and shortcut are skipped, the first
     depthwise + SE and project backwards leave out the cotangents of the inputs from there
-    (and the stem those of the images), and the SE sums are those of the full backward
-    that the other kinds need."""
+    and of the first depthwise conv's output (and the stem those of the images), and the SE
+    sums are those of the full backward that the other kinds need."""
     arch = parse(text)
     params = init_params(arch, 42, NUM_CLASSES)
     ran: list[tuple[str, tuple]] = []
@@ -120,12 +120,14 @@ def test_se_sums_skip_the_backwards_below_the_first_se(text, batch, monkeypatch)
     names = Counter(name for name, _ in ran)
     assert names - Counter(name for name, _ in skipping) == Counter(["stem", "expand", "shortcut"])
     assert not Counter(name for name, _ in skipping) - names
-    first_se = [("project", (2,)), ("depthwise_se", (0,))]  # in backward order
+    first_se = [("project", (0, 2)), ("depthwise_se", (0,))]  # in backward order
     assert [call for call in skipping if call[1]] == first_se
     assert [call for call in ran if call[1]] == [("stem", (0,))]
     for kind in SE_KINDS:
         np.testing.assert_array_equal(se.counts[kind], every.counts[kind], err_msg=kind)
-        np.testing.assert_allclose(se.sums[kind], every.sums[kind], atol=1e-6, err_msg=kind)
+        # float32 order of sums: the first SE's gradient comes without its conv's cotangent
+        # (stem-stride1: 1.3e-6 apart; the same two in float64: 1e-15)
+        np.testing.assert_allclose(se.sums[kind], every.sums[kind], atol=5e-6, err_msg=kind)
 
 
 def _recording(backward, name: str, ran: list):
@@ -194,15 +196,18 @@ ACTIVATIONS_RTOL = {"naswot": 1e-12, "meco": 1e-5}
 # float32 feature maps, so rounding weighs ~100x), the log-std sum 1e-7, the score 4.6e-7.
 ZEN_RTOL = 2e-5
 ZEN_SCORE_RTOL = 2e-6
-# Measured (float32, 2 CPUs): on "past-buckets" every leaf within 4e-5 of its largest entry
-# but the shortcut conv's bias, whose gradient is 0 (BatchNorm follows it) and both sides
-# round to ~1e-9; scores within 5e-5 relative (zico, a log of mean/std over two half
+# Measured (float32, 2 CPUs, Intel Xeon): on "past-buckets" every leaf within 4e-5 of its
+# largest entry but the shortcut conv's bias, whose gradient is 0 (BatchNorm follows it)
+# and both sides round to ~1e-9; scores within 5e-5 relative (zico, a log of mean/std over two half
 # batches, is the most sensitive). "stem-stride1" is the float32-sensitive case of the
 # module docstring: leaves differ by up to 1.3e-3 of their largest entry there, the scores
 # by 3e-5. synflow runs in float64 on both sides: 1e-14.
+# On an AMD EPYC (AVX2) zico on "past-buckets" came out 1.8e-4 apart: the float32 whole
+# network is 2.6e-4 from the same computation in float64 there and the engine 4.4e-4, while
+# the two in float64 agree to 1.7e-13, so zico gets float32's reach on this architecture.
 PAST_BUCKETS = CASES[1].values[0]
 LEAF_ATOL = 1e-4
-SCORE_RTOL = 1e-4
+SCORE_RTOL = {"synflow": 1e-12, "zico": 5e-4}
 
 
 @pytest.mark.slow
@@ -235,7 +240,7 @@ def test_gradients_equal_the_whole_network_measurements(text, batch):
                 np.testing.assert_allclose(h, w, atol=atol, err_msg=f"{name} {path}")
     for proxy in ("jacob_cov", "snip", "grad_norm", "zico", "synflow"):
         read = PROXIES[proxy].measurement
-        rtol = 1e-12 if proxy == "synflow" else SCORE_RTOL
+        rtol = SCORE_RTOL.get(proxy, 1e-4)
         assert PROXIES[proxy].score(got[read], params) == pytest.approx(
             PROXIES[proxy].score(expected[read], params), rel=rtol
         ), proxy

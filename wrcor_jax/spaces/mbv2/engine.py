@@ -546,10 +546,12 @@ class Piece:
     `saves`, for the piece to reuse) and adds to each input's cotangent the one `carried`
     from other readers of that input (None: none), so no eager add compiles per shape
     outside the pieces; an output's cotangent None is 0. `kinds` are the gradient kinds its
-    sites add to (`MBV2Engine._backward` skips the backwards that reach none asked for).
-    The backward's `frozen` names the inputs whose cotangents nothing reads (their
-    producers' backwards are skipped): they come back None, and XLA drops the work only
-    they needed (for WRCor, the first SE's depthwise conv and BatchNorm backward).
+    sites add to (`MBV2Engine._backward` skips the backwards that reach none asked for), and
+    `output_kinds` those upstream of each output, where they are not all (an output's
+    cotangent reaches only those). The backward's `frozen` names the inputs whose
+    cotangents nothing reads: they come back None, and XLA drops the work only they needed
+    (for WRCor, the first SE's depthwise conv and BatchNorm backward, and the first
+    project's cotangent of the depthwise output).
     """
 
     def __init__(
@@ -558,13 +560,19 @@ class Piece:
         static: Sequence[str] = (),
         saves: bool = False,
         kinds: Sequence[str] = (),
+        output_kinds: Sequence[Sequence[str]] = (),
     ):
         self.fn = fn
         self.saves = saves
         self.kinds = frozenset(kinds)
+        self._output_kinds = tuple(frozenset(k) for k in output_kinds)
         names = ("kinds", "norm", "zen", *static)
         self.forward = RetainedJit(self._forward, static_argnames=(*names, "activations"))
         self.backward = RetainedJit(self._backward, static_argnames=(*names, "weights", "frozen"))
+
+    def output_kinds(self, index: int) -> frozenset:
+        """The gradient kinds of the sites upstream of output `index`."""
+        return self._output_kinds[index] if self._output_kinds else self.kinds
 
     @staticmethod
     def _terms(sites: dict, kinds: frozenset, backward: bool) -> dict:
@@ -658,7 +666,12 @@ PIECES = {
     "stem": Piece(_stem, ("layers", "stride", "resolution", "p_out"), kinds=BLOCK_GRAD),
     "expand": Piece(_expand, ("relu",), saves=True, kinds=BLOCK_GRAD),
     "depthwise_se": Piece(
-        _depthwise_se, ("stride", "p_out"), saves=True, kinds=(SE_KINDS[1], *BLOCK_GRAD)
+        _depthwise_se,
+        ("stride", "p_out"),
+        saves=True,
+        kinds=(SE_KINDS[1], *BLOCK_GRAD),
+        # the SE's site lies upstream of the gate only, not of the conv's output or 1 / std
+        output_kinds=(BLOCK_GRAD, (SE_KINDS[1], *BLOCK_GRAD), ()),
     ),
     "shortcut": Piece(_shortcut, ("stride", "p_out")),
     "project": Piece(_project, saves=True, kinds=BLOCK_GRAD),
@@ -892,15 +905,20 @@ class MBV2Engine:
         """Per recorded call, None when its backward reaches nothing asked for (the
         weights' gradient, the gradient at `images` (None: not asked; through the calls
         that produced its inputs) or a site of `kinds`, its own or one upstream of it), else
-        which of its inputs need no cotangent: those whose producer's backward is skipped."""
+        which of its inputs need no cotangent: those whose cotangent reaches nothing asked
+        for (through their producer's inputs or the producer's sites upstream of them).
+        For WRCor that is the first depthwise + SE's input and the first project's input
+        from it (only its gate reaches the first SE site)."""
         if weights:
             return [()] * len(self._calls)
         reaches = {id(images): True} if images is not None else {}
         needed = []
         for _, call in self._calls:
+            piece = PIECES[call.piece]
             feeds = [reaches.get(id(array), False) for array in call.inputs]
-            need = any(feeds) or bool(PIECES[call.piece].kinds & kinds)
-            reaches |= {id(out): need for out in call.outputs}
+            need = any(feeds) or bool(piece.kinds & kinds)
+            for k, out in enumerate(call.outputs):
+                reaches[id(out)] = any(feeds) or bool(piece.output_kinds(k) & kinds)
             frozen = tuple(i for i, fed in enumerate(feeds) if not fed)
             needed.append(frozen if need else None)
         return needed
