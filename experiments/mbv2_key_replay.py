@@ -43,12 +43,17 @@ class Buckets:
     min_channels: int = MIN_CHANNELS
     fine_channels: int = FINE_CHANNELS
     fine_rows: int = FINE_ROWS
+    pointwise_rows: bool = True  # False: 1x1 pieces keyed without rows, as tiles would be
 
     def channels(self, channels: int) -> int:
         return bucket(channels, self.min_channels, self.fine_channels)
 
     def rows(self, pixels: int) -> int:
         return bucket(pixels, 1, self.fine_rows)
+
+    def pointwise(self, pixels: int) -> int:
+        """A 1x1 piece's rows in its key."""
+        return self.rows(pixels) if self.pointwise_rows else 0
 
 
 Backward = tuple[int, ...] | None
@@ -60,7 +65,7 @@ def piece_calls(arch: MBV2Arch, buckets: Buckets = Buckets()) -> list[tuple[Key,
     leaves without a cotangent (None: it does not run). Below the first squeeze-excite no
     backward runs, so the first sub-block's depthwise + SE and project backwards leave out
     the inputs from there: `MBV2Engine._needed`."""
-    channel_bucket, rows_bucket = buckets.channels, buckets.rows
+    channel_bucket, rows_bucket, pointwise = buckets.channels, buckets.rows, buckets.pointwise
     stem, *rest = arch.blocks
     side = -(-arch.resolution // stem.stride)
     stem_key = ("stem", arch.resolution, stem.layers, stem.stride, stem.kernel)
@@ -78,7 +83,7 @@ def piece_calls(arch: MBV2Arch, buckets: Buckets = Buckets()) -> list[tuple[Key,
         if not isinstance(block, ResBlock):  # a 1x1 conv block: expand pieces with the ReLU
             for j in range(block.layers):
                 c_in = block.in_channels if j == 0 else block.out_channels
-                rows, c_out = rows_bucket(side * side), channel_bucket(block.out_channels)
+                rows, c_out = pointwise(side * side), channel_bucket(block.out_channels)
                 calls.append((("expand", rows, channel_bucket(c_in), c_out, True), above()))
             continue
         dw = channel_bucket(block.dw_channels)
@@ -89,11 +94,12 @@ def piece_calls(arch: MBV2Arch, buckets: Buckets = Buckets()) -> list[tuple[Key,
             c_in = channel_bucket(block.in_channels if j == 0 else block.out_channels)
             out_side = -(-side // stride)
             rows, rows_out = rows_bucket(side * side), rows_bucket(out_side * out_side)
-            calls.append((("expand", rows, c_in, dw, False), above()))
+            pixels, pixels_out = pointwise(side * side), pointwise(out_side * out_side)
+            calls.append((("expand", pixels, c_in, dw, False), above()))
             calls.append((("depthwise_se", rows, dw, mid, stride, rows_out), above((0,))))
             if j == 0:
-                calls.append((("shortcut", rows, c_in, out, stride, rows_out), above()))
-            calls.append((("project", rows_out, dw, out), above((0, 2))))
+                calls.append((("shortcut", pixels, c_in, out, stride, pixels_out), above()))
+            calls.append((("project", pixels_out, dw, out), above((0, 2))))
             below_se, side = False, out_side
     last = channel_bucket(arch.blocks[-1].out_channels)
     calls.append((("head", rows_bucket(side * side), last), above()))
@@ -131,8 +137,15 @@ def main() -> None:
     what_if.add_argument("--min-channels", type=int, default=MIN_CHANNELS)
     what_if.add_argument("--fine-channels", type=int, default=FINE_CHANNELS)
     what_if.add_argument("--fine-rows", type=int, default=FINE_ROWS)
+    what_if.add_argument(
+        "--pointwise-without-rows",
+        action="store_true",
+        help="key the 1x1 pieces (expand, shortcut, project) without their rows",
+    )
     args = parser.parse_args()
-    buckets = Buckets(args.min_channels, args.fine_channels, args.fine_rows)
+    buckets = Buckets(
+        args.min_channels, args.fine_channels, args.fine_rows, not args.pointwise_without_rows
+    )
     checkpoints = sorted(int(c) for c in args.checkpoints.split(","))
     for seed in range(args.seeds):
         archs = sampling.sample(
