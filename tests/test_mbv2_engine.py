@@ -202,9 +202,9 @@ ZEN_SCORE_RTOL = 2e-6
 # batches, is the most sensitive). "stem-stride1" is the float32-sensitive case of the
 # module docstring: leaves differ by up to 1.3e-3 of their largest entry there, the scores
 # by 3e-5. synflow runs in float64 on both sides: 1e-14.
-# On an AMD EPYC (AVX2) zico on "past-buckets" came out 1.8e-4 apart: the float32 whole
-# network is 2.6e-4 from the same computation in float64 there and the engine 4.4e-4, while
-# the two in float64 agree to 1.7e-13, so zico gets float32's reach on this architecture.
+# On an AMD EPYC (family 25 model 17) zico on "past-buckets" came out 1.8e-4 apart: the
+# float32 whole network is 2.6e-4 from the same computation in float64 there and the engine
+# 4.4e-4, while the two in float64 agree to 1.7e-13, so zico gets float32's reach here.
 PAST_BUCKETS = CASES[1].values[0]
 LEAF_ATOL = 1e-4
 SCORE_RTOL = {"synflow": 1e-12, "zico": 5e-4}
