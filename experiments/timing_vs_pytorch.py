@@ -33,7 +33,11 @@ Implementations (`--only` picks some, `--limit NAME=N` scores only the first N a
 `--profile` adds where the composed engine's time goes (see `_profile`).
 The jax rows run with `wrcor_jax.allocator`'s tuned glibc malloc, as the command line does
 (`WRCOR_JAX_MALLOC=default` keeps glibc's defaults); the torch rows keep the defaults unless
-`--torch-malloc tuned`. Each row's `extra.malloc_tuned` says which it had.
+`--torch-malloc tuned`. Each row's `extra.malloc_tuned` says which it had. The rows of the
+`score` path (jax, jax_2workers) keep compiled programs on disk as `score` does
+(`--compile-cache DIR`, `--no-compile-cache`): when `ExecutableBudget` releases the
+executables between an architecture's untimed and timed calls, they are read back rather
+than compiled again. Give a fresh directory for compile counts from nothing.
 
 The FLOP floor (`floor_median_s`, the median over a row's timed archs; `x_floor`, the row's
 median over it): per arch, the FLOPs its proxies' measurements need (`FLOOR_COUNTS`; proxies
@@ -85,6 +89,7 @@ from typing import NamedTuple
 import numpy as np
 
 from wrcor_jax import allocator
+from wrcor_jax.cli import add_compile_cache_options, use_compile_cache
 from wrcor_jax.jsonio import write_json
 from wrcor_jax.spaces.nb201 import (
     BEST_CIFAR10,
@@ -254,6 +259,7 @@ def _scorer_worker(args: argparse.Namespace, name: str, result: dict) -> None:
     from wrcor_jax.spaces import get_space
 
     CompileCounter.install()
+    use_compile_cache(args)
     workers = 2 if name == "jax_2workers" else 1
     config = ScoreConfig(
         args.space, "cifar10", args.proxies, BATCH_SEED, args.batch_size, str(args.data),
@@ -833,6 +839,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="score-path rows: time a second call per chunk (compilations done by the first)",
     )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per implementation")
+    add_compile_cache_options(parser)
     parser.add_argument(
         "--torch-malloc",
         choices=("default", "tuned"),
