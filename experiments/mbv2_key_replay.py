@@ -43,7 +43,7 @@ class Buckets:
     min_channels: int = MIN_CHANNELS
     fine_channels: int = FINE_CHANNELS
     fine_rows: int = FINE_ROWS
-    pointwise_rows: bool = True  # False: 1x1 pieces keyed without rows, as tiles would be
+    pointwise_tiles: tuple[int, ...] = ()  # rows per image of 1x1 pieces run over tiles
 
     def channels(self, channels: int) -> int:
         return bucket(channels, self.min_channels, self.fine_channels)
@@ -52,8 +52,12 @@ class Buckets:
         return bucket(pixels, 1, self.fine_rows)
 
     def pointwise(self, pixels: int) -> int:
-        """A 1x1 piece's rows in its key."""
-        return self.rows(pixels) if self.pointwise_rows else 0
+        """A 1x1 piece's rows in its key: the padded rows, or with `pointwise_tiles` the
+        largest tile they hold (the smallest tile where they hold none)."""
+        rows = self.rows(pixels)
+        if not self.pointwise_tiles:
+            return rows
+        return max((t for t in self.pointwise_tiles if t <= rows), default=self.pointwise_tiles[0])
 
 
 Backward = tuple[int, ...] | None
@@ -138,14 +142,14 @@ def main() -> None:
     what_if.add_argument("--fine-channels", type=int, default=FINE_CHANNELS)
     what_if.add_argument("--fine-rows", type=int, default=FINE_ROWS)
     what_if.add_argument(
-        "--pointwise-without-rows",
-        action="store_true",
-        help="key the 1x1 pieces (expand, shortcut, project) without their rows",
+        "--pointwise-tiles",
+        type=lambda text: tuple(sorted(int(t) for t in text.split(","))),
+        default=(),
+        help="key the 1x1 pieces (expand, shortcut, project) by the row tile they would run "
+        "over (rows per image, e.g. 64,4096) instead of their rows",
     )
     args = parser.parse_args()
-    buckets = Buckets(
-        args.min_channels, args.fine_channels, args.fine_rows, not args.pointwise_without_rows
-    )
+    buckets = Buckets(args.min_channels, args.fine_channels, args.fine_rows, args.pointwise_tiles)
     checkpoints = sorted(int(c) for c in args.checkpoints.split(","))
     for seed in range(args.seeds):
         archs = sampling.sample(

@@ -39,20 +39,21 @@ def test_replayed_keys_are_the_pieces_keys():
     assert replayed == signatures_met(stand_ins)
 
 
-def test_pointwise_without_rows_keys_the_1x1_pieces_without_rows():
-    """The what-if of a row-tiled engine: the same calls, the 1x1 pieces' rows out of their
-    keys (so never more keys), every other piece keyed as the engine keys it."""
+def test_pointwise_tiles_key_only_the_1x1_pieces_by_their_tile():
+    """The what-if of a row-tiled engine: the same calls, the 1x1 pieces keyed by the
+    largest tile their rows hold instead of the rows (so never more keys), every other
+    piece keyed as the engine keys it."""
     replay = _load("mbv2_key_replay")
     archs = sampling.sample(np.random.default_rng(0), 20, flops_limit=600_000_000)
-    tiled = replay.Buckets(pointwise_rows=False)
+    tiled = replay.Buckets(pointwise_tiles=(64, 4096))
     pointwise = {"expand", "shortcut", "project"}
     for arch in archs:
-        engine, without = replay.piece_calls(arch), replay.piece_calls(arch, tiled)
-        assert [frozen for _, frozen in engine] == [frozen for _, frozen in without]
-        for (key, _), (other, _) in zip(engine, without, strict=True):
+        engine, with_tiles = replay.piece_calls(arch), replay.piece_calls(arch, tiled)
+        assert [frozen for _, frozen in engine] == [frozen for _, frozen in with_tiles]
+        for (key, _), (other, _) in zip(engine, with_tiles, strict=True):
             assert key[0] == other[0]
             if key[0] not in pointwise:
                 assert key == other
             else:
-                assert other[1] == 0 and key[1] > 0
+                assert other[1] == (4096 if key[1] >= 4096 else 64)
     assert len(replay.keys_met(archs, tiled)) < len(replay.keys_met(archs))
