@@ -29,7 +29,13 @@ import numpy as np
 from wrcor_jax.spaces import get_space
 from wrcor_jax.spaces.mbv2 import sampling
 from wrcor_jax.spaces.mbv2.arch import MBV2Arch, ResBlock
-from wrcor_jax.spaces.mbv2.engine import FINE_CHANNELS, FINE_ROWS, MIN_CHANNELS, bucket
+from wrcor_jax.spaces.mbv2.engine import (
+    FINE_CHANNELS,
+    FINE_ROWS,
+    MIN_CHANNELS,
+    TILE_ROWS,
+    bucket,
+)
 from wrcor_jax.spaces.mbv2.network import se_channels
 
 Key = tuple
@@ -37,13 +43,14 @@ Key = tuple
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-    """The engine's padding rule (`engine.bucket`) with its parameters, the engine's by
-    default, so that other choices can be replayed before the engine takes them."""
+    """The engine's padding and tiling rules (`engine.bucket`, `engine.tile_rows`) with their
+    parameters, the engine's by default, so that other choices can be replayed before the
+    engine takes them."""
 
     min_channels: int = MIN_CHANNELS
     fine_channels: int = FINE_CHANNELS
     fine_rows: int = FINE_ROWS
-    pointwise_tiles: tuple[int, ...] = ()  # rows per image of 1x1 pieces run over tiles
+    tile_rows: tuple[int, int] = TILE_ROWS
 
     def channels(self, channels: int) -> int:
         return bucket(channels, self.min_channels, self.fine_channels)
@@ -51,25 +58,49 @@ class Buckets:
     def rows(self, pixels: int) -> int:
         return bucket(pixels, 1, self.fine_rows)
 
-    def pointwise(self, pixels: int) -> int:
-        """A 1x1 piece's rows in its key: the padded rows, or with `pointwise_tiles` the
-        largest tile they hold (the smallest tile where they hold none)."""
-        rows = self.rows(pixels)
-        if not self.pointwise_tiles:
-            return rows
-        return max((t for t in self.pointwise_tiles if t <= rows), default=self.pointwise_tiles[0])
+    def tile(self, pixels: int) -> int:
+        """Rows per image of the tiles the 1x1 pieces run over (`engine.tile_rows`)."""
+        rows, (small, large) = self.rows(pixels), self.tile_rows
+        return rows if rows <= small else large if rows >= large else small
 
 
 Backward = tuple[int, ...] | None
 
 
+def _pointwise(
+    tile: int, c_in: int, c_out: int, backward: Backward, residual: bool, **static
+) -> list[tuple[Key, Backward]]:
+    """The pieces of `MBV2Engine._pointwise` (each key once, whatever the tile count): the
+    covariance path where the output is not narrower, else the conv and the output's
+    statistics; `backward` for each but the BatchNorm's, which leaves out the residual too
+    where the others leave out anything (`backward` (0,): the first project).
+    `read_again`: the input tiles have readers after these (a sub-block's input)."""
+    flags = ("relu", "site", "gated", "biased", "read_again")
+    relu, site, gated, biased, read_again = (static.get(k, False) for k in flags)
+    if not gated and not biased and c_in <= c_out:
+        return [
+            (("rows_sum", tile, c_in), backward),
+            (("centred_gram", tile, c_in), backward),
+            (("expand", tile, c_in, c_out, relu), backward),
+        ]
+    norm_backward = backward if not backward else (3,)
+    return [
+        # a sub-block's input is read again (residual, shortcut): its backward carries that
+        (("conv_rows", tile, c_in, c_out, gated, biased, read_again), backward),
+        (("rows_sum", tile, c_out), () if backward is not None else None),
+        (("centred_squares", tile, c_out), () if backward is not None else None),
+        (("batch_norm_tile", tile, c_out, relu, site, residual), norm_backward),
+    ]
+
+
 def piece_calls(arch: MBV2Arch, buckets: Buckets = Buckets()) -> list[tuple[Key, Backward]]:
-    """Each piece call of WRCor's pass over `arch`, in order: its key (piece, padded rows
-    and channels, static arguments) and, where its backward runs, the inputs that backward
-    leaves without a cotangent (None: it does not run). Below the first squeeze-excite no
-    backward runs, so the first sub-block's depthwise + SE and project backwards leave out
-    the inputs from there: `MBV2Engine._needed`."""
-    channel_bucket, rows_bucket, pointwise = buckets.channels, buckets.rows, buckets.pointwise
+    """Each piece of WRCor's pass over `arch`, in order (once per tile run: the tiles of one
+    piece share its key): its key (piece, padded rows or tile and channels, static
+    arguments) and, where its backward runs, the inputs that backward leaves without a
+    cotangent (None: it does not run). Below the first squeeze-excite no backward runs, so
+    the first sub-block's depthwise + SE and project backwards leave out the inputs from
+    there: `MBV2Engine._needed`."""
+    channel_bucket, rows_bucket, tile = buckets.channels, buckets.rows, buckets.tile
     stem, *rest = arch.blocks
     side = -(-arch.resolution // stem.stride)
     stem_key = ("stem", arch.resolution, stem.layers, stem.stride, stem.kernel)
@@ -87,8 +118,11 @@ def piece_calls(arch: MBV2Arch, buckets: Buckets = Buckets()) -> list[tuple[Key,
         if not isinstance(block, ResBlock):  # a 1x1 conv block: expand pieces with the ReLU
             for j in range(block.layers):
                 c_in = block.in_channels if j == 0 else block.out_channels
-                rows, c_out = pointwise(side * side), channel_bucket(block.out_channels)
-                calls.append((("expand", rows, channel_bucket(c_in), c_out, True), above()))
+                c_out = channel_bucket(block.out_channels)
+                calls += _pointwise(
+                    tile(side * side), channel_bucket(c_in), c_out, above(), False, relu=True,
+                    site=True,
+                )  # fmt: skip
             continue
         dw = channel_bucket(block.dw_channels)
         mid = channel_bucket(se_channels(block.dw_channels))
@@ -98,12 +132,23 @@ def piece_calls(arch: MBV2Arch, buckets: Buckets = Buckets()) -> list[tuple[Key,
             c_in = channel_bucket(block.in_channels if j == 0 else block.out_channels)
             out_side = -(-side // stride)
             rows, rows_out = rows_bucket(side * side), rows_bucket(out_side * out_side)
-            pixels, pixels_out = pointwise(side * side), pointwise(out_side * out_side)
-            calls.append((("expand", pixels, c_in, dw, False), above()))
-            calls.append((("depthwise_se", rows, dw, mid, stride, rows_out), above((0,))))
+            calls += _pointwise(
+                tile(side * side), c_in, dw, above(), False, site=True, read_again=True
+            )
+            tiles_in = rows // tile(side * side)
+            calls.append(
+                (("depthwise_se", rows, dw, mid, stride, rows_out), above(tuple(range(tiles_in))))
+            )
             if j == 0:
-                calls.append((("shortcut", pixels, c_in, out, stride, pixels_out), above()))
-            calls.append((("project", pixels_out, dw, out), above((0, 2))))
+                if stride == 2:
+                    calls.append((("subsample", rows, c_in, rows_out), above()))
+                calls += _pointwise(
+                    tile(out_side * out_side), c_in, out, above(), False, biased=True
+                )
+            calls += _pointwise(
+                tile(out_side * out_side), dw, out, above((0,)), True, relu=True, site=True,
+                gated=True,
+            )  # fmt: skip
             below_se, side = False, out_side
     last = channel_bucket(arch.blocks[-1].out_channels)
     calls.append((("head", rows_bucket(side * side), last), above()))
@@ -142,14 +187,14 @@ def main() -> None:
     what_if.add_argument("--fine-channels", type=int, default=FINE_CHANNELS)
     what_if.add_argument("--fine-rows", type=int, default=FINE_ROWS)
     what_if.add_argument(
-        "--pointwise-tiles",
-        type=lambda text: tuple(sorted(int(t) for t in text.split(","))),
-        default=(),
-        help="key the 1x1 pieces (expand, shortcut, project) by the row tile they would run "
-        "over (rows per image, e.g. 64,4096) instead of their rows",
+        "--tile-rows",
+        type=lambda text: tuple(int(t) for t in text.split(",")),
+        default=TILE_ROWS,
+        help="SMALL,LARGE: the 1x1 pieces' tiles, SMALL rows per image below LARGE padded "
+        "rows, LARGE from there (a tile as large as any image: keyed by their rows)",
     )
     args = parser.parse_args()
-    buckets = Buckets(args.min_channels, args.fine_channels, args.fine_rows, args.pointwise_tiles)
+    buckets = Buckets(args.min_channels, args.fine_channels, args.fine_rows, args.tile_rows)
     checkpoints = sorted(int(c) for c in args.checkpoints.split(","))
     for seed in range(args.seeds):
         archs = sampling.sample(

@@ -90,6 +90,20 @@ def rows_bucket(pixels: int) -> int:
     return bucket(pixels, 1, FINE_ROWS)
 
 
+TILE_ROWS = (32, 4096)
+"""Rows per image of the tiles the 1x1 pieces run over: 32 below 4,096 padded rows, 4,096
+from there (images of 64 x 64 and more, in at most 8 tiles). Keyed by their rows, the 1x1
+pieces met 1.32x the keys of the first 20 of 40 sampled architectures (mean over 20 samples;
+13 of 20 over issue 12's 1.3x); keyed by these tiles, 1.20x, at most 1.26x
+(docs/mbv2_engine.md)."""
+
+
+def tile_rows(p: int) -> int:
+    """Rows per image of a 1x1 piece's tiles over `p` padded rows (all of them up to 32)."""
+    small, large = TILE_ROWS
+    return p if p <= small else large if p >= large else small
+
+
 # --------------------------------------------------------------------------- masked maths
 
 
@@ -116,54 +130,15 @@ def masked_abs_corrcoef(x: jax.Array, mask: jax.Array, count: jax.Array) -> tupl
     return jnp.where(valid, jnp.abs(corr), 0.0), valid.astype(jnp.int32)
 
 
-def batch_norm_rows(y: jax.Array, w: dict, rows: jax.Array) -> jax.Array:
-    """Training-mode BatchNorm of (N, P, C) rows over the real rows; padded rows come out 0.
-    Padded rows of y must be 0 (they are: every producer masks them)."""
-    return _batch_norm_rows_rstd(y, w, rows)[0]
-
-
 def _batch_norm_rows_rstd(y: jax.Array, w: dict, rows: jax.Array) -> tuple:
-    """`batch_norm_rows` and the 1 / std it divided by (what its backward needs)."""
+    """Training-mode BatchNorm of (N, P, C) rows over the real rows (padded rows come out 0;
+    those of y must be 0: every producer masks them) and the 1 / std it divided by."""
     mask = _row_mask(y.shape[1], rows)
     n = y.shape[0] * rows
     mean = y.sum(axis=(0, 1)) / n
     var = (jnp.square(y - mean) * mask).sum(axis=(0, 1)) / n
     rstd = jax.lax.rsqrt(var + BN_EPS)
     return ((y - mean) * rstd * w["scale"] + w["bias"]) * mask, rstd
-
-
-def conv1x1_bn_rows(x: jax.Array, w: dict, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """1x1 conv of (N, P, C) rows, then training-mode BatchNorm over the real rows, and the
-    1 / std it divided by, with the statistics taken from the input: mean(y) = mean(x) W and
-    var(y) = diag(W^T cov(x) W), cov(x) a C x C product of the centred real rows. The
-    normalisation then folds into the kernel and a bias, so the wide output is written once:
-    as `batch_norm_rows` of the conv it took 4x the conv's time here, the output being
-    memory-bound (XLA:CPU keeps BN's reductions and elementwise passes apart). Padded rows of
-    x must be 0; they stay 0.
-
-    When the output is narrower than the input (project: c_in up to 8x c_out) the C x C
-    covariance costs more than the conv, forward and backward, so the BatchNorm is then
-    `batch_norm_rows` of the narrow output."""
-    kernel = w["kernel"][0, 0]
-    if kernel.shape[0] > kernel.shape[1]:
-        return _batch_norm_rows_rstd(_matmul_rows(x, kernel), w, rows)
-    mask = _row_mask(x.shape[1], rows)
-    n = x.shape[0] * rows
-    mean = x.sum(axis=(0, 1)) / n
-    centred = (x - mean) * mask
-    flat = centred.reshape(-1, centred.shape[-1])
-    cov = jnp.dot(flat.T, flat, precision=HIGHEST) / n
-    var = jnp.sum(kernel * (cov @ kernel), axis=0)
-    rstd = jax.lax.rsqrt(var + BN_EPS)
-    scale = w["scale"] * rstd
-    shift = w["bias"] - (mean @ kernel) * scale
-    return (_matmul_rows(x, kernel * scale) + shift) * mask, rstd
-
-
-def _conv1x1_rows(x: jax.Array, kernel: jax.Array, side: jax.Array) -> jax.Array:
-    """A 1x1 conv of rows, called as every conv `_conv_bn` takes (`side` is not needed)."""
-    del side
-    return _matmul_rows(x, kernel[0, 0])
 
 
 def _matmul_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -295,7 +270,7 @@ depthwise_strided_rows.defvjp(_depthwise_strided_fwd, _depthwise_strided_bwd)
 def batch_norm_saved(
     conv: Callable, x: jax.Array, w: dict, geometry: jax.Array, rows: jax.Array, z, rstd
 ) -> jax.Array:
-    """`batch_norm_rows` of conv(x, w["kernel"], geometry) (`rows` real rows) for the backward
+    """BatchNorm of conv(x, w["kernel"], geometry) over its `rows` real rows, for the backward
     pass, given what the forward pass computed: its output z and 1 / std. Returns z; its
     backward is BatchNorm's closed form, reading the conv output's normalised value back
     from z, then the conv's own backward, which reads x only for the kernel's gradient.
@@ -339,11 +314,6 @@ batch_norm_saved.defvjp(_batch_norm_saved_fwd, _batch_norm_saved_bwd)
 Sites = dict[str, tuple[jax.Array, jax.Array, jax.Array]]
 
 
-def _norm_rows(y: jax.Array, w: dict, rows: jax.Array, norm: bool) -> jax.Array:
-    """`batch_norm_rows`, or nothing when BatchNorm is switched off (synflow)."""
-    return batch_norm_rows(y, w, rows) if norm else y
-
-
 def _norm(y: jax.Array, w: dict, norm: bool) -> jax.Array:
     """BatchNorm over the batch (the SE's N x C values), or nothing when switched off."""
     return batch_norm(y, w["scale"], w["bias"], eps=BN_EPS) if norm else y
@@ -354,20 +324,16 @@ def _real(z: jax.Array, rows: jax.Array, channels: jax.Array) -> jax.Array:
     return _row_mask(z.shape[1], rows) & _channel_mask(z.shape[2], channels)
 
 
-def _conv_bn(conv: Callable, x, w: dict, geometry, rows, norm: bool, saved, fused=None) -> tuple:
-    """conv(x, w["kernel"], geometry) (what the conv reads besides x and its kernel: the side;
-    the depthwise conv's side and radius), BatchNormed over its `rows` real rows when `norm`, and
-    then its 1 / std, as a 1-tuple (empty without BatchNorm). `fused(x, w, rows)` computes
-    both at once when given. In the backward pass `saved` holds the piece's forward outputs,
-    the first and the last of them these two: `batch_norm_saved` reads them back."""
+def _conv_bn(conv: Callable, x, w: dict, geometry, rows, norm: bool, saved) -> tuple:
+    """conv(x, w["kernel"], geometry) (what the conv reads besides x and its kernel: the
+    depthwise conv's side and radius), BatchNormed over its `rows` real rows when `norm`, and
+    then its 1 / std, as a 1-tuple (empty without BatchNorm). In the backward pass `saved`
+    holds the output and its 1 / std from the forward: `batch_norm_saved` reads them back."""
     if not norm:
         return conv(x, w["kernel"], geometry), ()
     if saved is not None:
-        return batch_norm_saved(conv, x, w, geometry, rows, saved[0], saved[-1]), (saved[-1],)
-    if fused is not None:
-        z, rstd = fused(x, w, rows)
-    else:
-        z, rstd = _batch_norm_rows_rstd(conv(x, w["kernel"], geometry), w, rows)
+        return batch_norm_saved(conv, x, w, geometry, rows, *saved), (saved[-1],)
+    z, rstd = _batch_norm_rows_rstd(conv(x, w["kernel"], geometry), w, rows)
     return z, (rstd,)
 
 
@@ -386,54 +352,147 @@ def _variance(rstd: jax.Array) -> jax.Array:
     return 1 / jnp.square(rstd) - BN_EPS
 
 
-def _expand(w, inputs, dims, probe, norm: bool, zen: bool, relu: bool, saved=None):
-    """1x1 conv, BatchNorm, then the ReLU when `relu` (a conv block's layer). Without it (a
-    sub-block's expand, whose depthwise piece applies the ReLU) the output is pre-ReLU and,
-    with BatchNorm, comes with its 1 / std: given back as `saved`, they spare the backward
-    the forward's covariance and product (2x faster), which it could not read back from the
-    ReLU's output. dims: side, real output channels."""
-    side, channels = dims[0], dims[1]
-    rows = side * side
-    saved = None if relu else saved
-    z, rstd = _conv_bn(_conv1x1_rows, inputs[0], w, side, rows, norm, saved, conv1x1_bn_rows)
-    if zen:
-        _record_variance(probe, "out", _variance(rstd[0]), channels)
-    z = probe("out", z, _real(z, rows, channels), rows * channels)
-    return (jax.nn.relu(z),) if relu else (z, *rstd)
+# The 1x1 pieces run over row tiles: (N, R, C), rows t*R .. (t+1)*R - 1 of every image, R set
+# by the padded rows alone (`tile_rows`), so that their keys hold the tile, not the image's
+# size. BatchNorm couples the tiles: its statistics are running sums over them (one piece
+# call per tile, the total passed on), read by the tile's conv or normalisation. Reverse mode
+# runs the same chain backwards, each call's vjp taking the summed cotangent of the totals
+# it read (`MBV2Engine._backward` sums the cotangents of arrays read several times).
 
 
-def _project(w, inputs, dims, probe, norm: bool, zen: bool, saved=None):
-    """1x1 conv of ReLU(h) (h: the depthwise piece's pre-ReLU output) gated per channel by
-    the SE, BatchNorm, plus the residual (not for `zen`: Zen-NAS drops residual links),
-    ReLU. With BatchNorm it also returns the (narrow) BatchNorm output and its 1 / std:
-    given back as `saved`, they spare the backward the forward's wide product and
-    statistics. dims: side, real output channels."""
-    h, gate, residual = inputs
-    side, channels = dims[0], dims[1]
+def _tile_mask(r: int, t: jax.Array, rows: jax.Array) -> jax.Array:
+    """(R, 1): which of tile t's R rows are real."""
+    return (t * r + jnp.arange(r) < rows)[:, None]
+
+
+def _rows_sum(w, inputs, dims, probe, norm: bool, zen: bool):
+    """The running sum over the tiles' rows (padded rows are 0): a mean's numerator."""
+    del w, dims, probe, norm, zen
+    x, total = inputs
+    return (total + x.sum(axis=(0, 1)),)
+
+
+def _centred_gram(w, inputs, dims, probe, norm: bool, zen: bool):
+    """The running C x C product of the real rows centred on the batch mean (the sum
+    `total`): the covariance's numerator. dims: side, real channels, tile index."""
+    del w, probe, norm, zen
+    x, total, gram = inputs
+    rows = dims[0] * dims[0]
+    centred = (x - total / (x.shape[0] * rows)) * _tile_mask(x.shape[1], dims[2], rows)
+    flat = centred.reshape(-1, centred.shape[-1])
+    return (gram + jnp.dot(flat.T, flat, precision=HIGHEST),)
+
+
+def _centred_squares(w, inputs, dims, probe, norm: bool, zen: bool):
+    """The running sum of squares of the real rows about the batch mean (the sum `total`):
+    the variance's numerator. dims: side, real channels, tile index."""
+    del w, probe, norm, zen
+    y, total, squares = inputs
+    rows = dims[0] * dims[0]
+    centred = (y - total / (y.shape[0] * rows)) * _tile_mask(y.shape[1], dims[2], rows)
+    return (squares + jnp.square(centred).sum(axis=(0, 1)),)
+
+
+def _expand(w, inputs, dims, probe, norm: bool, zen: bool, relu: bool):
+    """A tile's 1x1 conv and BatchNorm, its statistics taken from the input: mean(y) = mean(x)
+    W and var(y) = diag(W^T cov(x) W), from x's running sum and centred product over all
+    tiles. The normalisation folds into the kernel, so the wide output is written once (as
+    BatchNorm of the conv output it took 4x the conv's time: XLA:CPU keeps BN's reductions
+    and elementwise passes apart); its backward needs no stored output. Then the
+    ReLU when `relu` (a 1x1 conv block; a sub-block's depthwise piece applies it). For
+    outputs narrower than the input the product costs more than the conv: `_conv_rows` and
+    `_batch_norm_tile` serve those. dims: side, real output channels, tile index."""
+    del norm  # run only with BatchNorm (`MBV2Engine._pointwise`)
+    x, total, gram = inputs
+    side, channels, t = dims[0], dims[1], dims[2]
     rows = side * side
-    x = jax.nn.relu(h) * gate[:, None, :]
-    saved = saved[1:] if saved is not None else None
-    z, rstd = _conv_bn(_conv1x1_rows, x, w, side, rows, norm, saved, conv1x1_bn_rows)
+    kernel = w["kernel"][0, 0]
+    n = x.shape[0] * rows
+    variance = jnp.sum(kernel * ((gram / n) @ kernel), axis=0)
+    scale = w["scale"] * jax.lax.rsqrt(variance + BN_EPS)
+    mask = _tile_mask(x.shape[1], t, rows)
+    # centred before the product, so that the reverse pass's sums over rows are centred too
+    # (the mean folded into a bias left the scale's gradient a difference of two large sums:
+    # 1% off in float32 where ReLU outputs have a large mean)
+    z = (_matmul_rows((x - total / n) * mask, kernel * scale) + w["bias"]) * mask
     if zen:
-        _record_variance(probe, "out", _variance(rstd[0]), channels)
-    out = probe("out", z if zen else z + residual, _real(z, rows, channels), rows * channels)
-    return (jax.nn.relu(out), *((z, *rstd) if norm else ()))
+        _record_variance(probe, "out", variance, channels)
+    z = probe("out", z, _real_tile(z, t, rows, channels), rows * channels)
+    return (jax.nn.relu(z) if relu else z,)
+
+
+def _conv_rows(w, inputs, dims, probe, norm: bool, zen: bool, gated: bool):
+    """A tile's 1x1 conv (with its bias where it has one: the shortcut's), of ReLU(h) times
+    the SE gate when `gated` (the project: h is the depthwise piece's pre-ReLU output).
+    Its statistics are summed by other pieces, so that the cotangents reaching y from them
+    and from the normalisation add up elementwise before the kernel's gradient contracts
+    the rows: contracted first, they cancelled there in float32 (zico's project kernels
+    0.4% off). dims: side, real channels, tile index."""
+    del probe, norm, zen
+    x = inputs[0]
+    if gated:
+        x = jax.nn.relu(x) * inputs[1][:, None, :]
+    y = _matmul_rows(x, w["kernel"][0, 0])
+    if "bias" in w:
+        y = (y + w["bias"]) * _tile_mask(y.shape[1], dims[2], dims[0] * dims[0])
+    return (y,)
+
+
+def _batch_norm_tile(w, inputs, dims, probe, norm: bool, zen: bool, relu: bool, site: bool):
+    """BatchNorm of a tile of `_conv_rows`'s output from the running sum and sum of squares
+    over all tiles, plus the residual when one is given (the project's; Zen-NAS's network
+    has none), then the ReLU when `relu`; `site`: its output is a ReLU's input (expand,
+    project). dims: side, real channels, tile index."""
+    side, channels, t = dims[0], dims[1], dims[2]
+    rows = side * side
+    y, *rest = inputs
+    if norm:
+        total, squares, *residual = rest
+        n = y.shape[0] * rows
+        variance = squares / n
+        rstd = jax.lax.rsqrt(variance + BN_EPS)
+        z = ((y - total / n) * rstd * w["scale"] + w["bias"]) * _tile_mask(y.shape[1], t, rows)
+        if zen and site:
+            _record_variance(probe, "out", variance, channels)
+    else:
+        z, residual = y, rest
+    if residual:
+        z = z + residual[0]
+    if site:
+        z = probe("out", z, _real_tile(z, t, rows, channels), rows * channels)
+    return (jax.nn.relu(z) if relu else z,)
+
+
+def _real_tile(z: jax.Array, t: jax.Array, rows: jax.Array, channels: jax.Array) -> jax.Array:
+    """(R, C): which entries of tile t of (N, P, C) rows are real."""
+    return _tile_mask(z.shape[1], t, rows) & _channel_mask(z.shape[2], channels)
+
+
+def _tiles(x: jax.Array, count: int) -> tuple:
+    """(N, P, C) rows as `count` tiles of consecutive rows."""
+    return tuple(jnp.split(x, count, axis=1))
+
+
+def _whole(tiles: Sequence[jax.Array]) -> jax.Array:
+    return tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=1)
 
 
 def _depthwise_se(
-    w, inputs, dims, probe, norm: bool, zen: bool, stride: int, p_out: int, saved=None
+    w, inputs, dims, probe, norm: bool, zen: bool, stride: int, p_out: int, tiles: int, saved=None
 ):
-    """ReLU (of the expand's output), k x k depthwise conv with the stride, BatchNorm, then
-    the squeeze-excite gate from the real rows' mean of its ReLU. Returns the pre-ReLU
-    output (the project piece applies the ReLU), the gate and, with BatchNorm, its 1 / std:
-    given back as `saved`, these spare the backward the conv and its statistics. dims:
-    input side, real depthwise and SE channels, kernel radius."""
+    """ReLU (of the expand's output, given as its tiles), k x k depthwise conv with the stride,
+    BatchNorm, then the squeeze-excite gate from the real rows' mean of its ReLU. Returns the
+    pre-ReLU output as `tiles` tiles (the project piece applies the ReLU), the gate and, with
+    BatchNorm, its 1 / std: given back as `saved`, these spare the backward the conv and its
+    statistics. dims: input side, real depthwise and SE channels, kernel radius."""
     side, channels, mid = dims[0], dims[1], dims[2]
     out_side = (side + 1) // 2 if stride == 2 else side
     rows = out_side * out_side
     conv = functools.partial(depthwise_strided_rows, stride=stride, p_out=p_out)
-    x = jax.nn.relu(inputs[0])
+    x = jax.nn.relu(_whole(inputs))
     geometry = jnp.stack([side, dims[3]])
+    if saved is not None:
+        saved = (_whole(saved[:tiles]), saved[-1])
     z, rstd = _conv_bn(conv, x, w["depthwise"], geometry, rows, norm, saved)
     if zen:
         _record_variance(probe, "depthwise", _variance(rstd[0]), channels)
@@ -450,20 +509,14 @@ def _depthwise_se(
     if zen:
         _record_variance(probe, "se_restore", jnp.var(s, axis=0), channels)
     s = _norm(s, se["restore"], norm)
-    return z, jax.nn.sigmoid(s), *rstd
+    return *_tiles(z, tiles), jax.nn.sigmoid(s), *rstd
 
 
-def _shortcut(w, inputs, dims, probe, norm: bool, zen: bool, stride: int, p_out: int):
-    """The first sub-block's projection: (subsample,) 1x1 conv with bias, BatchNorm (never
-    run for zen)."""
-    del probe, zen
-    (x,) = inputs
-    side = dims[0]
-    if stride == 2:
-        x, side = subsample_rows(x, side, p_out), (side + 1) // 2
-    y = jnp.einsum("npc,cd->npd", x, w["conv"]["kernel"][0, 0]) + w["conv"]["bias"]
-    y = y * _row_mask(y.shape[1], side * side)
-    return (_norm_rows(y, w["bn"], side * side, norm),)
+def _subsample(w, inputs, dims, probe, norm: bool, zen: bool, p_out: int, tiles: int):
+    """A stride-2 shortcut's input, every other row and column, as `tiles` tiles (its 1x1
+    conv then runs over them). dims: input side."""
+    del w, probe, norm, zen
+    return _tiles(subsample_rows(_whole(inputs), dims[0], p_out), tiles)
 
 
 def _stem(
@@ -477,9 +530,10 @@ def _stem(
     stride: int,
     resolution: int,
     p_out: int,
+    tiles: int,
 ):
     """Block 0 on the images, exactly in NHWC: resize, (conv, BN, ReLU) x layers; then the
-    output as padded rows. dims: real output channels."""
+    output as padded rows, in `tiles` tiles. dims: real output channels."""
     (images,) = inputs
     x = resize_bilinear(images, resolution)
     for j in range(layers):
@@ -492,14 +546,14 @@ def _stem(
         x = jax.nn.relu(probe(f"layer_{j}", y, mask, y.shape[1] * y.shape[2] * dims[0]))
     n, h, _, c = x.shape
     rows = x.reshape(n, h * h, c)
-    return (jnp.pad(rows, ((0, 0), (0, p_out - h * h), (0, 0))),)
+    return _tiles(jnp.pad(rows, ((0, 0), (0, p_out - h * h), (0, 0))), tiles)
 
 
 def _head(w, inputs, dims, probe, norm: bool, zen: bool):
-    """Mean over the real rows, then the linear classifier: the logits."""
+    """Mean over the real rows (of every tile), then the linear classifier: the logits."""
     del probe, norm, zen
-    (x,) = inputs
-    return ((x.sum(axis=1) / (dims[0] * dims[0])) @ w["kernel"] + w["bias"],)
+    total = sum(x.sum(axis=1) for x in inputs)
+    return ((total / (dims[0] * dims[0])) @ w["kernel"] + w["bias"],)
 
 
 SE_SITES = ("se",)
@@ -547,7 +601,8 @@ class Piece:
     from other readers of that input (None: none), so no eager add compiles per shape
     outside the pieces; an output's cotangent None is 0. `kinds` are the gradient kinds its
     sites add to (`MBV2Engine._backward` skips the backwards that reach none asked for), and
-    `output_kinds` those upstream of each output, where they are not all (an output's
+    `output_kinds` those upstream of each output, where they are not all (the last entries
+    name the last outputs, the first every output before them: a piece's tiles; an output's
     cotangent reaches only those). The backward's `frozen` names the inputs whose
     cotangents nothing reads: they come back None, and XLA drops the work only they needed
     (for WRCor, the first SE's depthwise conv and BatchNorm backward, and the first
@@ -570,9 +625,12 @@ class Piece:
         self.forward = RetainedJit(self._forward, static_argnames=(*names, "activations"))
         self.backward = RetainedJit(self._backward, static_argnames=(*names, "weights", "frozen"))
 
-    def output_kinds(self, index: int) -> frozenset:
-        """The gradient kinds of the sites upstream of output `index`."""
-        return self._output_kinds[index] if self._output_kinds else self.kinds
+    def output_kinds(self, index: int, count: int) -> frozenset:
+        """The gradient kinds of the sites upstream of output `index` of `count`."""
+        if not self._output_kinds:
+            return self.kinds
+        leading = count - len(self._output_kinds) + 1
+        return self._output_kinds[max(0, index - leading + 1)]
 
     @staticmethod
     def _terms(sites: dict, kinds: frozenset, backward: bool) -> dict:
@@ -663,18 +721,22 @@ class Piece:
 
 BLOCK_GRAD = (BLOCK_KINDS[1],)
 PIECES = {
-    "stem": Piece(_stem, ("layers", "stride", "resolution", "p_out"), kinds=BLOCK_GRAD),
-    "expand": Piece(_expand, ("relu",), saves=True, kinds=BLOCK_GRAD),
+    "stem": Piece(_stem, ("layers", "stride", "resolution", "p_out", "tiles"), kinds=BLOCK_GRAD),
+    "rows_sum": Piece(_rows_sum),
+    "centred_gram": Piece(_centred_gram),
+    "centred_squares": Piece(_centred_squares),
+    "expand": Piece(_expand, ("relu",), kinds=BLOCK_GRAD),
+    "conv_rows": Piece(_conv_rows, ("gated",)),
+    "batch_norm_tile": Piece(_batch_norm_tile, ("relu", "site"), kinds=BLOCK_GRAD),
     "depthwise_se": Piece(
         _depthwise_se,
-        ("stride", "p_out"),
+        ("stride", "p_out", "tiles"),
         saves=True,
         kinds=(SE_KINDS[1], *BLOCK_GRAD),
         # the SE's site lies upstream of the gate only, not of the conv's output or 1 / std
         output_kinds=(BLOCK_GRAD, (SE_KINDS[1], *BLOCK_GRAD), ()),
     ),
-    "shortcut": Piece(_shortcut, ("stride", "p_out")),
-    "project": Piece(_project, saves=True, kinds=BLOCK_GRAD),
+    "subsample": Piece(_subsample, ("p_out", "tiles")),
     "head": Piece(_head),
 }
 
@@ -756,6 +818,8 @@ class MBV2Engine:
         self._calls: list[tuple[int, _Call]] = []
         self._terms: list[tuple[int, dict]] = []
         self._acts: list[dict] = []
+        self._starts: set[int] = set()  # the running sums' zeros
+        self._shared: list[jax.Array] = []  # small arrays every tile reads: statistics, gates
 
     @staticmethod
     def supports(arch: MBV2Arch) -> bool:
@@ -795,6 +859,8 @@ class MBV2Engine:
             raise ValueError(f"the engine does not build {arch.blocks}: see `supports`")
         self._forget()
         self._kinds, self._norm, self._activations, self._zen = kinds, norm, activations, zen
+        self._tiled = not (activations or zen or kinds & frozenset(BLOCK_KINDS))
+        self._dtype = images.dtype
         stem_block, *rest = arch.blocks
         side = _out_side(arch.resolution, stem_block.stride)
         static = {
@@ -803,9 +869,10 @@ class MBV2Engine:
             "resolution": arch.resolution,
             "p_out": rows_bucket(side * side),
         }
+        static["tiles"] = self._tile_count(static["p_out"])
         stem_dims = _dims(stem_block.out_channels)
         stem = (block_name(0),)
-        (x,) = self._apply("stem", 0, stem, params[stem[0]], (images,), stem_dims, **static)
+        x = self._apply("stem", 0, stem, params[stem[0]], (images,), stem_dims, **static)
         for index, block in enumerate(rest, start=1):
             w_block = params[block_name(index)]
             if isinstance(block, ResBlock):
@@ -813,41 +880,121 @@ class MBV2Engine:
                 continue
             for j in range(block.layers):
                 path = (block_name(index), layer_name(j))
-                dims = _dims(side, block.out_channels)
-                (x,) = self._apply("expand", index, path, w_block[path[1]], (x,), dims, relu=True)
+                x = self._pointwise(index, path, w_block[path[1]], x, side, block.out_channels)
         last = len(arch.blocks) - 1
-        (logits,) = self._apply(
-            "head", last, ("classifier",), params["classifier"], (x,), _dims(side)
-        )
+        (logits,) = self._apply("head", last, ("classifier",), params["classifier"], x, _dims(side))
         return logits
 
-    def _res_block(self, index: int, block: ResBlock, w_block: dict, x, side: int):
+    def _tile_count(self, p: int) -> int:
+        """How many tiles rows of `p` padded pixels run in: one where a 1x1 piece's sites,
+        zen's statistics or naswot's and meco's activations are read (those need the whole)."""
+        return p // tile_rows(p) if self._tiled else 1
+
+    def _zeros(self, shape: tuple[int, ...]) -> jax.Array:
+        """A running sum's start, put on the device (a jitted zeros would compile per shape)."""
+        start = jax.device_put(np.zeros(shape, self._dtype))
+        self._starts.add(id(start))
+        return start
+
+    def _zeros_like(self, array: jax.Array) -> jax.Array:
+        return jax.device_put(np.zeros(array.shape, array.dtype))
+
+    def _pointwise(
+        self, block: int, path: tuple, w: dict, tiles: tuple, side: int, channels: int,
+        gate: jax.Array | None = None, residual: tuple = (), relu: bool = True,
+        site: bool = True,
+    ) -> tuple:  # fmt: skip
+        """A 1x1 conv (of ReLU(tiles) x `gate` when gated: the project) and its BatchNorm,
+        plus the `residual` tiles, then the ReLU when `relu`, tile by tile; `site`: the
+        output is a ReLU's input. The statistics are running sums over the tiles: of the
+        input's centred product where the output is not narrower than the input (`_expand`),
+        else of the output. `w`: kernel, scale and bias, or (the shortcut) a biased conv's
+        and its BatchNorm's."""
+        if gate is not None:
+            self._shared.append(gate)
+        if "conv" in w:
+            conv, bn = w["conv"], w["bn"]
+            conv_path, bn_path = (*path, "conv"), (*path, "bn")
+        else:
+            conv, bn = {"kernel": w["kernel"]}, {"scale": w["scale"], "bias": w["bias"]}
+            conv_path = bn_path = path
+        c_in, c_out = conv["kernel"].shape[2:]
+        norm, count = self._norm, len(tiles)
+        dims = [_dims(side, channels, t) for t in range(count)]
+
+        def run(piece: str, at: tuple, weights: dict, inputs: tuple, t: int, **static) -> tuple:
+            return self._apply(piece, block, at, weights, inputs, dims[t], **static)
+
+        def running(piece: str, size: int, inputs: Callable[[int, jax.Array], tuple]):
+            total = self._zeros(size)
+            for t in range(count):
+                (total,) = run(piece, path, {}, inputs(t, total), t)
+            return total
+
+        if gate is None and norm and c_in <= c_out and "bias" not in conv:
+            total = running("rows_sum", (c_in,), lambda t, acc: (tiles[t], acc))
+            gram = running("centred_gram", (c_in, c_in), lambda t, acc: (tiles[t], total, acc))
+            self._shared += [total, gram]
+            return tuple(
+                run("expand", path, w, (tiles[t], total, gram), t, relu=relu)[0]
+                for t in range(count)
+            )
+        outputs = [
+            run(
+                "conv_rows",
+                conv_path,
+                conv,
+                (x,) if gate is None else (x, gate),
+                t,
+                gated=gate is not None,
+            )[0]
+            for t, x in enumerate(tiles)
+        ]
+        stats = ()
+        if norm:
+            total = running("rows_sum", (c_out,), lambda t, acc: (outputs[t], acc))
+            squares = running("centred_squares", (c_out,), lambda t, acc: (outputs[t], total, acc))
+            stats = (total, squares)
+            self._shared += [total, squares]
+        return tuple(
+            run(
+                "batch_norm_tile", bn_path, bn, (y, *stats, *residual[t : t + 1]),
+                t, relu=relu, site=site,
+            )[0]
+            for t, y in enumerate(outputs)
+        )  # fmt: skip
+
+    def _res_block(self, index: int, block: ResBlock, w_block: dict, x: tuple, side: int):
         """The sub-blocks of a SuperResIDWE block: expand, depthwise + SE, [shortcut],
-        project (+ residual, ReLU)."""
+        project (+ residual, ReLU); activations pass between the pieces as tiles."""
         dw, mid, radius = block.dw_channels, se_channels(block.dw_channels), block.kernel // 2
         for j in range(block.layers):
             path = (block_name(index), layer_name(j))
             w = w_block[path[1]]
             stride = block.stride if j == 0 else 1
             out_side = _out_side(side, stride)
-            strided = {"stride": stride, "p_out": rows_bucket(out_side * out_side)}
-            e, *_ = self._apply(
-                "expand", index, (*path, "expand"), w["expand"], (x,), _dims(side, dw), relu=False
-            )
+            p_out = rows_bucket(out_side * out_side)
+            tiles = self._tile_count(p_out)
+            e = self._pointwise(index, (*path, "expand"), w["expand"], x, side, dw, relu=False)
             w_dw = {"depthwise": w["depthwise"], "se": w["se"]}
-            h, gate, *_ = self._apply(
-                "depthwise_se", index, path, w_dw, (e,), _dims(side, dw, mid, radius), **strided
+            dims = _dims(side, dw, mid, radius)
+            outputs = self._apply(
+                "depthwise_se", index, path, w_dw, e, dims, stride=stride, p_out=p_out, tiles=tiles
             )
-            residual = x
+            h, gate = outputs[:tiles], outputs[tiles]
+            residual = () if self._zen else x
             if "shortcut" in w and not self._zen:
-                (residual,) = self._apply(
-                    "shortcut", index, (*path, "shortcut"), w["shortcut"], (x,), _dims(side),
-                    **strided,
+                if stride == 2:
+                    x = self._apply(
+                        "subsample", index, path, {}, x, _dims(side), p_out=p_out, tiles=tiles
+                    )
+                residual = self._pointwise(
+                    index, (*path, "shortcut"), w["shortcut"], x, out_side, block.out_channels,
+                    relu=False, site=False,
                 )  # fmt: skip
-            project_dims = _dims(out_side, block.out_channels)
-            x, *_ = self._apply(
-                "project", index, (*path, "project"), w["project"], (h, gate, residual),
-                project_dims,
+            x = self._pointwise(
+                index, (*path, "project"), w["project"], h, out_side, block.out_channels,
+                gate=gate, residual=residual,
             )  # fmt: skip
             side = out_side
         return x, side
@@ -871,7 +1018,9 @@ class MBV2Engine:
         backward at full resolution is skipped. The `last` backward of a forward pass drops
         each piece's record once past it, so that the wide first blocks' backwards do not
         run beside every later block's stored outputs."""
-        pending: dict[int, jax.Array] = {}
+        # every reader of a statistic or a gate adds to a cotangent, the first one to zeros:
+        # the tiles' backwards are then one program, not the first apart
+        pending: dict[int, jax.Array] = {id(a): self._zeros_like(a) for a in self._shared}
         logits = self._calls[-1][1].outputs[0]
         images = self._calls[0][1].inputs[0]
         pending[id(logits)] = cotangent
@@ -894,7 +1043,7 @@ class MBV2Engine:
             if terms:
                 self._terms.append((block, piece_terms))
             if grads is not None:
-                _subtree(grads, call.path).update(d_w)
+                _add_into(_subtree(grads, call.path), jax.device_get(d_w))
             for array, d in zip(call.inputs, d_inputs, strict=True):
                 pending[id(array)] = d
         return pending[id(images)] if to_images else None, grads
@@ -918,8 +1067,15 @@ class MBV2Engine:
             feeds = [reaches.get(id(array), False) for array in call.inputs]
             need = any(feeds) or bool(piece.kinds & kinds)
             for k, out in enumerate(call.outputs):
-                reaches[id(out)] = any(feeds) or bool(piece.output_kinds(k) & kinds)
-            frozen = tuple(i for i, fed in enumerate(feeds) if not fed)
+                kinds_k = piece.output_kinds(k, len(call.outputs))
+                reaches[id(out)] = any(feeds) or bool(kinds_k & kinds)
+            # a running sum's start is differentiated like the sums after it, so that a
+            # chain's first backward is the same program as the others
+            frozen = tuple(
+                i
+                for i, array in enumerate(call.inputs)
+                if not feeds[i] and id(array) not in self._starts
+            )
             needed.append(frozen if need else None)
         return needed
 
@@ -1026,6 +1182,15 @@ def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
     for key in path:
         tree = tree.setdefault(key, {})
     return tree
+
+
+def _add_into(tree: dict, grads: dict) -> None:
+    """Add a nested dict of gradients into `tree` (a piece run over tiles adds its tiles')."""
+    for name, d in grads.items():
+        if isinstance(d, dict):
+            _add_into(tree.setdefault(name, {}), d)
+        else:
+            tree[name] = tree[name] + d if name in tree else d
 
 
 def unpad(grads: dict, params: dict) -> dict:
