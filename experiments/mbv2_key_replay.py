@@ -34,6 +34,7 @@ from wrcor_jax.spaces.mbv2.engine import (
     FINE_ROWS,
     MIN_CHANNELS,
     TILE_ROWS,
+    WHOLE_FROM,
     bucket,
 )
 from wrcor_jax.spaces.mbv2.network import se_channels
@@ -50,7 +51,8 @@ class Buckets:
     min_channels: int = MIN_CHANNELS
     fine_channels: int = FINE_CHANNELS
     fine_rows: int = FINE_ROWS
-    tile_rows: tuple[int, int] = TILE_ROWS
+    tile_rows: int = TILE_ROWS
+    whole_from: int = WHOLE_FROM
 
     def channels(self, channels: int) -> int:
         return bucket(channels, self.min_channels, self.fine_channels)
@@ -60,8 +62,8 @@ class Buckets:
 
     def tile(self, pixels: int) -> int:
         """Rows per image of the tiles the 1x1 pieces run over (`engine.tile_rows`)."""
-        rows, (small, large) = self.rows(pixels), self.tile_rows
-        return rows if rows <= small else large if rows >= large else small
+        rows = self.rows(pixels)
+        return rows if rows <= self.tile_rows or rows >= self.whole_from else self.tile_rows
 
 
 Backward = tuple[int, ...] | None
@@ -186,15 +188,17 @@ def main() -> None:
     what_if.add_argument("--min-channels", type=int, default=MIN_CHANNELS)
     what_if.add_argument("--fine-channels", type=int, default=FINE_CHANNELS)
     what_if.add_argument("--fine-rows", type=int, default=FINE_ROWS)
+    what_if.add_argument("--tile-rows", type=int, default=TILE_ROWS)
     what_if.add_argument(
-        "--tile-rows",
-        type=lambda text: tuple(int(t) for t in text.split(",")),
-        default=TILE_ROWS,
-        help="SMALL,LARGE: the 1x1 pieces' tiles, SMALL rows per image below LARGE padded "
-        "rows, LARGE from there (a tile as large as any image: keyed by their rows)",
+        "--whole-from",
+        type=int,
+        default=WHOLE_FROM,
+        help="padded rows from which the 1x1 pieces take an image whole (not in tiles)",
     )
     args = parser.parse_args()
-    buckets = Buckets(args.min_channels, args.fine_channels, args.fine_rows, args.tile_rows)
+    buckets = Buckets(
+        args.min_channels, args.fine_channels, args.fine_rows, args.tile_rows, args.whole_from
+    )
     checkpoints = sorted(int(c) for c in args.checkpoints.split(","))
     for seed in range(args.seeds):
         archs = sampling.sample(

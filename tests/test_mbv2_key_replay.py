@@ -40,14 +40,14 @@ def test_replayed_keys_are_the_pieces_keys():
 
 
 def test_tiles_key_the_1x1_pieces_by_their_tile_alone():
-    """The 1x1 pieces are keyed by their tile's rows (32 rows per image below 4,096 padded
-    rows, 4,096 from there, all of a smaller image's), not by the image's: fewer keys than
-    with tiles as large as every image (the what-if of `--tile-rows`)."""
+    """The 1x1 pieces on images of more than 128 and fewer than 4,096 padded rows are keyed by
+    their tile's 128 rows, not by the image's: fewer keys than with every image whole (the
+    what-if of `--whole-from`)."""
     replay = _load("mbv2_key_replay")
     archs = sampling.sample(np.random.default_rng(0), 20, flops_limit=600_000_000)
     keys = replay.keys_met(archs)
     pointwise = {"rows_sum", "centred_gram", "expand", "conv_rows", "centred_squares"}
-    tiles = {key[2] for key in keys if key[1] in pointwise | {"batch_norm_tile"}}
-    assert tiles <= {1, 2, 4, 8, 16, 32, 4096} and {32, 4096} <= tiles
-    whole = replay.keys_met(archs, replay.Buckets(tile_rows=(1 << 20, 1 << 20)))
+    rows = {key[2] for key in keys if key[1] in pointwise | {"batch_norm_tile"}}
+    assert 128 in rows and not any(128 < r < 4096 for r in rows)
+    whole = replay.keys_met(archs, replay.Buckets(whole_from=129))
     assert len(keys) < len(whole)

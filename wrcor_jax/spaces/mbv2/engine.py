@@ -2,8 +2,8 @@
 
 `capture.site_sums` traces one program per architecture, and almost no two sampled
 architectures share every shape, so a search compiles all the time (30-45 s each at batch
-64). Here each sub-block runs as compiled pieces -- pointwise conv (expand, project, the
-final 1x1 conv), depthwise conv + squeeze-excite, projection shortcut, head -- chained in
+64). Here each sub-block runs as compiled pieces -- 1x1 convs with BatchNorm (expand,
+project, shortcut, the final 1x1 conv), depthwise conv + squeeze-excite, head -- chained in
 Python (docs/mbv2_engine.md), and every piece sees padded shapes:
 
 - channels are rounded up to a power of two (at least 32; above 256 also 3/4 of one: 384,
@@ -13,13 +13,16 @@ Python (docs/mbv2_engine.md), and every piece sees padded shapes:
   power of two (above 8192 also 3/4 of one), and the real side h is a run-time argument:
   BatchNorm statistics, SE and head pooling, and every correlation count only the real rows
   and channels, and the depthwise conv reads its taps as dynamic row offsets with column
-  masks.
+  masks;
+- the 1x1 pieces run over tiles of those rows (`tile_rows`: the same for every image above
+  a size), so that they are keyed by the tile and their widths, not by the image's size;
+  their BatchNorm statistics are running sums over the tiles.
 
 The depthwise kernel is stored as 7 x 7 with the architecture's k x k at its centre, and its
 radius is a run-time argument too: the piece holds one branch per kernel size and runs the
-architecture's. A piece is then keyed by (P, channel buckets, stride) and never by the
-resolution, the kernel size or the exact widths, so compilations stop growing after the
-first few dozen architectures.
+architecture's. A piece is then keyed by (P or its tile, channel buckets, stride) and never
+by the resolution, the kernel size or the exact widths, so compilations stop growing after
+the first few dozen architectures.
 Padding changes no result beyond float32 summation order (tests/test_mbv2_engine.py).
 The stem (block 0, a k x k conv on the resized images) runs exactly in NHWC, keyed by the
 resolution; it is the only place the resolution enters.
@@ -90,18 +93,19 @@ def rows_bucket(pixels: int) -> int:
     return bucket(pixels, 1, FINE_ROWS)
 
 
-TILE_ROWS = (32, 4096)
-"""Rows per image of the tiles the 1x1 pieces run over: 32 below 4,096 padded rows, 4,096
-from there (images of 64 x 64 and more, in at most 8 tiles). Keyed by their rows, the 1x1
-pieces met 1.32x the keys of the first 20 of 40 sampled architectures (mean over 20 samples;
-13 of 20 over issue 12's 1.3x); keyed by these tiles, 1.20x, at most 1.26x
-(docs/mbv2_engine.md)."""
+TILE_ROWS = 128
+WHOLE_FROM = 4096
+"""The 1x1 pieces run over tiles of 128 rows per image, but for images of at most 128 or at
+least 4,096 padded rows, which they take whole. Keyed by their rows, the 1x1 pieces met
+1.32x the keys of the first 20 of 40 sampled architectures (mean over 20 samples; 13 of 20
+over issue 12's 1.3x); keyed so, 1.22x, at most 1.28x. Large images are few in kind, and
+tiled they slowed the depthwise piece, which joins and splits the tiles; tiles of 64 rows
+made more calls for slightly fewer keys (docs/mbv2_engine.md)."""
 
 
 def tile_rows(p: int) -> int:
-    """Rows per image of a 1x1 piece's tiles over `p` padded rows (all of them up to 32)."""
-    small, large = TILE_ROWS
-    return p if p <= small else large if p >= large else small
+    """Rows per image of the tiles a 1x1 piece runs over, on images of `p` padded rows."""
+    return p if p <= TILE_ROWS or p >= WHOLE_FROM else TILE_ROWS
 
 
 # --------------------------------------------------------------------------- masked maths
