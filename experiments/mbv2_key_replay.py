@@ -66,7 +66,9 @@ class Buckets:
         return rows if rows <= self.tile_rows or rows >= self.whole_from else self.tile_rows
 
 
-Backward = tuple[int, ...] | None
+Backward = tuple | None
+"""What a backward's key adds to its forward's: the inputs it leaves without a cotangent
+(and "carried" where it adds one from another reader); None where it does not run."""
 
 
 def _pointwise(
@@ -86,9 +88,11 @@ def _pointwise(
             (("expand", tile, c_in, c_out, relu), backward),
         ]
     norm_backward = backward if not backward else (3,)
+    # a sub-block's input is read again (residual, shortcut): its first reader's backward
+    # takes that cotangent in, a program of its own
+    carried = (*backward, "carried") if read_again and backward is not None else backward
     return [
-        # a sub-block's input is read again (residual, shortcut): its backward carries that
-        (("conv_rows", tile, c_in, c_out, gated, biased, read_again), backward),
+        (("conv_rows", tile, c_in, c_out, gated, biased), carried),
         (("rows_sum", tile, c_out), () if backward is not None else None),
         (("centred_squares", tile, c_out), () if backward is not None else None),
         (("batch_norm_tile", tile, c_out, relu, site, residual), norm_backward),
