@@ -279,9 +279,9 @@ def batch_norm_saved(
     backward is BatchNorm's closed form, reading the conv output's normalised value back
     from z, then the conv's own backward, which reads x only for the kernel's gradient.
     Recomputed under autodiff instead, XLA:CPU fused a depthwise conv's nine taps into each
-    of the six passes that read its output (the depthwise + SE backward took ~2.4x longer),
-    and an expand's backward redid its forward's covariance and product. A zero BN scale gets
-    a zero gradient (padded channels; PyTorch's default BatchNorm scale is 1)."""
+    of the six passes that read its output (the depthwise + SE backward took ~2.4x longer).
+    A zero BN scale gets a zero gradient (padded channels; PyTorch's default BatchNorm scale
+    is 1)."""
     del conv, x, w, geometry, rows, rstd
     return z
 
