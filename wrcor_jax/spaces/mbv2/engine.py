@@ -323,11 +323,6 @@ def _norm(y: jax.Array, w: dict, norm: bool) -> jax.Array:
     return batch_norm(y, w["scale"], w["bias"], eps=BN_EPS) if norm else y
 
 
-def _real(z: jax.Array, rows: jax.Array, channels: jax.Array) -> jax.Array:
-    """(P, C): which entries of (N, P, C) rows are real."""
-    return _row_mask(z.shape[1], rows) & _channel_mask(z.shape[2], channels)
-
-
 def _conv_bn(conv: Callable, x, w: dict, geometry, rows, norm: bool, saved) -> tuple:
     """conv(x, w["kernel"], geometry) (what the conv reads besides x and its kernel: the
     depthwise conv's side and radius), BatchNormed over its `rows` real rows when `norm`, and
@@ -421,7 +416,7 @@ def _expand(w, inputs, dims, probe, norm: bool, zen: bool, relu: bool):
     z = (_matmul_rows((x - total / n) * mask, kernel * scale) + w["bias"]) * mask
     if zen:
         _record_variance(probe, "out", variance, channels)
-    z = probe("out", z, _real_tile(z, t, rows, channels), rows * channels)
+    z = probe("out", z, _real(z, rows, channels, t), rows * channels)
     return (jax.nn.relu(z) if relu else z,)
 
 
@@ -463,13 +458,13 @@ def _batch_norm_tile(w, inputs, dims, probe, norm: bool, zen: bool, relu: bool, 
     if residual:
         z = z + residual[0]
     if site:
-        z = probe("out", z, _real_tile(z, t, rows, channels), rows * channels)
+        z = probe("out", z, _real(z, rows, channels, t), rows * channels)
     return (jax.nn.relu(z) if relu else z,)
 
 
-def _real_tile(z: jax.Array, t: jax.Array, rows: jax.Array, channels: jax.Array) -> jax.Array:
-    """(R, C): which entries of tile t of (N, P, C) rows are real."""
-    return _tile_mask(z.shape[1], t, rows) & _channel_mask(z.shape[2], channels)
+def _real(z: jax.Array, rows: jax.Array, channels: jax.Array, tile: jax.Array = 0) -> jax.Array:
+    """(R, C): which entries of tile `tile` of (N, R, C) rows are real (tile 0 of one: all)."""
+    return _tile_mask(z.shape[1], tile, rows) & _channel_mask(z.shape[2], channels)
 
 
 def _tiles(x: jax.Array, count: int) -> tuple:
@@ -894,14 +889,15 @@ class MBV2Engine:
         zen's statistics or naswot's and meco's activations are read (those need the whole)."""
         return p // tile_rows(p) if self._tiled else 1
 
-    def _zeros(self, shape: tuple[int, ...]) -> jax.Array:
-        """A running sum's start, put on the device (a jitted zeros would compile per shape)."""
-        start = jax.device_put(np.zeros(shape, self._dtype))
+    def _zeros(self, shape: tuple[int, ...], dtype=None) -> jax.Array:
+        """Zeros put on the device from NumPy (a jitted zeros would compile per shape)."""
+        return jax.device_put(np.zeros(shape, dtype or self._dtype))
+
+    def _start(self, shape: tuple[int, ...]) -> jax.Array:
+        """A running sum's start: zeros, remembered so that `_needed` never freezes them."""
+        start = self._zeros(shape)
         self._starts.add(id(start))
         return start
-
-    def _zeros_like(self, array: jax.Array) -> jax.Array:
-        return jax.device_put(np.zeros(array.shape, array.dtype))
 
     def _pointwise(
         self, block: int, path: tuple, w: dict, tiles: tuple, side: int, channels: int,
@@ -930,7 +926,7 @@ class MBV2Engine:
             return self._apply(piece, block, at, weights, inputs, dims[t], **static)
 
         def running(piece: str, size: int, inputs: Callable[[int, jax.Array], tuple]):
-            total = self._zeros(size)
+            total = self._start(size)
             for t in range(count):
                 (total,) = run(piece, path, {}, inputs(t, total), t)
             return total
@@ -1024,7 +1020,7 @@ class MBV2Engine:
         run beside every later block's stored outputs."""
         # every reader of a statistic or a gate adds to a cotangent, the first one to zeros:
         # the tiles' backwards are then one program, not the first apart
-        pending: dict[int, jax.Array] = {id(a): self._zeros_like(a) for a in self._shared}
+        pending: dict[int, jax.Array] = {id(a): self._zeros(a.shape, a.dtype) for a in self._shared}
         logits = self._calls[-1][1].outputs[0]
         images = self._calls[0][1].inputs[0]
         pending[id(logits)] = cotangent
