@@ -140,7 +140,9 @@ def _batch_norm_rows_rstd(y: jax.Array, w: dict, rows: jax.Array) -> tuple:
     mask = _row_mask(y.shape[1], rows)
     n = y.shape[0] * rows
     mean = y.sum(axis=(0, 1)) / n
-    var = (jnp.square(y - mean) * mask).sum(axis=(0, 1)) / n
+    # a select, not a product with the mask: XLA:CPU's YNNPACK reduction otherwise wrote the
+    # mask out full size (1 GB at the widest depthwise output; docs/mbv2_engine.md)
+    var = jnp.where(mask, jnp.square(y - mean), 0.0).sum(axis=(0, 1)) / n
     rstd = jax.lax.rsqrt(var + BN_EPS)
     return ((y - mean) * rstd * w["scale"] + w["bias"]) * mask, rstd
 
