@@ -32,8 +32,9 @@ Implementations (`--only` picks some, `--limit NAME=N` scores only the first N a
   over chunks of `--vmap-chunk` archs; skip with --skip-vmap).
 `--profile` adds where the composed engine's time goes (see `_profile`).
 The jax rows run with `wrcor_jax.allocator`'s tuned glibc malloc, as the command line does
-(`WRCOR_JAX_MALLOC=default` keeps glibc's defaults); the torch rows keep the defaults unless
-`--torch-malloc tuned`. Each row's `extra.malloc_tuned` says which it had. The rows of the
+(`WRCOR_JAX_MALLOC=default` keeps glibc's defaults, `=heap` keeps even the largest blocks in
+the heap); the torch rows keep the defaults unless `--torch-malloc tuned`. Each row's
+`extra.malloc_tuned` and `extra.malloc_mode` say which it had. The rows of the
 `score` path (jax, jax_2workers) keep compiled programs on disk as `score` does
 (`--compile-cache DIR`, `--no-compile-cache`): when `ExecutableBudget` releases the
 executables between an architecture's untimed and timed calls, they are read back rather
@@ -368,6 +369,7 @@ def _run_worker(args: argparse.Namespace) -> None:
         result["timed"] = [offset + i for i in result["timed"]]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["extra"]["malloc_tuned"] = allocator.tuned()
+    result["extra"]["malloc_mode"] = allocator.mode() if allocator.tuned() else "default"
     write_json(args.worker_out, result)
 
 

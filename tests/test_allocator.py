@@ -105,6 +105,30 @@ def test_tuned_allocator_maps_the_largest_blocks_apart() -> None:
     assert freed > 290 and dropped_on_free > 290  # kept, they fragmented the heap
 
 
+def test_heap_mode_keeps_the_largest_blocks_too() -> None:
+    heap = allocator.environment(environ={**_untuned(), allocator.OPT_OUT: "heap"})
+    assert set(allocator.HEAP_TUNABLES) <= set(heap["GLIBC_TUNABLES"].split(":"))
+    assert f"glibc.malloc.mmap_threshold={256 << 20}" not in heap["GLIBC_TUNABLES"]
+    freed, dropped_on_free, _, _ = _run(MIB_300, env=heap)[0]
+    assert freed > 290 and dropped_on_free < 10
+
+
+def test_heap_mode_restarts_with_its_own_tunables() -> None:
+    lines = _run(REEXEC, env={**_untuned(), allocator.OPT_OUT: "heap"})
+    assert [line[1] for line in lines] == [False, True, True]
+
+
+def test_an_unknown_mode_is_a_one_line_error() -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", REEXEC],
+        env={**_untuned(), allocator.OPT_OUT: "fast"},
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip() == "WRCOR_JAX_MALLOC must be one of tuned, heap, default, not 'fast'"
+
+
 def test_budget_keeps_free_memory_within_its_allowance() -> None:
     script = MIB_128.replace(
         "released = allocator.release_free(64)",

@@ -10,10 +10,17 @@ fault. Blocks of 256 MB and more still get their own mapping: kept in one heap, 
 arrays of many sizes fragmented it by a third of the peak (22.5 GB against 14.4 GB for the
 widest architecture met), and in 2 MB pages their faults cost little.
 
+Those faults still cost: a 224 px architecture whose first block is 1 GB wide spent 4.9-6.2 s
+of its 8.2-8.7 s in the kernel. Where memory is plentiful, `WRCOR_JAX_MALLOC=heap` keeps
+every block in the heap (`HEAP_TUNABLES`): once the heap had grown, the widest architecture
+met took 6.1 s instead of 8.9 s, at 18.2 GB peak instead of 13.9 GB, too close to a 24 GB
+machine's size to be the default (docs/mbv2_engine.md).
+
 glibc reads these settings (`GLIBC_TUNABLES`) only when a process starts, so the command
-line re-executes itself once with them (`reexec_tuned`); set `WRCOR_JAX_MALLOC=default` to
-keep the default allocator. The heap then never shrinks by itself, so long runs call
-`release_free(keep_mb)` between units of work to hand back what exceeds `keep_mb`.
+line re-executes itself once with them (`reexec_tuned`); `WRCOR_JAX_MALLOC` picks them:
+`tuned` (the default), `heap`, or `default` (glibc's own allocator). The heap then never
+shrinks by itself, so long runs call `release_free(keep_mb)` between units of work to hand
+back what exceeds `keep_mb`.
 """
 
 from __future__ import annotations
@@ -32,6 +39,13 @@ TUNABLES = (
     "glibc.malloc.arena_max=1",  # other threads' arenas would still mmap large blocks
     f"glibc.malloc.trim_threshold={1 << 40}",  # keep freed memory until release_free
 )
+HEAP_TUNABLES = (
+    "glibc.malloc.hugetlb=1",
+    "glibc.malloc.mmap_max=0",  # every block from the heap, the largest too
+    "glibc.malloc.arena_max=1",
+    f"glibc.malloc.trim_threshold={1 << 40}",
+)
+MODES = {"tuned": TUNABLES, "heap": HEAP_TUNABLES, "default": ()}
 OPT_OUT = "WRCOR_JAX_MALLOC"
 
 
@@ -40,18 +54,29 @@ def glibc() -> bool:
     return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
+def mode(environ: dict[str, str] | None = None) -> str:
+    """`WRCOR_JAX_MALLOC` of `environ` (default: this process's): tuned, heap or default."""
+    value = (os.environ if environ is None else environ).get(OPT_OUT, "tuned")
+    if value not in MODES:
+        raise SystemExit(f"{OPT_OUT} must be one of {', '.join(MODES)}, not {value!r}")
+    return value
+
+
 def tuned() -> bool:
-    """Whether this process started with `TUNABLES`."""
+    """Whether this process started with the tunables of its mode (`MODES`)."""
     present = os.environ.get("GLIBC_TUNABLES", "").split(":")
-    return all(setting in present for setting in TUNABLES)
+    wanted_settings = MODES[mode()]
+    return bool(wanted_settings) and all(s in present for s in wanted_settings)
 
 
 def environment(tune: bool = True, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """A copy of `environ` (default: this process's) whose `GLIBC_TUNABLES` has ours added
-    (`tune`) or taken out (for a process that should keep glibc's defaults)."""
+    """A copy of `environ` (default: this process's) whose `GLIBC_TUNABLES` has the settings
+    of its `WRCOR_JAX_MALLOC` mode added (`tune`) or all of ours taken out (for a process
+    that should keep glibc's defaults)."""
     env = dict(os.environ if environ is None else environ)
-    settings = [s for s in env.get("GLIBC_TUNABLES", "").split(":") if s and s not in TUNABLES]
-    settings += list(TUNABLES) if tune else []
+    ours = {*TUNABLES, *HEAP_TUNABLES}
+    settings = [s for s in env.get("GLIBC_TUNABLES", "").split(":") if s and s not in ours]
+    settings += list(MODES[mode(env)]) if tune else []
     if settings:
         env["GLIBC_TUNABLES"] = ":".join(settings)
     else:
@@ -61,11 +86,11 @@ def environment(tune: bool = True, environ: dict[str, str] | None = None) -> dic
 
 def wanted() -> bool:
     """Whether this process should run tuned: on glibc, unless `WRCOR_JAX_MALLOC=default`."""
-    return glibc() and os.environ.get(OPT_OUT) != "default"
+    return glibc() and mode() != "default"
 
 
 def reexec_tuned() -> None:
-    """Replace this process by itself started with `TUNABLES` (same pid, argv and
+    """Replace this process by itself started with its mode's tunables (same pid, argv and
     environment otherwise); returns only where that is not wanted or not possible: already
     tuned, not glibc, or `WRCOR_JAX_MALLOC=default`. Call it first thing in `main`."""
     if tuned() or not wanted():
