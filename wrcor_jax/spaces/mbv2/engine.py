@@ -219,14 +219,18 @@ RADII = tuple(range(1, MAX_KERNEL // 2 + 1))  # k = 3, 5, 7
 
 
 def _branches(stride: int, p_out: int) -> list[Callable]:
-    """Per radius r, the stride-`stride` depthwise conv with the centre (2r+1)^2 of a
-    `MAX_KERNEL`-padded kernel, its padded rows zeroed."""
+    """Per radius r, the stride-`stride` depthwise conv of ReLU(x) with the centre
+    (2r+1)^2 of a `MAX_KERNEL`-padded kernel, its padded rows zeroed. The ReLU is inside
+    the branch so that it fuses into the taps' padded copy: outside, ReLU(x) was one more
+    full-size array (1 GB at the widest)."""
 
     def at_radius(r: int) -> Callable:
         def conv(x: jax.Array, kernel: jax.Array, side: jax.Array) -> jax.Array:
             centre = MAX_KERNEL // 2
             y = depthwise_rows(
-                x, kernel[centre - r : centre + r + 1, centre - r : centre + r + 1], side
+                jax.nn.relu(x),
+                kernel[centre - r : centre + r + 1, centre - r : centre + r + 1],
+                side,
             )
             if stride == 2:
                 return subsample_rows(y, side, p_out)
@@ -241,8 +245,9 @@ def _branches(stride: int, p_out: int) -> list[Callable]:
 def depthwise_strided_rows(
     x: jax.Array, kernel: jax.Array, geometry: jax.Array, stride: int, p_out: int
 ) -> jax.Array:
-    """`depthwise_rows` with the stride (subsampling rows), its padded rows zeroed, for a
-    kernel padded to `MAX_KERNEL`; geometry: (side, radius), both known only at run time.
+    """`depthwise_rows` of ReLU(x) with the stride (subsampling rows), its padded rows
+    zeroed, for a kernel padded to `MAX_KERNEL`; geometry: (side, radius), both known only
+    at run time.
 
     The conv is a `lax.switch` over the radii, so one program serves k = 3, 5 and 7: keyed
     by k, the depthwise + SE piece met 1.3x the keys of the first 20 sampled architectures
@@ -490,7 +495,7 @@ def _depthwise_se(
     out_side = (side + 1) // 2 if stride == 2 else side
     rows = out_side * out_side
     conv = functools.partial(depthwise_strided_rows, stride=stride, p_out=p_out)
-    x = jax.nn.relu(_whole(inputs))
+    x = _whole(inputs)  # the conv applies the ReLU
     geometry = jnp.stack([side, dims[3]])
     if saved is not None:
         saved = (_whole(saved[:tiles]), saved[-1])
@@ -498,7 +503,9 @@ def _depthwise_se(
     if zen:
         _record_variance(probe, "depthwise", _variance(rstd[0]), channels)
     z = probe("depthwise", z, _real(z, rows, channels), rows * channels)
-    h = jax.nn.relu(z)
+    # the same ReLU: in the forward a select, as relu's zero became a full-size array for
+    # YNNPACK's fused sum; the backward, which recomputes this sum, the other way round
+    h = jnp.where(z > 0, z, 0.0) if saved is None else jax.nn.relu(z)
     pooled = h.sum(axis=1) / rows
     se = w["se"]
     s = pooled @ se["reduce"]["kernel"][0, 0]
