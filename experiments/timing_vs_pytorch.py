@@ -368,8 +368,8 @@ def _run_worker(args: argparse.Namespace) -> None:
         offset = _shard_bounds(len(_sample(args, args.worker)), args.shard)[0]
         result["timed"] = [offset + i for i in result["timed"]]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["extra"]["malloc_tuned"] = allocator.tuned()
-    result["extra"]["malloc_mode"] = allocator.mode() if allocator.tuned() else "default"
+    tuned = result["extra"]["malloc_tuned"] = allocator.tuned()
+    result["extra"]["malloc_mode"] = allocator.mode() if tuned else "default"
     write_json(args.worker_out, result)
 
 

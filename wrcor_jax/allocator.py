@@ -33,19 +33,17 @@ import platform
 import sys
 from pathlib import Path
 
+_MAP_APART = f"glibc.malloc.mmap_threshold={256 << 20}"  # blocks under 256 MB from the heap
 TUNABLES = (
     "glibc.malloc.hugetlb=1",  # madvise 2 MB pages: 512x fewer faults where memory grows
-    f"glibc.malloc.mmap_threshold={256 << 20}",  # blocks under 256 MB from the heap
+    _MAP_APART,
     "glibc.malloc.arena_max=1",  # other threads' arenas would still mmap large blocks
     f"glibc.malloc.trim_threshold={1 << 40}",  # keep freed memory until release_free
 )
-HEAP_TUNABLES = (
-    "glibc.malloc.hugetlb=1",
-    "glibc.malloc.mmap_max=0",  # every block from the heap, the largest too
-    "glibc.malloc.arena_max=1",
-    f"glibc.malloc.trim_threshold={1 << 40}",
-)
-MODES = {"tuned": TUNABLES, "heap": HEAP_TUNABLES, "default": ()}
+# the same, but every block from the heap, the largest too
+HEAP_TUNABLES = tuple("glibc.malloc.mmap_max=0" if s == _MAP_APART else s for s in TUNABLES)
+MODES = {"tuned": TUNABLES, "heap": HEAP_TUNABLES}
+"""`WRCOR_JAX_MALLOC`'s values but `default` (glibc's own allocator), and their settings."""
 OPT_OUT = "WRCOR_JAX_MALLOC"
 
 
@@ -57,16 +55,21 @@ def glibc() -> bool:
 def mode(environ: dict[str, str] | None = None) -> str:
     """`WRCOR_JAX_MALLOC` of `environ` (default: this process's): tuned, heap or default."""
     value = (os.environ if environ is None else environ).get(OPT_OUT, "tuned")
-    if value not in MODES:
-        raise SystemExit(f"{OPT_OUT} must be one of {', '.join(MODES)}, not {value!r}")
+    if value not in (*MODES, "default"):
+        raise SystemExit(f"{OPT_OUT} must be one of {', '.join(MODES)}, default, not {value!r}")
     return value
 
 
+def _settings(environ: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The tunables of `environ`'s mode; `TUNABLES` where that is `default` and a process
+    is tuned all the same (`environment(True)`)."""
+    return MODES.get(mode(environ), TUNABLES)
+
+
 def tuned() -> bool:
-    """Whether this process started with the tunables of its mode (`MODES`)."""
+    """Whether this process started with the tunables of its mode."""
     present = os.environ.get("GLIBC_TUNABLES", "").split(":")
-    wanted_settings = MODES[mode()]
-    return bool(wanted_settings) and all(s in present for s in wanted_settings)
+    return all(setting in present for setting in _settings())
 
 
 def environment(tune: bool = True, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -76,7 +79,7 @@ def environment(tune: bool = True, environ: dict[str, str] | None = None) -> dic
     env = dict(os.environ if environ is None else environ)
     ours = {*TUNABLES, *HEAP_TUNABLES}
     settings = [s for s in env.get("GLIBC_TUNABLES", "").split(":") if s and s not in ours]
-    settings += list(MODES[mode(env)]) if tune else []
+    settings += list(_settings(env)) if tune else []
     if settings:
         env["GLIBC_TUNABLES"] = ":".join(settings)
     else:
