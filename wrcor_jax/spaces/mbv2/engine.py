@@ -120,6 +120,16 @@ def _channel_mask(c: int, channels: jax.Array) -> jax.Array:
     return jnp.arange(c) < channels
 
 
+def _row_weights(p: int, rows: jax.Array, dtype) -> jax.Array:
+    """(P, 1): 1 for the real rows of P stored rows, 0 for the padded ones. A sum weighted
+    by it reads the summed array once: XLA:CPU's YNNPACK sums fuse products with broadcast
+    arrays, but not a select nor a comparison, and with the mask itself (or this product's
+    comparison, fused into the sum) in the way, the summed operand was written out full size
+    first (1 GB at the widest depthwise output; docs/mbv2_engine.md). The barrier keeps the
+    comparison out of the sum."""
+    return jax.lax.optimization_barrier(_row_mask(p, rows).astype(dtype))
+
+
 def masked_abs_corrcoef(x: jax.Array, mask: jax.Array, count: jax.Array) -> tuple:
     """|corrcoef| between samples of x over its real entries (`mask`, `count` of them per
     sample), and whether it is defined; numpy's corrcoef of the unpadded rows."""
@@ -140,9 +150,10 @@ def _batch_norm_rows_rstd(y: jax.Array, w: dict, rows: jax.Array) -> tuple:
     mask = _row_mask(y.shape[1], rows)
     n = y.shape[0] * rows
     mean = y.sum(axis=(0, 1)) / n
-    # a select, not a product with the mask: XLA:CPU's YNNPACK reduction otherwise wrote the
-    # mask out full size (1 GB at the widest depthwise output; docs/mbv2_engine.md)
-    var = jnp.where(mask, jnp.square(y - mean), 0.0).sum(axis=(0, 1)) / n
+    # a barrier, so that this y - mean is not the normalisation's: one array read by a
+    # YNNPACK sum and by a loop fusion was written out full size (docs/mbv2_engine.md)
+    centre = jax.lax.optimization_barrier(mean)
+    var = (jnp.square(y - centre) * _row_weights(y.shape[1], rows, y.dtype)).sum(axis=(0, 1)) / n
     rstd = jax.lax.rsqrt(var + BN_EPS)
     return ((y - mean) * rstd * w["scale"] + w["bias"]) * mask, rstd
 
@@ -503,10 +514,7 @@ def _depthwise_se(
     if zen:
         _record_variance(probe, "depthwise", _variance(rstd[0]), channels)
     z = probe("depthwise", z, _real(z, rows, channels), rows * channels)
-    # the same ReLU: in the forward a select, as relu's zero became a full-size array for
-    # YNNPACK's fused sum; the backward, which recomputes this sum, the other way round
-    h = jnp.where(z > 0, z, 0.0) if saved is None else jax.nn.relu(z)
-    pooled = h.sum(axis=1) / rows
+    pooled = jax.nn.relu(z).sum(axis=1) / rows
     se = w["se"]
     s = pooled @ se["reduce"]["kernel"][0, 0]
     if zen:
