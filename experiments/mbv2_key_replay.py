@@ -35,6 +35,7 @@ from wrcor_jax.spaces.mbv2.engine import (
     MIN_CHANNELS,
     TILE_ROWS,
     WHOLE_FROM,
+    WIDE_STEP,
     bucket,
 )
 from wrcor_jax.spaces.mbv2.network import se_channels
@@ -53,9 +54,18 @@ class Buckets:
     fine_rows: int = FINE_ROWS
     tile_rows: int = TILE_ROWS
     whole_from: int = WHOLE_FROM
+    wide_step: int = WIDE_STEP
 
     def channels(self, channels: int) -> int:
         return bucket(channels, self.min_channels, self.fine_channels)
+
+    def expanded(self, channels: int, rows: int) -> int:
+        """A sub-block's expanded width on inputs of `rows` padded rows (`engine.wide_bucket`;
+        `wide_step` 0: a bucket everywhere)."""
+        bucketed = self.channels(channels)
+        if self.wide_step and rows >= self.whole_from:
+            return min(bucketed, -(-channels // self.wide_step) * self.wide_step)
+        return bucketed
 
     def rows(self, pixels: int) -> int:
         return bucket(pixels, 1, self.fine_rows)
@@ -130,7 +140,6 @@ def piece_calls(arch: MBV2Arch, buckets: Buckets = Buckets()) -> list[tuple[Key,
                     site=True,
                 )  # fmt: skip
             continue
-        dw = channel_bucket(block.dw_channels)
         mid = channel_bucket(se_channels(block.dw_channels))
         out = channel_bucket(block.out_channels)
         for j in range(block.layers):
@@ -138,6 +147,7 @@ def piece_calls(arch: MBV2Arch, buckets: Buckets = Buckets()) -> list[tuple[Key,
             c_in = channel_bucket(block.in_channels if j == 0 else block.out_channels)
             out_side = -(-side // stride)
             rows, rows_out = rows_bucket(side * side), rows_bucket(out_side * out_side)
+            dw = buckets.expanded(block.dw_channels, rows)
             calls += _pointwise(
                 tile(side * side), c_in, dw, above(), False, site=True, read_again=True
             )
@@ -199,10 +209,17 @@ def main() -> None:
         default=WHOLE_FROM,
         help="padded rows from which the 1x1 pieces take an image whole (not in tiles)",
     )
+    what_if.add_argument(
+        "--wide-step",
+        type=int,
+        default=WIDE_STEP,
+        help="expanded widths on images from --whole-from rows: multiples of this (0: buckets)",
+    )
     args = parser.parse_args()
     buckets = Buckets(
-        args.min_channels, args.fine_channels, args.fine_rows, args.tile_rows, args.whole_from
-    )
+        args.min_channels, args.fine_channels, args.fine_rows, args.tile_rows, args.whole_from,
+        args.wide_step,
+    )  # fmt: skip
     checkpoints = sorted(int(c) for c in args.checkpoints.split(","))
     for seed in range(args.seeds):
         archs = sampling.sample(

@@ -26,8 +26,10 @@ from wrcor_jax.spaces.mbv2.engine import (
     SE_KINDS,
     MBV2Engine,
     channel_bucket,
+    input_rows,
     pad_params,
     rows_bucket,
+    wide_bucket,
 )
 from wrcor_jax.spaces.mbv2.measures import MBV2Measurer, zen_inputs, zen_params
 from wrcor_jax.spaces.mbv2.network import init_params
@@ -67,8 +69,8 @@ CASES = [
 ]
 
 
-THREE_QUARTER_BUCKETS = pytest.param(  # 96^2 rows in 12,288, dw 288 in 384 channels
-    "SuperConvK3BNRELU(3,16,1,1)SuperResIDWE6K3(16,16,2,48,1)SuperConvK1BNRELU(16,16,1,1)@96",
+THREE_QUARTER_BUCKETS = pytest.param(  # 96^2 rows in 12,288, dw 264 on them in 320 channels
+    "SuperConvK3BNRELU(3,16,1,1)SuperResIDWE6K3(16,16,2,44,1)SuperConvK1BNRELU(16,16,1,1)@96",
     id="three-quarter-buckets",
 )
 
@@ -189,6 +191,37 @@ def test_buckets_and_padded_weights():
     np.testing.assert_array_equal(depthwise[2:5, 2:5, :, :24], real)
     assert np.count_nonzero(depthwise) == np.count_nonzero(real)
     assert padded["classifier"]["kernel"].shape == (32, NUM_CLASSES)
+
+
+def test_expanded_widths_on_large_images_pad_to_a_multiple_of_64():
+    """A sub-block's expanded width on an input of 4,096 padded rows or more pads to a
+    multiple of 64 where that is narrower than its bucket, every other width to its bucket;
+    the weights' real entries stay put."""
+    assert [wide_bucket(c, 4096) for c in (16, 144, 264, 288)] == [32, 192, 320, 320]
+    assert [wide_bucket(c, 2048) for c in (16, 144, 264)] == [32, 256, 384]
+    arch = parse("SuperConvK3BNRELU(3,20,2,1)SuperResIDWE6K3(20,40,2,24,2)@128")
+    params = init_params(arch, 0, NUM_CLASSES)
+    rows = input_rows(arch)
+    assert rows == {("block_01", "layer_0"): 4096, ("block_01", "layer_1"): 1024}
+    wide, narrow = (pad_params(params, rows)["block_01"][layer] for _, layer in rows)
+    shapes = {name: leaf.shape for name, leaf in _named_leaves(wide)}
+    assert shapes["expand/kernel"] == (1, 1, 32, 192)
+    assert shapes["depthwise/kernel"] == (7, 7, 1, 192)
+    assert shapes["se/reduce/kernel"] == (1, 1, 192, 64)
+    assert shapes["se/restore/scale"] == (192,)
+    assert shapes["project/kernel"] == (1, 1, 192, 64)
+    assert shapes["shortcut/conv/kernel"] == (1, 1, 32, 64)
+    assert dict(_named_leaves(narrow))["expand/kernel"].shape == (1, 1, 64, 256)
+    real = params["block_01"]["layer_0"]["project"]["kernel"]
+    np.testing.assert_array_equal(wide["project"]["kernel"][:, :, :144, :40], real)
+    assert np.count_nonzero(wide["project"]["kernel"]) == np.count_nonzero(real)
+
+
+def _named_leaves(tree: dict) -> list[tuple[str, np.ndarray]]:
+    return [
+        ("/".join(str(k.key) for k in path), leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    ]
 
 
 ENGINE_GRADIENTS = ["input_jacobian", "loss_grads", "half_batch_grads", "synflow_grads"]

@@ -7,8 +7,9 @@ project, shortcut, the final 1x1 conv), depthwise conv + squeeze-excite, head --
 Python (docs/mbv2_engine.md), and every piece sees padded shapes:
 
 - channels are rounded up to a power of two (at least 32; above 256 also 3/4 of one: 384,
-  768, 1536); padded weights, BN scales and biases are 0, so padded channels stay exactly
-  0 forward and backward;
+  768, 1536), but a sub-block's expanded width on images of 4,096 padded rows or more to a
+  multiple of 64 where that is narrower (`wide_bucket`); padded weights, BN scales and
+  biases are 0, so padded channels stay exactly 0 forward and backward;
 - activations live as rows, (N, P, C) with P the per-image pixel count h*h rounded up to a
   power of two (above 8192 also 3/4 of one), and the real side h is a run-time argument:
   BatchNorm statistics, SE and head pooling, and every correlation count only the real rows
@@ -106,6 +107,21 @@ made more calls for slightly fewer keys (docs/mbv2_engine.md)."""
 def tile_rows(p: int) -> int:
     """Rows per image of the tiles a 1x1 piece runs over, on images of `p` padded rows."""
     return p if p <= TILE_ROWS or p >= WHOLE_FROM else TILE_ROWS
+
+
+WIDE_STEP = 64
+"""A sub-block's expanded (depthwise) width on images of at least `WHOLE_FROM` padded rows
+is padded to a multiple of this where that is narrower than its bucket (144 channels to 192,
+not 256; 288 to 320, not 384): those tensors carry most of an architecture's memory
+traffic, and they are few in kind, so the keys stay about as many (docs/mbv2_engine.md)."""
+
+
+def wide_bucket(channels: int, rows: int) -> int:
+    """Padded expanded width of a sub-block whose input has `rows` padded rows per image."""
+    bucketed = channel_bucket(channels)
+    if rows >= WHOLE_FROM:
+        return min(bucketed, -(-channels // WIDE_STEP) * WIDE_STEP)
+    return bucketed
 
 
 # --------------------------------------------------------------------------- masked maths
@@ -760,11 +776,14 @@ PIECES = {
 # --------------------------------------------------------------------------- weights
 
 
-def _pad_axes(leaf: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """Zero-pad the given axes of a leaf to their channel buckets."""
+def _pad_axes(leaf: np.ndarray, axes: tuple[int, ...], expanded=None, rows: int = 0):
+    """Zero-pad the given axes of a leaf to their channel buckets, the `expanded` axis (a
+    sub-block's expanded width, its input `rows` padded rows per image) to `wide_bucket`."""
     pads = [(0, 0)] * leaf.ndim
     for axis in axes:
-        pads[axis] = (0, channel_bucket(leaf.shape[axis]) - leaf.shape[axis])
+        size = leaf.shape[axis]
+        padded = wide_bucket(size, rows) if axis == expanded else channel_bucket(size)
+        pads[axis] = (0, padded - size)
     return np.pad(np.asarray(leaf), pads)
 
 
@@ -774,22 +793,46 @@ def _pad_kernel(kernel: np.ndarray) -> np.ndarray:
     return np.pad(kernel, ((edge, edge), (edge, edge), (0, 0), (0, 0)))
 
 
-def pad_params(params: dict) -> dict:
+def _expanded_axis(keys: list[str], leaf: np.ndarray) -> int | None:
+    """Which axis of a sub-block's leaf holds its expanded width, if one does."""
+    if keys[2] in ("expand", "depthwise") or keys[2:4] == ["se", "restore"]:
+        return leaf.ndim - 1
+    if keys[-1] == "kernel" and (keys[2] == "project" or keys[2:4] == ["se", "reduce"]):
+        return 2
+    return None
+
+
+def input_rows(arch: MBV2Arch) -> dict[tuple[str, str], int]:
+    """Padded rows per image of each sub-block's input, by (block, layer) name."""
+    stem, *rest = arch.blocks
+    side, rows = _out_side(arch.resolution, stem.stride), {}
+    for index, block in enumerate(rest, start=1):
+        for j in range(block.layers if isinstance(block, ResBlock) else 0):
+            rows[block_name(index), layer_name(j)] = rows_bucket(side * side)
+            side = _out_side(side, block.stride if j == 0 else 1)
+    return rows
+
+
+def pad_params(params: dict, rows: dict[tuple[str, str], int] | None = None) -> dict:
     """The parameter tree with every width padded to its bucket with zeros, and depthwise
     kernels to `MAX_KERNEL`, centred. The stem keeps its 3 input channels, a depthwise
-    kernel its 1, the classifier its classes."""
+    kernel its 1, the classifier its classes. `rows` (`input_rows`) gives each sub-block's
+    input rows, for its expanded width's `wide_bucket`; without it that is a bucket too."""
 
     def pad(path: tuple, leaf: np.ndarray) -> np.ndarray:
         keys = [str(getattr(k, "key", k)) for k in path]
         if keys[0] == "classifier":
             return _pad_axes(leaf, (0,) if keys[-1] == "kernel" else ())
+        expanded, rows_in = None, 0
+        if rows and (keys[0], keys[1]) in rows:
+            expanded, rows_in = _expanded_axis(keys, leaf), rows[keys[0], keys[1]]
         if leaf.ndim == 1:
-            return _pad_axes(leaf, (0,))
+            return _pad_axes(leaf, (0,), expanded, rows_in)
         if "depthwise" in keys:
-            return _pad_kernel(_pad_axes(leaf, (3,)))
+            return _pad_kernel(_pad_axes(leaf, (3,), expanded, rows_in))
         if keys[0] == block_name(0) and leaf.shape[2] == 3:
             return _pad_axes(leaf, (3,))
-        return _pad_axes(leaf, (2, 3))
+        return _pad_axes(leaf, (2, 3), expanded, rows_in)
 
     return jax.tree_util.tree_map_with_path(pad, params)
 
@@ -1115,7 +1158,7 @@ class MBV2Engine:
         both from the loss gradient; `input_jacobian`, d(sum of logits)/d(images). All but
         the sums as NumPy, as `measures` takes them."""
         del num_classes  # the classifier's width says it
-        padded = pad_params(params)
+        padded = pad_params(params, input_rows(arch))
         images = jnp.asarray(images, jax.tree.leaves(padded)[0].dtype)  # the weights' precision
         out: dict = {}
         kinds = self.kinds if site_sums else frozenset()
@@ -1169,7 +1212,8 @@ class MBV2Engine:
         try:
             with jax.enable_x64(True):
                 padded = jax.tree.map(
-                    lambda t: np.abs(np.asarray(t, np.float64)), pad_params(params)
+                    lambda t: np.abs(np.asarray(t, np.float64)),
+                    pad_params(params, input_rows(arch)),
                 )
                 ones = jnp.ones((1, *image_shape[1:]), jnp.float64)
                 logits = self._forward(arch, padded, ones, frozenset(), norm=False)
@@ -1183,7 +1227,7 @@ class MBV2Engine:
         the Gaussian images x and x + 0.01 eps at the architecture's resolution, residual
         links off, BatchNorm in training mode: E ||f(x) - f(x_mixed)||_1 of the pre-pooling
         features and the sum over the BatchNorms of log sqrt(mean batch variance)."""
-        padded = pad_params(params)
+        padded = pad_params(params, input_rows(arch))
         try:
             self._forward(arch, padded, jnp.asarray(x), frozenset(), True, zen=True)
             clean = self._calls[-1][1].inputs[0]  # the head's input
