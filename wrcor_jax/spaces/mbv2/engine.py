@@ -776,7 +776,9 @@ PIECES = {
 # --------------------------------------------------------------------------- weights
 
 
-def _pad_axes(leaf: np.ndarray, axes: tuple[int, ...], expanded=None, rows: int = 0):
+def _pad_axes(
+    leaf: np.ndarray, axes: tuple[int, ...], expanded: int | None = None, rows: int = 0
+) -> np.ndarray:
     """Zero-pad the given axes of a leaf to their channel buckets, the `expanded` axis (a
     sub-block's expanded width, its input `rows` padded rows per image) to `wide_bucket`."""
     pads = [(0, 0)] * leaf.ndim
