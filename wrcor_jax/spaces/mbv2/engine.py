@@ -809,7 +809,9 @@ def input_rows(arch: MBV2Arch) -> dict[tuple[str, str], int]:
     stem, *rest = arch.blocks
     side, rows = _out_side(arch.resolution, stem.stride), {}
     for index, block in enumerate(rest, start=1):
-        for j in range(block.layers if isinstance(block, ResBlock) else 0):
+        if not isinstance(block, ResBlock):  # a 1x1 conv block: stride 1, no expanded width
+            continue
+        for j in range(block.layers):
             rows[block_name(index), layer_name(j)] = rows_bucket(side * side)
             side = _out_side(side, block.stride if j == 0 else 1)
     return rows
