@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -26,6 +27,7 @@ from wrcor_jax.spaces.mbv2.engine import (
     SE_KINDS,
     MBV2Engine,
     channel_bucket,
+    folded_conv,
     input_rows,
     pad_params,
     rows_bucket,
@@ -171,6 +173,27 @@ def test_unsupported_blocks_are_named():
     assert not MBV2Engine.supports(arch)
     with pytest.raises(ValueError, match="does not build"):
         MBV2Engine().site_sums(arch, init_params(arch, 1, 2), np.zeros((2, 8, 8, 3)), [0, 1], 2)
+
+
+def test_folded_conv_backward_from_its_output_equals_autodiff():
+    """The expand's backward reads the scale's gradient from the saved output instead of a
+    product of the input with the cotangent: the same gradients as autodiff of the conv,
+    padded rows and a padded channel (zero kernel column, zero scale) included."""
+    rng = np.random.default_rng(0)
+    mask = (np.arange(8) < 6)[:, None]
+    centred = rng.standard_normal((3, 8, 5)).astype(np.float32) * mask
+    kernel = rng.standard_normal((5, 7)).astype(np.float32)
+    kernel[:, -1] = 0
+    scale = rng.uniform(0.5, 2, 7).astype(np.float32)
+    scale[-1] = 0
+    bias = rng.standard_normal(7).astype(np.float32)
+    args = tuple(map(jnp.asarray, (centred, kernel, scale, bias)))
+    z = folded_conv(*args, mask, None)
+    g = jnp.asarray(rng.standard_normal(z.shape).astype(np.float32))
+    want = jax.vjp(lambda *a: folded_conv(*a, mask, None), *args)[1](g)
+    have = jax.vjp(lambda *a: folded_conv(*a, mask, z), *args)[1](g)
+    for w, h in zip(want, have, strict=True):
+        np.testing.assert_allclose(h, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
 
 
 def test_buckets_and_padded_weights():

@@ -426,15 +426,57 @@ def _centred_squares(w, inputs, dims, probe, norm: bool, zen: bool):
     return (squares + jnp.square(centred).sum(axis=(0, 1)),)
 
 
-def _expand(w, inputs, dims, probe, norm: bool, zen: bool, relu: bool):
+@jax.custom_vjp
+def folded_conv_saved(
+    centred: jax.Array, kernel: jax.Array, scale: jax.Array, bias: jax.Array, mask, z
+) -> jax.Array:
+    """`folded_conv` for the backward pass, given its forward output z. Its backward reads
+    the scale's gradient from z, sum(g (z - bias)) / scale, where autodiff contracted the
+    rows of the centred input with g (a product as large as the conv, so the expand's
+    backward took two where one serves); the kernel's gradient is that product, computed
+    only where asked for (XLA drops it otherwise). A zero scale (padded channels) gets a
+    zero gradient, as in `batch_norm_saved`."""
+    del centred, kernel, scale, bias, mask
+    return z
+
+
+def _folded_conv_saved_fwd(centred, kernel, scale, bias, mask, z) -> tuple:
+    return z, (centred, kernel, scale, bias, mask, z)
+
+
+def _folded_conv_saved_bwd(residuals: tuple, g: jax.Array) -> tuple:
+    centred, kernel, scale, bias, mask, z = residuals
+    g = jnp.where(mask, g, 0.0)
+    live = scale != 0
+    d_scale = (g * (z - bias)).sum(axis=(0, 1)) / jnp.where(live, scale, 1.0)
+    flat = g.reshape(-1, g.shape[-1])
+    d_kernel = (centred.reshape(-1, centred.shape[-1]).T @ flat) * scale
+    d_centred = _matmul_rows(g, (kernel * scale).T)
+    return d_centred, d_kernel, jnp.where(live, d_scale, 0.0), flat.sum(axis=0), None, None
+
+
+folded_conv_saved.defvjp(_folded_conv_saved_fwd, _folded_conv_saved_bwd)
+
+
+def folded_conv(centred, kernel, scale, bias, mask, saved: jax.Array | None) -> jax.Array:
+    """The expand's conv with BatchNorm folded in, (centred @ (kernel * scale) + bias) on
+    the real rows `mask` (`centred` is 0 elsewhere); `saved`: its output from the forward
+    pass (`folded_conv_saved`), None to compute it."""
+    if saved is not None:
+        return folded_conv_saved(centred, kernel, scale, bias, mask, saved)
+    return (_matmul_rows(centred, kernel * scale) + bias) * mask
+
+
+def _expand(w, inputs, dims, probe, norm: bool, zen: bool, relu: bool, saved=None):
     """A tile's 1x1 conv and BatchNorm, its statistics taken from the input: mean(y) = mean(x)
     W and var(y) = diag(W^T cov(x) W), from x's running sum and centred product over all
     tiles. The normalisation folds into the kernel, so the wide output is written once (as
     BatchNorm of the conv output it took 4x the conv's time: XLA:CPU keeps BN's reductions
-    and elementwise passes apart); its backward needs no stored output. Then the
-    ReLU when `relu` (a 1x1 conv block; a sub-block's depthwise piece applies it). For
-    outputs narrower than the input the product costs more than the conv: `_conv_rows` and
-    `_batch_norm_tile` serve those. dims: side, real output channels, tile index."""
+    and elementwise passes apart); its backward reads that output back (`saved`) for the
+    scale's gradient, but where the piece applies the ReLU (`relu`: a 1x1 conv block; a
+    sub-block's depthwise piece applies it). For outputs narrower than the input the
+    product costs more than the conv: `_conv_rows` and `_batch_norm_tile` serve those.
+    dims: side, real output channels, tile index."""
     del norm  # run only with BatchNorm (`MBV2Engine._pointwise`)
     x, total, gram = inputs
     side, channels, t = dims[0], dims[1], dims[2]
@@ -447,7 +489,9 @@ def _expand(w, inputs, dims, probe, norm: bool, zen: bool, relu: bool):
     # centred before the product, so that the reverse pass's sums over rows are centred too
     # (the mean folded into a bias left the scale's gradient a difference of two large sums:
     # 1% off in float32 where ReLU outputs have a large mean)
-    z = (_matmul_rows((x - total / n) * mask, kernel * scale) + w["bias"]) * mask
+    # with the ReLU applied here the saved output is not z, so z is recomputed
+    z_saved = None if relu or saved is None else saved[0]
+    z = folded_conv((x - total / n) * mask, kernel, scale, w["bias"], mask, z_saved)
     if zen:
         _record_variance(probe, "out", variance, channels)
     z = probe("out", z, _real(z, rows, channels, t), rows * channels)
@@ -757,7 +801,7 @@ PIECES = {
     "rows_sum": Piece(_rows_sum),
     "centred_gram": Piece(_centred_gram),
     "centred_squares": Piece(_centred_squares),
-    "expand": Piece(_expand, ("relu",), kinds=BLOCK_GRAD),
+    "expand": Piece(_expand, ("relu",), saves=True, kinds=BLOCK_GRAD),
     "conv_rows": Piece(_conv_rows, ("gated",)),
     "batch_norm_tile": Piece(_batch_norm_tile, ("relu", "site"), kinds=BLOCK_GRAD),
     "depthwise_se": Piece(
