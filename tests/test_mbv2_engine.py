@@ -28,6 +28,7 @@ from wrcor_jax.spaces.mbv2.engine import (
     MBV2Engine,
     channel_bucket,
     folded_conv,
+    gram_matrix,
     input_rows,
     pad_params,
     rows_bucket,
@@ -194,6 +195,17 @@ def test_folded_conv_backward_from_its_output_equals_autodiff():
     have = jax.vjp(lambda *a: folded_conv(*a, mask, z), *args)[1](g)
     for w, h in zip(want, have, strict=True):
         np.testing.assert_allclose(h, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+
+
+def test_gram_matrix_backward_equals_autodiff():
+    """The centred product's backward as one product, flat (g + g^T), against autodiff of
+    flat^T flat (two products), for a cotangent that is not symmetric."""
+    rng = np.random.default_rng(1)
+    flat = jnp.asarray(rng.standard_normal((40, 6)).astype(np.float32))
+    g = jnp.asarray(rng.standard_normal((6, 6)).astype(np.float32))
+    (want,) = jax.vjp(lambda f: f.T @ f, flat)[1](g)
+    (have,) = jax.vjp(gram_matrix, flat)[1](g)
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_buckets_and_padded_weights():

@@ -405,15 +405,32 @@ def _rows_sum(w, inputs, dims, probe, norm: bool, zen: bool):
     return (total + x.sum(axis=(0, 1)),)
 
 
+@jax.custom_vjp
+def gram_matrix(flat: jax.Array) -> jax.Array:
+    """flat^T flat, whose backward is one product, flat (g + g^T): autodiff took two and
+    added them."""
+    return jnp.dot(flat.T, flat, precision=HIGHEST)
+
+
+def _gram_fwd(flat: jax.Array) -> tuple:
+    return gram_matrix(flat), flat
+
+
+def _gram_bwd(flat: jax.Array, g: jax.Array) -> tuple:
+    return (jnp.dot(flat, g + g.T, precision=HIGHEST),)
+
+
+gram_matrix.defvjp(_gram_fwd, _gram_bwd)
+
+
 def _centred_gram(w, inputs, dims, probe, norm: bool, zen: bool):
     """The running C x C product of the real rows centred on the batch mean (the sum
     `total`): the covariance's numerator. dims: side, real channels, tile index."""
     del w, probe, norm, zen
-    x, total, gram = inputs
+    x, total, running = inputs
     rows = dims[0] * dims[0]
     centred = (x - total / (x.shape[0] * rows)) * _tile_mask(x.shape[1], dims[2], rows)
-    flat = centred.reshape(-1, centred.shape[-1])
-    return (gram + jnp.dot(flat.T, flat, precision=HIGHEST),)
+    return (running + gram_matrix(centred.reshape(-1, centred.shape[-1])),)
 
 
 def _centred_squares(w, inputs, dims, probe, norm: bool, zen: bool):
