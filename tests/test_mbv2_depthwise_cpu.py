@@ -1,0 +1,91 @@
+"""The native depthwise conv (`depthwise_cpu`) computes the engine's XLA taps, both ways."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wrcor_jax.spaces.mbv2 import depthwise_cpu
+from wrcor_jax.spaces.mbv2.engine import (
+    MAX_KERNEL,
+    _taps_branches,
+    depthwise_strided_rows,
+    rows_bucket,
+)
+
+if os.environ.get("WRCOR_JAX_NATIVE") == "0" or not (os.environ.get("CXX") or shutil.which("g++")):
+    pytest.skip("native depthwise conv: switched off or no compiler", allow_module_level=True)
+
+CASES = [  # images, side, channels, kernel, stride
+    (3, 5, 32, 3, 1),
+    (2, 7, 40, 7, 1),  # a width no vector divides: the scalar path
+    (2, 7, 32, 5, 2),
+    (2, 9, 64, 3, 2),  # odd side at stride 2
+    (2, 12, 32, 7, 2),
+    (2, 14, 96, 5, 1),
+    (1, 3, 16, 7, 1),  # kernel wider than the image
+]
+
+
+def _case(n: int, side: int, c: int, k: int, stride: int, dtype) -> tuple:
+    rng = np.random.default_rng(side * 100 + c + k + stride)
+    p_in = rows_bucket(side * side) + 3  # rows after the image, as the engine pads
+    out_side = -(-side // stride)
+    p_out = rows_bucket(out_side * out_side) if stride == 2 else p_in
+    x = rng.normal(size=(n, p_in, c)).astype(dtype)
+    x[:, side * side :] = 0  # the engine's padded rows are zero
+    r = k // 2
+    kernel = np.zeros((MAX_KERNEL, MAX_KERNEL, 1, c), dtype)
+    kernel[3 - r : 4 + r, 3 - r : 4 + r] = rng.normal(size=(k, k, 1, c))
+    g = rng.normal(size=(n, p_out, c)).astype(dtype)
+    return jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(g), p_out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "side", "c", "k", "stride"), CASES)
+def test_native_conv_and_its_transpose_equal_the_taps(n, side, c, k, stride, dtype):
+    assert depthwise_cpu.available()
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    with jax.enable_x64(dtype == np.float64):
+        x, kernel, g, p_out = _case(n, side, c, k, stride, dtype)
+        r = k // 2
+        centre = kernel[3 - r : 4 + r, 3 - r : 4 + r]
+        taps = _taps_branches(stride, p_out)[r - 1]
+        want, pullback = jax.vjp(lambda x_: taps(x_, kernel, jnp.asarray(side)), x)
+        (want_dx,) = pullback(g)
+        got = depthwise_cpu.depthwise(x, centre, jnp.asarray(side), x, p_out, stride, False)
+        got_dx = depthwise_cpu.depthwise(g, centre, jnp.asarray(side), x, x.shape[1], stride, True)
+        assert got.dtype == dtype and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+        # the taps' cotangent reaches padded input rows, which the engine's BatchNorm masks;
+        # the native one leaves them zero
+        real = side * side
+        np.testing.assert_allclose(got_dx[:, :real], want_dx[:, :real], rtol=tol, atol=tol)
+        assert not np.any(got_dx[:, real:])
+
+
+@pytest.mark.parametrize(("n", "side", "c", "k", "stride"), CASES[2:5])
+def test_engine_conv_gradients_equal_the_taps(n, side, c, k, stride):
+    """The engine's custom vjp (the native input cotangent, the taps' kernel gradient)
+    against autodiff of the XLA taps, in float64."""
+    with jax.enable_x64(True):
+        x, kernel, g, p_out = _case(n, side, c, k, stride, np.float64)
+        geometry = jnp.asarray([side, k // 2])
+        taps = _taps_branches(stride, p_out)[k // 2 - 1]
+
+        def loss(conv):
+            return lambda x_, k_: jnp.sum(g * jnp.sin(conv(x_, k_)))
+
+        engine = loss(lambda x_, k_: depthwise_strided_rows(x_, k_, geometry, stride, p_out))
+        reference = loss(lambda x_, k_: taps(x_, k_, jnp.asarray(side)))
+        np.testing.assert_allclose(engine(x, kernel), reference(x, kernel), rtol=1e-12)
+        got = jax.grad(engine, (0, 1))(x, kernel)
+        want = jax.grad(reference, (0, 1))(x, kernel)
+        real = side * side
+        np.testing.assert_allclose(got[0][:, :real], want[0][:, :real], rtol=1e-11, atol=1e-11)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-11, atol=1e-11)
