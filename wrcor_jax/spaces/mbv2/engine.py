@@ -14,7 +14,8 @@ Python (docs/mbv2_engine.md), and every piece sees padded shapes:
   power of two (above 8192 also 3/4 of one), and the real side h is a run-time argument:
   BatchNorm statistics, SE and head pooling, and every correlation count only the real rows
   and channels, and the depthwise conv reads its taps as dynamic row offsets with column
-  masks;
+  masks (on CPU a C++ custom call, `depthwise_cpu`, that sums only the taps inside the
+  image);
 - the 1x1 pieces run over tiles of those rows (`tile_rows`: the same for every image above
   a size), so that they are keyed by the tile and their widths, not by the image's size;
   their BatchNorm statistics are running sums over the tiles.
@@ -270,9 +271,10 @@ def _taps_branches(stride: int, p_out: int) -> list[Callable]:
     return [at_radius(r) for r in RADII]
 
 
-def _native_branches(stride: int, p_out: int, transposed: bool) -> list[Callable]:
-    """Per radius, `depthwise_cpu`'s custom call: forward (x, kernel, side), or transposed
-    (x, kernel, side, g) -> the cotangent at x; the XLA taps where it is not built."""
+def _conv_branches(stride: int, p_out: int, transposed: bool) -> list[Callable]:
+    """Per radius, the conv (x, kernel, side), or with `transposed` (x, kernel, side, g) ->
+    the cotangent at x: on CPU `depthwise_cpu`'s custom call where it is built, elsewhere
+    (and there otherwise) XLA's taps."""
     taps = _taps_branches(stride, p_out)
 
     def at_radius(r: int) -> Callable:
@@ -315,7 +317,7 @@ def depthwise_strided_rows(
     cotangent and another of the kernel's, which XLA drops where no one reads it (WRCor,
     jacob_cov): autodiff of the switch would store every branch's residuals."""
     side, radius = geometry[0], geometry[1]
-    return jax.lax.switch(radius - 1, _native_branches(stride, p_out, False), x, kernel, side)
+    return jax.lax.switch(radius - 1, _conv_branches(stride, p_out, False), x, kernel, side)
 
 
 def _depthwise_strided_fwd(x, kernel, geometry, stride: int, p_out: int) -> tuple:
@@ -325,7 +327,7 @@ def _depthwise_strided_fwd(x, kernel, geometry, stride: int, p_out: int) -> tupl
 def _depthwise_strided_bwd(stride: int, p_out: int, residuals: tuple, g: jax.Array) -> tuple:
     x, kernel, geometry = residuals
     side, branch = geometry[0], geometry[1] - 1
-    d_x = jax.lax.switch(branch, _native_branches(stride, p_out, True), x, kernel, side, g)
+    d_x = jax.lax.switch(branch, _conv_branches(stride, p_out, True), x, kernel, side, g)
 
     def kernel_backward(conv: Callable) -> Callable:
         return lambda x, kernel, side, g: jax.vjp(lambda k: conv(x, k, side), kernel)[1](g)[0]
