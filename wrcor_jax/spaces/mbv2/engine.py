@@ -273,8 +273,8 @@ def _taps_branches(stride: int, p_out: int) -> list[Callable]:
 
 def _conv_branches(stride: int, p_out: int, transposed: bool) -> list[Callable]:
     """Per radius, the conv (x, kernel, side), or with `transposed` (x, kernel, side, g) ->
-    the cotangent at x: on CPU `depthwise_cpu`'s custom call where it is built, elsewhere
-    (and there otherwise) XLA's taps."""
+    the cotangent at x: on CPU `depthwise_cpu`'s custom call where it is built and the
+    process sees one device, elsewhere (and there otherwise) XLA's taps."""
     taps = _taps_branches(stride, p_out)
 
     def at_radius(r: int) -> Callable:
@@ -292,7 +292,8 @@ def _conv_branches(stride: int, p_out: int, transposed: bool) -> list[Callable]:
 
     def either(r: int) -> Callable:
         xla = taps_backward(taps[r - 1]) if transposed else taps[r - 1]
-        if not depthwise_cpu.available():
+        # the custom call has no sharding rule: a batch split over devices would be gathered
+        if not depthwise_cpu.available() or jax.device_count() > 1:
             return xla
         native = at_radius(r)
         return lambda *args: jax.lax.platform_dependent(*args, cpu=native, default=xla)
