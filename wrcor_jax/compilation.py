@@ -66,12 +66,17 @@ class CompileCounter:
         jax.monitoring.register_event_duration_secs_listener(on_duration)
 
 
+def user_cache_dir() -> Path:
+    """`wrcor_jax` in the user's cache dir (`$XDG_CACHE_HOME`, else ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "wrcor_jax"
+
+
 def default_cache_dir() -> Path:
     """`$JAX_COMPILATION_CACHE_DIR` if set, else `wrcor_jax/xla` in the user's cache dir."""
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "wrcor_jax" / "xla"
+    return user_cache_dir() / "xla"
 
 
 def use_persistent_cache(directory: str | Path | None) -> Path | None:
