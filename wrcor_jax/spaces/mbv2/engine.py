@@ -138,14 +138,18 @@ def _channel_mask(c: int, channels: jax.Array) -> jax.Array:
     return jnp.arange(c) < channels
 
 
+def _mask_weights(mask: jax.Array, dtype) -> jax.Array:
+    """A boolean mask as 1s and 0s, for sums weighted by it. Such a sum reads the summed
+    array once: XLA:CPU's YNNPACK sums fuse products with broadcast arrays, but not a select
+    nor a comparison, and with the mask itself (or this product's comparison, fused into the
+    sum) in the way, the summed operand was written out full size first (1 GB at the widest
+    depthwise output; docs/mbv2_engine.md). The barrier keeps the comparison out of the sum."""
+    return jax.lax.optimization_barrier(mask.astype(dtype))
+
+
 def _row_weights(p: int, rows: jax.Array, dtype) -> jax.Array:
-    """(P, 1): 1 for the real rows of P stored rows, 0 for the padded ones. A sum weighted
-    by it reads the summed array once: XLA:CPU's YNNPACK sums fuse products with broadcast
-    arrays, but not a select nor a comparison, and with the mask itself (or this product's
-    comparison, fused into the sum) in the way, the summed operand was written out full size
-    first (1 GB at the widest depthwise output; docs/mbv2_engine.md). The barrier keeps the
-    comparison out of the sum."""
-    return jax.lax.optimization_barrier(_row_mask(p, rows).astype(dtype))
+    """(P, 1): 1 for the real rows of P stored rows, 0 for the padded ones (`_mask_weights`)."""
+    return _mask_weights(_row_mask(p, rows), dtype)
 
 
 def masked_abs_corrcoef(x: jax.Array, mask: jax.Array, count: jax.Array) -> tuple:
@@ -502,7 +506,7 @@ def _folded_conv_saved_fwd(centred, kernel, scale, bias, mask, z) -> tuple:
 
 def _folded_conv_saved_bwd(residuals: tuple, g: jax.Array) -> tuple:
     centred, kernel, scale, bias, mask, z = residuals
-    weights = jax.lax.optimization_barrier(mask.astype(g.dtype))  # as `_row_weights`
+    weights = _mask_weights(mask, g.dtype)
     live = scale != 0
     d_scale = (g * (z - bias) * weights).sum(axis=(0, 1)) / jnp.where(live, scale, 1.0)
     # centred's padded rows are 0: the kernel's gradient needs no mask
