@@ -617,14 +617,8 @@ def normalized_tile(y, total, squares, scale, bias, weights, n) -> jax.Array:
 
 
 def _normalized_tile_fwd(y, total, squares, scale, bias, weights, n) -> tuple:
-    return normalized_tile(y, total, squares, scale, bias, weights, n), (
-        y,
-        total,
-        squares,
-        scale,
-        weights,
-        n,
-    )
+    residuals = (y, total, squares, scale, weights, n)
+    return normalized_tile(y, total, squares, scale, bias, weights, n), residuals
 
 
 def _normalized_tile_bwd(residuals: tuple, g: jax.Array) -> tuple:
