@@ -103,7 +103,6 @@ def _pointwise(
     carried = (*backward, "carried") if read_again and backward is not None else backward
     return [
         (("conv_rows", tile, c_in, c_out, gated, biased), carried),
-        (("rows_sum", tile, c_out), () if backward is not None else None),
         (("centred_squares", tile, c_out), () if backward is not None else None),
         (("batch_norm_tile", tile, c_out, relu, site, residual), norm_backward),
     ]

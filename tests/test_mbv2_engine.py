@@ -129,7 +129,6 @@ def test_se_sums_skip_the_backwards_below_the_first_se(text, batch):
     # the ReLU(h) x gate product needs no cotangent of h, the BatchNorm none of the residual
     assert project == {
         ("conv_rows", (0,)),
-        ("rows_sum", ()),
         ("centred_squares", ()),
         ("batch_norm_tile", (3,)),
     }

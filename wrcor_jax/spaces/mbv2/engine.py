@@ -593,16 +593,20 @@ gated_matmul.defvjp(_gated_matmul_fwd, _gated_matmul_bwd)
 def _conv_rows(w, inputs, dims, probe, norm: bool, zen: bool, gated: bool):
     """A tile's 1x1 conv (with its bias where it has one: the shortcut's), of ReLU(h) times
     the SE gate when `gated` (the project: h is the depthwise piece's pre-ReLU output).
-    Its statistics are summed by other pieces, so that the cotangents reaching y from them
-    and from the normalisation add up elementwise before the kernel's gradient contracts
-    the rows: contracted first, they cancelled there in float32 (zico's project kernels
-    0.4% off). dims: side, real channels, tile index."""
-    del probe, norm, zen
+    With BatchNorm the last input is the running sum of the earlier tiles' outputs, and the
+    second output adds this tile's: summed here, while the tile is in cache, where a piece
+    of its own read it back and wrote its cotangent out again. The sum of squares is
+    another piece's (it needs every tile's sum first). The cotangents reaching y from the
+    statistics and from the normalisation add up elementwise before the kernel's gradient
+    contracts the rows: contracted first, they cancelled there in float32 (zico's project
+    kernels 0.4% off). dims: side, real channels, tile index."""
+    del probe, zen
+    x, *rest = inputs
     kernel = w["kernel"][0, 0]
-    y = gated_matmul(inputs[0], inputs[1], kernel) if gated else _matmul_rows(inputs[0], kernel)
+    y = gated_matmul(x, rest[0], kernel) if gated else _matmul_rows(x, kernel)
     if "bias" in w:
         y = (y + w["bias"]) * _tile_mask(y.shape[1], dims[2], dims[0] * dims[0])
-    return (y,)
+    return (y, rest[-1] + y.sum(axis=(0, 1))) if norm else (y,)
 
 
 @jax.custom_vjp
@@ -1184,20 +1188,16 @@ class MBV2Engine:
                 run("expand", path, w, (tiles[t], total, gram), t, relu=relu)[0]
                 for t in range(count)
             )
-        outputs = [
-            run(
-                "conv_rows",
-                conv_path,
-                conv,
-                (x,) if gate is None else (x, gate),
-                t,
-                gated=gate is not None,
-            )[0]
-            for t, x in enumerate(tiles)
-        ]
+        read = () if gate is None else (gate,)
+        total = self._start((c_out,)) if norm else None
+        outputs = []
+        for t, x in enumerate(tiles):
+            inputs = (x, *read) if total is None else (x, *read, total)
+            y, *summed = run("conv_rows", conv_path, conv, inputs, t, gated=gate is not None)
+            outputs.append(y)
+            total = summed[0] if summed else None
         stats = ()
         if norm:
-            total = running("rows_sum", (c_out,), lambda t, acc: (outputs[t], acc))
             squares = running("centred_squares", (c_out,), lambda t, acc: (outputs[t], total, acc))
             stats = (total, squares)
             self._shared += [total, squares]
