@@ -440,7 +440,8 @@ def _tile_mask(r: int, t: jax.Array, rows: jax.Array) -> jax.Array:
 
 
 def _rows_sum(w, inputs, dims, probe, norm: bool, zen: bool):
-    """The running sum over the tiles' rows (padded rows are 0): a mean's numerator."""
+    """The running sum over the tiles' rows (padded rows are 0): a mean's numerator. It
+    serves the expand's input; `_conv_rows` sums its own output."""
     del w, dims, probe, norm, zen
     x, total = inputs
     return (total + x.sum(axis=(0, 1)),)
