@@ -1067,7 +1067,9 @@ class MBV2Engine:
         self._calls: list[tuple[int, _Call]] = []
         self._terms: list[tuple[int, dict]] = []
         self._acts: list[dict] = []
-        self._starts: set[int] = set()  # the running sums' zeros
+        self._put: set[int] = set()  # zeros the engine put in (`_start`, `_blank`)
+        self._blanks: dict[tuple, jax.Array] = {}
+        self._unread: set[int] = set()  # tiles whose only readers were skipped
         self._shared: list[jax.Array] = []  # small arrays every tile reads: statistics, gates
 
     @staticmethod
@@ -1144,10 +1146,22 @@ class MBV2Engine:
         return jax.device_put(np.zeros(shape, dtype or self._dtype))
 
     def _start(self, shape: tuple[int, ...]) -> jax.Array:
-        """A running sum's start: zeros, remembered so that `_needed` never freezes them."""
+        """A running sum's start: zeros, remembered so that `_needed` never freezes them (the
+        chain's first backward is then the same program as the others)."""
         start = self._zeros(shape)
-        self._starts.add(id(start))
+        self._put.add(id(start))
         return start
+
+    def _blank(self, shape: tuple[int, ...], dtype=None) -> jax.Array:
+        """The zeros that stand in for a tile of padding rows only, whose 1x1 pieces are
+        skipped (their outputs, sums and gradients there are exact zeros): one array per
+        shape and pass, never frozen, so that its readers run the programs they run on
+        real tiles."""
+        key = (shape, np.dtype(dtype or self._dtype))
+        if key not in self._blanks:
+            self._blanks[key] = self._zeros(shape, key[1])
+            self._put.add(id(self._blanks[key]))
+        return self._blanks[key]
 
     def _pointwise(
         self, block: int, path: tuple, w: dict, tiles: tuple, side: int, channels: int,
@@ -1171,13 +1185,18 @@ class MBV2Engine:
         c_in, c_out = conv["kernel"].shape[2:]
         norm, count = self._norm, len(tiles)
         dims = [_dims(side, channels, t) for t in range(count)]
+        # the tiles past the image's rows hold padding only: their calls are skipped
+        live = -(-side * side // tiles[0].shape[1])
+        self._unread.update(id(x) for x in (*tiles[live:], *residual[live:]))
+        blank = self._blank((*tiles[0].shape[:2], c_out)) if live < count else None
+        padding = (blank,) * (count - live)
 
         def run(piece: str, at: tuple, weights: dict, inputs: tuple, t: int, **static) -> tuple:
             return self._apply(piece, block, at, weights, inputs, dims[t], **static)
 
         def running(piece: str, size: int, inputs: Callable[[int, jax.Array], tuple]):
             total = self._start(size)
-            for t in range(count):
+            for t in range(live):
                 (total,) = run(piece, path, {}, inputs(t, total), t)
             return total
 
@@ -1185,14 +1204,17 @@ class MBV2Engine:
             total = running("rows_sum", (c_in,), lambda t, acc: (tiles[t], acc))
             gram = running("centred_gram", (c_in, c_in), lambda t, acc: (tiles[t], total, acc))
             self._shared += [total, gram]
-            return tuple(
-                run("expand", path, w, (tiles[t], total, gram), t, relu=relu)[0]
-                for t in range(count)
+            return (
+                tuple(
+                    run("expand", path, w, (tiles[t], total, gram), t, relu=relu)[0]
+                    for t in range(live)
+                )
+                + padding
             )
         read = () if gate is None else (gate,)
         total = self._start((c_out,)) if norm else None
         outputs = []
-        for t, x in enumerate(tiles):
+        for t, x in enumerate(tiles[:live]):
             inputs = (x, *read) if total is None else (x, *read, total)
             y, *summed = run("conv_rows", conv_path, conv, inputs, t, gated=gate is not None)
             outputs.append(y)
@@ -1208,7 +1230,7 @@ class MBV2Engine:
                 t, relu=relu, site=site,
             )[0]
             for t, y in enumerate(outputs)
-        )  # fmt: skip
+        ) + padding  # fmt: skip
 
     def _res_block(self, index: int, block: ResBlock, w_block: dict, x: tuple, side: int):
         """The sub-blocks of a SuperResIDWE block: expand, depthwise + SE, [shortcut],
@@ -1275,8 +1297,11 @@ class MBV2Engine:
         calls = self._calls if last else list(self._calls)
         while calls:
             block, call = calls.pop()
-            cotangents = tuple(pending.pop(id(out), None) for out in call.outputs)
-            carried = tuple(pending.pop(id(array), None) for array in call.inputs)
+            cotangents = tuple(self._cotangent(pending, out) for out in call.outputs)
+            carried = tuple(
+                None if id(array) in self._put else pending.pop(id(array), None)
+                for array in call.inputs
+            )
             frozen = needed.pop()
             if frozen is None:
                 continue
@@ -1291,8 +1316,17 @@ class MBV2Engine:
             if grads is not None:
                 _add_into(_subtree(grads, call.path), jax.device_get(d_w))
             for array, d in zip(call.inputs, d_inputs, strict=True):
-                pending[id(array)] = d
+                if id(array) not in self._put:  # the zeros put in: dropped
+                    pending[id(array)] = d
         return pending[id(images)] if to_images else None, grads
+
+    def _cotangent(self, pending: dict, out: jax.Array) -> jax.Array | None:
+        """The summed cotangent at a call's output (None where nothing read it), zeros at a
+        tile whose readers were skipped: its producer's backward stays the usual program."""
+        cotangent = pending.pop(id(out), None)
+        if cotangent is None and id(out) in self._unread:
+            return self._blank(out.shape, out.dtype)
+        return cotangent
 
     def _needed(
         self, kinds: frozenset, weights: bool, images: jax.Array | None
@@ -1320,7 +1354,7 @@ class MBV2Engine:
             frozen = tuple(
                 i
                 for i, array in enumerate(call.inputs)
-                if not feeds[i] and id(array) not in self._starts
+                if not feeds[i] and id(array) not in self._put
             )
             needed.append(frozen if need else None)
         return needed
