@@ -56,10 +56,11 @@ def test_native_conv_and_its_transpose_equal_the_taps(n, side, c, k, stride, dty
         r = k // 2
         centre = kernel[3 - r : 4 + r, 3 - r : 4 + r]
         taps = _taps_branches(stride, p_out)[r - 1]
-        want, pullback = jax.vjp(lambda x_: taps(x_, kernel, jnp.asarray(side)), x)
+        want, pullback = jax.vjp(lambda x_: taps((x_,), kernel, jnp.asarray(side)), x)
         (want_dx,) = pullback(g)
-        got = depthwise_cpu.depthwise(x, centre, jnp.asarray(side), x, p_out, stride, False)
-        got_dx = depthwise_cpu.depthwise(g, centre, jnp.asarray(side), x, x.shape[1], stride, True)
+        side_ = jnp.asarray(side)
+        (got,) = depthwise_cpu.depthwise((x,), centre, side_, (), p_out, 1, stride, False)
+        (got_dx,) = depthwise_cpu.depthwise((g,), centre, side_, (x,), x.shape[1], 1, stride, True)
         assert got.dtype == dtype and got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
         # the taps' cotangent reaches padded input rows, which the engine's BatchNorm masks;
@@ -67,6 +68,29 @@ def test_native_conv_and_its_transpose_equal_the_taps(n, side, c, k, stride, dty
         real = side * side
         np.testing.assert_allclose(got_dx[:, :real], want_dx[:, :real], rtol=tol, atol=tol)
         assert not np.any(got_dx[:, real:])
+
+
+@pytest.mark.parametrize(
+    ("side", "stride", "tiles_in", "tiles_out"), [(9, 1, 8, 4), (12, 2, 4, 2), (14, 1, 16, 1)]
+)
+def test_native_conv_reads_and_writes_tiles(side, stride, tiles_in, tiles_out):
+    """Tiles whose ends cut the images' pixel rows give the whole array's result, forward
+    and transposed, to the bit."""
+    x, kernel, g, _ = _case(2, side, 32, 5, stride, np.float32)
+    p_in = rows_bucket(side * side)
+    out_side = -(-side // stride)
+    p_out = rows_bucket(out_side * out_side)
+    x, g, centre, side_ = x[:, :p_in], g[:, :p_out], kernel[1:6, 1:6], jnp.asarray(side)
+    x_tiles, g_tiles = jnp.split(x, tiles_in, axis=1), jnp.split(g, tiles_out, axis=1)
+    (whole,) = depthwise_cpu.depthwise((x,), centre, side_, (), p_out, 1, stride, False)
+    tiled = depthwise_cpu.depthwise(x_tiles, centre, side_, (), p_out, tiles_out, stride, False)
+    assert len(tiled) == tiles_out
+    np.testing.assert_array_equal(np.concatenate(tiled, axis=1), whole)
+    (whole_dx,) = depthwise_cpu.depthwise((g,), centre, side_, (x,), p_in, 1, stride, True)
+    tiled_dx = depthwise_cpu.depthwise(
+        g_tiles, centre, side_, x_tiles, p_in, tiles_in, stride, True
+    )
+    np.testing.assert_array_equal(np.concatenate(tiled_dx, axis=1), whole_dx)
 
 
 @pytest.mark.parametrize(("n", "side", "c", "k", "stride"), CASES[2:5])
@@ -81,8 +105,8 @@ def test_engine_conv_gradients_equal_the_taps(n, side, c, k, stride):
         def loss(conv):
             return lambda x_, k_: jnp.sum(g * jnp.sin(conv(x_, k_)))
 
-        engine = loss(lambda x_, k_: depthwise_strided_rows(x_, k_, geometry, stride, p_out))
-        reference = loss(lambda x_, k_: taps(x_, k_, jnp.asarray(side)))
+        engine = loss(lambda x_, k_: depthwise_strided_rows((x_,), k_, geometry, stride, p_out))
+        reference = loss(lambda x_, k_: taps((x_,), k_, jnp.asarray(side)))
         np.testing.assert_allclose(engine(x, kernel), reference(x, kernel), rtol=1e-12)
         got = jax.grad(engine, (0, 1))(x, kernel)
         want = jax.grad(reference, (0, 1))(x, kernel)

@@ -1,7 +1,9 @@
 // Depthwise convolution of images stored as rows, for XLA:CPU (an XLA FFI custom call).
 //
 // Layout: (N, P, C), an image of side s in its first s * s rows (row = y * s + x), the rest
-// padding. XLA:CPU runs the engine's sum of row-shifted taps at 5-20 GMAC/s and ignores the
+// padding, given as consecutive tiles of P / T rows each ((N, P / T, C) buffers, T >= 1: the
+// engine's 1x1 pieces run over tiles, and joining and splitting them around the conv cost
+// about as much as a pass of their own). XLA:CPU runs the engine's sum of row-shifted taps at 5-20 GMAC/s and ignores the
 // image's shape (on a 7 x 7 image a 7 x 7 kernel reads mostly padding); here each output
 // pixel sums only the taps inside the image, over a block of channels held in registers.
 //
@@ -38,10 +40,26 @@ struct Geometry {
   int64_t step() const { return transposed ? 1 : stride; }
 };
 
+// (N, P, C) rows stored as tiles of `rows` rows per image.
+template <typename T>
+struct Tiles {
+  std::vector<T*> data;
+  int64_t rows, c;
+
+  T* At(int64_t image, int64_t row) const {
+    return data[row / rows] + (image * rows + row % rows) * c;
+  }
+  // `count` rows from `row` of `image` where they lie in one tile, else nullptr.
+  T* Span(int64_t image, int64_t row, int64_t count) const {
+    return row / rows == (row + count - 1) / rows ? At(image, row) : nullptr;
+  }
+};
+
 template <typename T>
 class Rows {
  public:
-  Rows(const Geometry& g, const T* src) : g_(g), src_(src), data_(g.k * g.width() * g.c) {
+  Rows(const Geometry& g, const Tiles<const T>& src)
+      : g_(g), src_(src), data_(g.k * g.width() * g.c) {
     tags_.assign(g.k, -1);
   }
 
@@ -55,11 +73,12 @@ class Rows {
     if (tags_[slot] == tag) return row;
     tags_[slot] = tag;
     std::fill(row, row + g_.width() * c, T(0));
-    const T* line = src_ + (image * g_.p_src + shifted / t * g_.side_src) * c;
+    const int64_t first = shifted / t * g_.side_src;
     for (int64_t j = 0; j < g_.side_src; ++j) {
       T* out = row + (r + j * t) * c;
+      const T* pixel = src_.At(image, first + j);
       for (int64_t i = 0; i < c; ++i) {
-        const T v = line[j * c + i];
+        const T v = pixel[i];
         out[i] = g_.transposed ? v : (v > T(0) ? v : T(0));
       }
     }
@@ -68,7 +87,7 @@ class Rows {
 
  private:
   const Geometry& g_;
-  const T* src_;
+  const Tiles<const T>& src_;
   std::vector<T> data_;
   std::vector<int64_t> tags_;
 };
@@ -136,15 +155,11 @@ void Scalar(const Geometry& g, const T* const* plane, const T* kernel, const T* 
   }
 }
 
-// Output row y of `image`: the plane rows it reads, then blocks of pixels x channels.
+// The pixels of one output row into `out_row`, in blocks of pixels x channels.
 template <typename T>
-void Row(const Geometry& g, Rows<T>& rows, const T* kernel, const T* mask, T* dst,
-         int64_t image, int64_t y) {
+void Pixels(const Geometry& g, const T* const* plane, const T* kernel, const T* keep_row,
+            T* out_row) {
   constexpr int64_t lanes = sizeof(Vec<T>) / sizeof(T);
-  const T* plane[16];
-  for (int64_t dy = 0; dy < g.k; ++dy) plane[dy] = rows.Get(image, g.step() * y + dy);
-  T* out_row = dst + (image * g.p_dst + y * g.side_dst) * g.c;
-  const T* keep_row = mask + (image * g.p_dst + y * g.side_dst) * g.c;
   if (g.c % lanes != 0) {
     for (int64_t x = 0; x < g.side_dst; ++x) Scalar(g, plane, kernel, keep_row, out_row, x);
     return;
@@ -157,6 +172,39 @@ void Row(const Geometry& g, Rows<T>& rows, const T* kernel, const T* mask, T* ds
         case 2: Block<T, 2>(g, plane, kernel, keep_row, out_row, x0, c0); break;
         default: Block<T, 1>(g, plane, kernel, keep_row, out_row, x0, c0);
       }
+    }
+  }
+}
+
+// A thread's output row, and its mask row (transposed), where they cross a tile's end.
+template <typename T>
+struct Scratch {
+  std::vector<T> out, keep;
+};
+
+// Output row y of `image`: the plane rows it reads, then blocks of pixels x channels.
+template <typename T>
+void Row(const Geometry& g, Rows<T>& rows, const T* kernel, const Tiles<const T>& mask,
+         const Tiles<T>& dst, Scratch<T>& scratch, int64_t image, int64_t y) {
+  const T* plane[16];
+  for (int64_t dy = 0; dy < g.k; ++dy) plane[dy] = rows.Get(image, g.step() * y + dy);
+  const int64_t first = y * g.side_dst, bytes = g.c * sizeof(T);
+  T* out_row = dst.Span(image, first, g.side_dst);
+  if (out_row == nullptr) out_row = scratch.out.data();
+  const T* keep_row = nullptr;
+  if (g.transposed) {
+    keep_row = mask.Span(image, first, g.side_dst);
+    if (keep_row == nullptr) {
+      for (int64_t x = 0; x < g.side_dst; ++x) {
+        std::memcpy(scratch.keep.data() + x * g.c, mask.At(image, first + x), bytes);
+      }
+      keep_row = scratch.keep.data();
+    }
+  }
+  Pixels(g, plane, kernel, keep_row, out_row);
+  if (out_row == scratch.out.data()) {
+    for (int64_t x = 0; x < g.side_dst; ++x) {
+      std::memcpy(dst.At(image, first + x), out_row + x * g.c, bytes);
     }
   }
 }
@@ -190,8 +238,8 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, F fn) {
 }
 
 template <typename T>
-void Run(ffi::ThreadPool& pool, const Geometry& g, const T* src, const T* kernel,
-         const T* mask, T* dst) {
+void Run(ffi::ThreadPool& pool, const Geometry& g, const Tiles<const T>& src, const T* kernel,
+         const Tiles<const T>& mask, const Tiles<T>& dst) {
   std::vector<T> turned;  // transposed: the kernel turned by 180 degrees
   if (g.transposed) {
     const int64_t taps = g.k * g.k;
@@ -205,46 +253,104 @@ void Run(ffi::ThreadPool& pool, const Geometry& g, const T* src, const T* kernel
   const int64_t chunk = std::max<int64_t>(1, lines / 64);
   ParallelFor(pool, (lines + chunk - 1) / chunk, [&, chunk](int64_t part) {
     Rows<T> rows(g, src);
+    Scratch<T> scratch{std::vector<T>(g.side_dst * g.c),
+                       std::vector<T>(g.transposed ? g.side_dst * g.c : 0)};
     for (int64_t line = part * chunk; line < std::min(lines, (part + 1) * chunk); ++line) {
       const int64_t image = line / g.side_dst, y = line % g.side_dst;
-      Row(g, rows, kernel, mask, dst, image, y);
-      if (y == g.side_dst - 1) {  // the padding rows after the image: zeros
-        const int64_t real = g.side_dst * g.side_dst;
-        std::memset(dst + (image * g.p_dst + real) * g.c, 0,
-                    (g.p_dst - real) * g.c * sizeof(T));
+      Row(g, rows, kernel, mask, dst, scratch, image, y);
+      if (y == g.side_dst - 1) {  // the padding rows after the image: zeros, tile by tile
+        for (int64_t row = g.side_dst * g.side_dst; row < g.p_dst;) {
+          const int64_t end = std::min(g.p_dst, (row / dst.rows + 1) * dst.rows);
+          std::memset(dst.At(image, row), 0, (end - row) * g.c * sizeof(T));
+          row = end;
+        }
       }
     }
   });
 }
 
-ffi::Error Depthwise(ffi::ThreadPool pool, ffi::AnyBuffer src, ffi::AnyBuffer kernel,
-                     ffi::Buffer<ffi::S32> side, ffi::AnyBuffer mask,
-                     ffi::Result<ffi::AnyBuffer> dst, int64_t stride, bool transposed) {
-  const auto s = src.dimensions(), d = dst->dimensions(), kd = kernel.dimensions();
-  if (s.size() != 3 || d.size() != 3 || kd.size() != 4 || kd[0] != kd[1] || kd[0] % 2 == 0 ||
-      s[0] != d[0] || s[2] != d[2] || kd[3] != s[2] || kd[0] > 15 || stride < 1) {
-    return ffi::Error::InvalidArgument("depthwise: expected (N, P, C) rows, (k, k, 1, C)");
+// `buffers` as the tiles of one (N, P, C) array: all (N, P / T, C), of one type.
+template <typename T>
+ffi::Error AsTiles(const std::vector<ffi::AnyBuffer>& buffers, Tiles<T>& tiles, int64_t& n) {
+  if (buffers.empty()) return ffi::Error::InvalidArgument("depthwise: no tiles");
+  const auto first = buffers[0].dimensions();
+  for (const ffi::AnyBuffer& buffer : buffers) {
+    const auto d = buffer.dimensions();
+    if (d.size() != 3 || first.size() != 3 || d[0] != first[0] || d[1] != first[1] ||
+        d[2] != first[2] || buffer.element_type() != buffers[0].element_type()) {
+      return ffi::Error::InvalidArgument("depthwise: expected (N, R, C) tiles of one shape");
+    }
+    tiles.data.push_back(static_cast<T*>(buffer.untyped_data()));
   }
-  const int64_t side_in = side.typed_data()[0];
+  n = first[0], tiles.rows = first[1], tiles.c = first[2];
+  return ffi::Error::Success();
+}
+
+template <typename T>
+ffi::Error Typed(ffi::ThreadPool& pool, const T* kernel, const int64_t k, const int64_t side_in,
+                 const std::vector<ffi::AnyBuffer>& sources,
+                 const std::vector<ffi::AnyBuffer>& masks,
+                 const std::vector<ffi::AnyBuffer>& results, int64_t stride, bool transposed) {
+  Tiles<const T> src, mask;
+  Tiles<T> dst;
+  int64_t n_src = 0, n_dst = 0, n_mask = 0;
+  for (ffi::Error error : {AsTiles(sources, src, n_src), AsTiles(results, dst, n_dst)}) {
+    if (error.failure()) return error;
+  }
+  mask = Tiles<const T>{{}, dst.rows, dst.c};
+  if (transposed) {
+    ffi::Error error = AsTiles(masks, mask, n_mask);
+    if (error.failure()) return error;
+  }
+  const int64_t p_src = src.rows * sources.size(), p_dst = dst.rows * results.size();
   const int64_t side_out = (side_in + stride - 1) / stride;
-  Geometry g{s[0], s[1], d[1], s[2], kd[0], transposed ? side_out : side_in,
+  Geometry g{n_src, p_src, p_dst, src.c, k, transposed ? side_out : side_in,
              transposed ? side_in : side_out, stride, transposed};
+  const bool masked = !transposed || (n_mask == n_dst && mask.rows * masks.size() == p_dst &&
+                                      mask.c == dst.c);
+  if (n_src != n_dst || src.c != dst.c || !masked) {
+    return ffi::Error::InvalidArgument("depthwise: sources, mask and results disagree");
+  }
   if (g.side_src * g.side_src > g.p_src || g.side_dst * g.side_dst > g.p_dst) {
     return ffi::Error::InvalidArgument("depthwise: the image does not fit its rows");
   }
-  switch (src.element_type()) {
+  Run(pool, g, src, kernel, mask, dst);
+  return ffi::Error::Success();
+}
+
+// kernel (k, k, 1, C); the remaining arguments: `sources` tiles of the source (the input
+// forward, the output's cotangent transposed), then (transposed) the forward input's tiles
+// for the ReLU's mask; the results: the output's tiles.
+ffi::Error Depthwise(ffi::ThreadPool pool, ffi::AnyBuffer kernel, ffi::Buffer<ffi::S32> side,
+                     ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t stride,
+                     bool transposed, int64_t sources) {
+  std::vector<ffi::AnyBuffer> inputs, masks, results;
+  for (size_t i = 0; i < args.size(); ++i) {
+    ffi::ErrorOr<ffi::AnyBuffer> buffer = args.get<ffi::AnyBuffer>(i);
+    if (!buffer.has_value()) return buffer.error();
+    (static_cast<int64_t>(i) < sources ? inputs : masks).push_back(*buffer);
+  }
+  for (size_t i = 0; i < rets.size(); ++i) {
+    ffi::ErrorOr<ffi::Result<ffi::AnyBuffer>> buffer = rets.get<ffi::AnyBuffer>(i);
+    if (!buffer.has_value()) return buffer.error();
+    results.push_back(**buffer);
+  }
+  const auto kd = kernel.dimensions();
+  if (kd.size() != 4 || kd[0] != kd[1] || kd[0] % 2 == 0 || kd[0] > 15 || kd[2] != 1 ||
+      stride < 1 || inputs.empty() || kd[3] != inputs[0].dimensions().back()) {
+    return ffi::Error::InvalidArgument("depthwise: expected a (k, k, 1, C) kernel");
+  }
+  const int64_t side_in = side.typed_data()[0];
+  switch (kernel.element_type()) {
     case ffi::DataType::F32:
-      Run(pool, g, src.typed_data<float>(), kernel.typed_data<float>(),
-          mask.typed_data<float>(), dst->typed_data<float>());
-      break;
+      return Typed(pool, kernel.typed_data<float>(), kd[0], side_in, inputs, masks, results,
+                   stride, transposed);
     case ffi::DataType::F64:
-      Run(pool, g, src.typed_data<double>(), kernel.typed_data<double>(),
-          mask.typed_data<double>(), dst->typed_data<double>());
-      break;
+      return Typed(pool, kernel.typed_data<double>(), kd[0], side_in, inputs, masks, results,
+                   stride, transposed);
     default:
       return ffi::Error::InvalidArgument("depthwise: float32 or float64 only");
   }
-  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -253,9 +359,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WrcorDepthwise, Depthwise,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<int64_t>("stride")
-                                  .Attr<bool>("transposed"));
+                                  .Attr<bool>("transposed")
+                                  .Attr<int64_t>("sources"));

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -87,28 +88,34 @@ def available() -> bool:
 
 
 def depthwise(
-    src: jax.Array,
+    sources: Sequence[jax.Array],
     kernel: jax.Array,
     side: jax.Array,
-    mask: jax.Array,
+    masks: Sequence[jax.Array],
     rows_out: int,
+    tiles_out: int,
     stride: int,
     transposed: bool,
-) -> jax.Array:
-    """The custom call (where `available()`). Forward: relu(src) (N, P, C) rows of
-    images of side `side` conv `kernel` (k, k, 1, C) with zero padding k // 2 and `stride`,
-    as (N, rows_out, C) rows of side ceil(side / stride); `mask` is not read. Transposed:
-    the cotangent of relu(mask) at the forward's input, from the output's cotangent `src`
-    (its padded rows are not read). Padded output rows are zero."""
+) -> tuple[jax.Array, ...]:
+    """The custom call (where `available()`) on (N, P, C) rows given as tiles of consecutive
+    rows (one tile: the whole), returning `tiles_out` tiles of (N, rows_out, C) rows.
+    Forward: relu(sources) of images of side `side` conv `kernel` (k, k, 1, C) with zero
+    padding k // 2 and `stride`, rows of side ceil(side / stride); no `masks`. Transposed:
+    the cotangent of relu(masks) at the forward's input (`masks`: its tiles), from the
+    output's cotangent `sources` (its padded rows are not read). Padded output rows are 0."""
     if not available():
         raise RuntimeError("the native depthwise conv is not available on this machine")
-    out = jax.ShapeDtypeStruct((src.shape[0], rows_out, src.shape[2]), src.dtype)
-    call = jax.ffi.ffi_call(TARGET, out)
-    return call(
-        src,
-        kernel.astype(src.dtype),
+    n, _, c = sources[0].shape
+    dtype = sources[0].dtype
+    tile = jax.ShapeDtypeStruct((n, rows_out // tiles_out, c), dtype)
+    call = jax.ffi.ffi_call(TARGET, [tile] * tiles_out)
+    outputs = call(
+        kernel.astype(dtype),
         jnp.asarray(side, np.int32).reshape(1),
-        mask,
+        *sources,
+        *masks,
         stride=np.int64(stride),
         transposed=transposed,
+        sources=np.int64(len(sources)),
     )
+    return tuple(outputs)

@@ -258,14 +258,15 @@ def _centre(kernel: jax.Array, r: int) -> jax.Array:
 
 
 def _taps_branches(stride: int, p_out: int) -> list[Callable]:
-    """Per radius r, the stride-`stride` depthwise conv of ReLU(x) with the centre
+    """Per radius r, the stride-`stride` depthwise conv of ReLU(x) (x: the input's tiles,
+    joined here) with the centre
     (2r+1)^2 of a `MAX_KERNEL`-padded kernel as XLA's sum of taps, its padded rows zeroed.
     The ReLU is inside the branch so that it fuses into the taps' padded copy: outside,
     ReLU(x) was one more full-size array (1 GB at the widest)."""
 
     def at_radius(r: int) -> Callable:
-        def conv(x: jax.Array, kernel: jax.Array, side: jax.Array) -> jax.Array:
-            y = depthwise_rows(jax.nn.relu(x), _centre(kernel, r), side)
+        def conv(x: tuple, kernel: jax.Array, side: jax.Array) -> jax.Array:
+            y = depthwise_rows(jax.nn.relu(_whole(x)), _centre(kernel, r), side)
             if stride == 2:
                 return subsample_rows(y, side, p_out)
             return jnp.where(_row_mask(y.shape[1], side * side), y, 0.0)
@@ -277,17 +278,21 @@ def _taps_branches(stride: int, p_out: int) -> list[Callable]:
 
 def _conv_branches(stride: int, p_out: int, transposed: bool) -> list[Callable]:
     """Per radius, the conv (x, kernel, side), or with `transposed` (x, kernel, side, g) ->
-    the cotangent at x: on CPU `depthwise_cpu`'s custom call where it is built and the
-    process sees one device, elsewhere (and there otherwise) XLA's taps."""
+    the cotangent at x, x as tiles (and its cotangent): on CPU `depthwise_cpu`'s custom
+    call where it is built and the process sees one device, which reads and writes the
+    tiles where they lie (joining and splitting them cost ~2% of WRCor), elsewhere (and
+    there otherwise) XLA's taps."""
     taps = _taps_branches(stride, p_out)
 
     def at_radius(r: int) -> Callable:
-        def forward(x: jax.Array, kernel: jax.Array, side: jax.Array) -> jax.Array:
-            rows = p_out if stride == 2 else x.shape[1]
-            return depthwise_cpu.depthwise(x, _centre(kernel, r), side, x, rows, stride, False)
+        def forward(x: tuple, kernel: jax.Array, side: jax.Array) -> jax.Array:
+            rows = p_out if stride == 2 else _rows(x)
+            centre = _centre(kernel, r)
+            return depthwise_cpu.depthwise(x, centre, side, (), rows, 1, stride, False)[0]
 
-        def backward(x, kernel, side, g) -> jax.Array:
-            return depthwise_cpu.depthwise(g, _centre(kernel, r), side, x, x.shape[1], stride, True)
+        def backward(x: tuple, kernel, side, g) -> tuple:
+            centre = _centre(kernel, r)
+            return depthwise_cpu.depthwise((g,), centre, side, x, _rows(x), len(x), stride, True)
 
         return backward if transposed else forward
 
@@ -307,12 +312,13 @@ def _conv_branches(stride: int, p_out: int, transposed: bool) -> list[Callable]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def depthwise_strided_rows(
-    x: jax.Array, kernel: jax.Array, geometry: jax.Array, stride: int, p_out: int
+    x: tuple, kernel: jax.Array, geometry: jax.Array, stride: int, p_out: int
 ) -> jax.Array:
     """The depthwise conv of ReLU(x) with the stride (subsampling rows), its padded rows
-    zeroed, for a kernel padded to `MAX_KERNEL`; geometry: (side, radius), both known only
-    at run time. On XLA:CPU it is `depthwise_cpu`'s custom call where that is built, 1.5-6x
-    faster than XLA's taps and 2-14x in the backward (docs/mbv2_engine.md).
+    zeroed, for a kernel padded to `MAX_KERNEL`; x: the input as tiles of consecutive rows;
+    geometry: (side, radius), both known only at run time. On XLA:CPU it is
+    `depthwise_cpu`'s custom call where that is built, 1.5-6x faster than XLA's taps and
+    2-14x in the backward (docs/mbv2_engine.md).
 
     The conv is a `lax.switch` over the radii, so one program serves k = 3, 5 and 7: keyed
     by k, the depthwise + SE piece met 1.3x the keys of the first 20 sampled architectures
@@ -682,6 +688,11 @@ def _whole(tiles: Sequence[jax.Array]) -> jax.Array:
     return tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=1)
 
 
+def _rows(tiles: Sequence[jax.Array]) -> int:
+    """Rows per image of the array the tiles make up."""
+    return sum(tile.shape[1] for tile in tiles)
+
+
 def _depthwise_se(
     w, inputs, dims, probe, norm: bool, zen: bool, stride: int, p_out: int, tiles: int, saved=None
 ):
@@ -694,7 +705,7 @@ def _depthwise_se(
     out_side = (side + 1) // 2 if stride == 2 else side
     rows = out_side * out_side
     conv = functools.partial(depthwise_strided_rows, stride=stride, p_out=p_out)
-    x = _whole(inputs)  # the conv applies the ReLU
+    x = tuple(inputs)  # the conv applies the ReLU and reads the tiles where they lie
     geometry = jnp.stack([side, dims[3]])
     if saved is not None:
         saved = (_whole(saved[:tiles]), saved[-1])
