@@ -18,7 +18,8 @@ Python (docs/mbv2_engine.md), and every piece sees padded shapes:
   image);
 - the 1x1 pieces run over tiles of those rows (`tile_rows`: the same for every image above
   a size), so that they are keyed by the tile and their widths, not by the image's size;
-  their BatchNorm statistics are running sums over the tiles.
+  their BatchNorm statistics are running sums over the tiles, and tiles of padding rows
+  only are skipped (zeros stand in for their outputs).
 
 The depthwise kernel is stored as 7 x 7 with the architecture's k x k at its centre, and its
 radius is a run-time argument too: the piece holds one branch per kernel size and runs the
@@ -102,8 +103,10 @@ WHOLE_FROM = 4096
 least 4,096 padded rows, which they take whole. Keyed by their rows, the 1x1 pieces met
 1.32x the keys of the first 20 of 40 sampled architectures (mean over 20 samples; 13 of 20
 over issue 12's 1.3x); keyed so, 1.22x, at most 1.28x. Large images are few in kind, and
-tiled they slowed the depthwise piece, which joins and splits the tiles; tiles of 64 rows
-made more calls for slightly fewer keys (docs/mbv2_engine.md)."""
+tiled they slowed the depthwise piece, which joined and split the tiles; tiles of 64 rows
+made more calls for slightly fewer keys. Large images in tiles of 1,024 rows, their
+padding-only tiles skipped, still lost more in the depthwise piece (+2.0 s over seeds 0-5,
+before it read tiles natively) than the 1x1 pieces gained (-0.4 s) (docs/mbv2_engine.md)."""
 
 
 def tile_rows(p: int) -> int:
@@ -1215,33 +1218,31 @@ class MBV2Engine:
             total = running("rows_sum", (c_in,), lambda t, acc: (tiles[t], acc))
             gram = running("centred_gram", (c_in, c_in), lambda t, acc: (tiles[t], total, acc))
             self._shared += [total, gram]
-            return (
-                tuple(
-                    run("expand", path, w, (tiles[t], total, gram), t, relu=relu)[0]
-                    for t in range(live)
-                )
-                + padding
-            )
+            expanded = [
+                run("expand", path, w, (tiles[t], total, gram), t, relu=relu)[0]
+                for t in range(live)
+            ]
+            return (*expanded, *padding)
         read = () if gate is None else (gate,)
-        total = self._start((c_out,)) if norm else None
+        sums = (self._start((c_out,)),) if norm else ()  # the outputs' running sum
         outputs = []
         for t, x in enumerate(tiles[:live]):
-            inputs = (x, *read) if total is None else (x, *read, total)
-            y, *summed = run("conv_rows", conv_path, conv, inputs, t, gated=gate is not None)
+            y, *sums = run("conv_rows", conv_path, conv, (x, *read, *sums), t, gated=bool(read))
             outputs.append(y)
-            total = summed[0] if summed else None
         stats = ()
         if norm:
+            (total,) = sums
             squares = running("centred_squares", (c_out,), lambda t, acc: (outputs[t], total, acc))
             stats = (total, squares)
             self._shared += [total, squares]
-        return tuple(
+        normalized = [
             run(
                 "batch_norm_tile", bn_path, bn, (y, *stats, *residual[t : t + 1]),
                 t, relu=relu, site=site,
             )[0]
             for t, y in enumerate(outputs)
-        ) + padding  # fmt: skip
+        ]  # fmt: skip
+        return (*normalized, *padding)
 
     def _res_block(self, index: int, block: ResBlock, w_block: dict, x: tuple, side: int):
         """The sub-blocks of a SuperResIDWE block: expand, depthwise + SE, [shortcut],
