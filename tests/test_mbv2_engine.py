@@ -144,6 +144,32 @@ def test_se_sums_skip_the_backwards_below_the_first_se(text, batch):
 
 
 @pytest.mark.slow
+def test_tiles_of_padding_only_are_skipped_exactly(batch):
+    """At 24 x 24 (576 of 1,024 rows) three of the eight 128-row tiles hold padding only: no
+    1x1 piece runs on them, and the SE sums and the input Jacobian are the untiled
+    engine's, which runs every piece on whole images."""
+    arch = parse(
+        "SuperConvK3BNRELU(3,16,2,1)SuperResIDWE2K3(16,24,1,16,2)SuperConvK1BNRELU(24,40,1,1)@48"
+    )
+    params = init_params(arch, 42, NUM_CLASSES)
+    tiled = MBV2Engine(SE_KINDS)
+    tiled._forward(arch, pad_params(params), jnp.asarray(batch[0]), frozenset(SE_KINDS), True)
+    wholes = ("stem", "depthwise_se", "subsample", "head")
+    tiles = {int(call.dims[2]) for _, call in tiled._calls if call.piece not in wholes}
+    assert tiles == set(range(5))  # 4.5 tiles of real rows
+    taken = (arch, params, *batch, NUM_CLASSES)
+    skipped = tiled.measure(*taken, input_jacobian=True)
+    every = MBV2Engine().measure(*taken, input_jacobian=True)
+    for kind in SE_KINDS:
+        want = every["site_sums"]
+        np.testing.assert_array_equal(skipped["site_sums"].counts[kind], want.counts[kind])
+        np.testing.assert_allclose(skipped["site_sums"].sums[kind], want.sums[kind], atol=5e-6)
+    np.testing.assert_allclose(
+        skipped["input_jacobian"], every["input_jacobian"], rtol=1e-4, atol=1e-6
+    )
+
+
+@pytest.mark.slow
 def test_other_widths_and_kernels_in_the_same_buckets_compile_nothing(batch):
     first, second = (
         parse(

@@ -98,7 +98,7 @@ def depthwise(
     transposed: bool,
 ) -> tuple[jax.Array, ...]:
     """The custom call (where `available()`) on (N, P, C) rows given as tiles of consecutive
-    rows (one tile: the whole), returning `tiles_out` tiles of (N, rows_out, C) rows.
+    rows (one tile: the whole), returning its (N, rows_out, C) output as `tiles_out` tiles.
     Forward: relu(sources) of images of side `side` conv `kernel` (k, k, 1, C) with zero
     padding k // 2 and `stride`, rows of side ceil(side / stride); no `masks`. Transposed:
     the cotangent of relu(masks) at the forward's input (`masks`: its tiles), from the

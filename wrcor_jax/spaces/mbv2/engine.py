@@ -262,10 +262,9 @@ def _centre(kernel: jax.Array, r: int) -> jax.Array:
 
 def _taps_branches(stride: int, p_out: int) -> list[Callable]:
     """Per radius r, the stride-`stride` depthwise conv of ReLU(x) (x: the input's tiles,
-    joined here) with the centre
-    (2r+1)^2 of a `MAX_KERNEL`-padded kernel as XLA's sum of taps, its padded rows zeroed.
-    The ReLU is inside the branch so that it fuses into the taps' padded copy: outside,
-    ReLU(x) was one more full-size array (1 GB at the widest)."""
+    joined here) with the centre (2r+1)^2 of a `MAX_KERNEL`-padded kernel as XLA's sum of
+    taps, its padded rows zeroed. The ReLU is inside the branch so that it fuses into the
+    taps' padded copy: outside, ReLU(x) was one more full-size array (1 GB at the widest)."""
 
     def at_radius(r: int) -> Callable:
         def conv(x: tuple, kernel: jax.Array, side: jax.Array) -> jax.Array:
