@@ -3,9 +3,10 @@
 // Layout: (N, P, C), an image of side s in its first s * s rows (row = y * s + x), the rest
 // padding, given as consecutive tiles of P / T rows each ((N, P / T, C) buffers, T >= 1: the
 // engine's 1x1 pieces run over tiles, and joining and splitting them around the conv cost
-// about as much as a pass of their own). XLA:CPU runs the engine's sum of row-shifted taps at 5-20 GMAC/s and ignores the
-// image's shape (on a 7 x 7 image a 7 x 7 kernel reads mostly padding); here each output
-// pixel sums only the taps inside the image, over a block of channels held in registers.
+// about as much as a pass of their own). XLA:CPU runs the engine's sum of row-shifted taps
+// at 5-20 GMAC/s and ignores the image's shape (on a 7 x 7 image a 7 x 7 kernel reads
+// mostly padding); here each output pixel sums only the taps inside the image, over a block
+// of channels held in registers.
 //
 // One routine serves both directions of a k x k (k = 2r + 1) conv with stride t:
 //   forward    out(o) = sum_d k(d) * relu(x(t o + d - r))                  (o < ceil(s / t))
@@ -269,15 +270,16 @@ void Run(ffi::ThreadPool& pool, const Geometry& g, const Tiles<const T>& src, co
   });
 }
 
-// `buffers` as the tiles of one (N, P, C) array: all (N, P / T, C), of one type.
+// `buffers` as the tiles of one (N, P, C) array: all (N, P / T, C), of the kernel's type.
 template <typename T>
-ffi::Error AsTiles(const std::vector<ffi::AnyBuffer>& buffers, Tiles<T>& tiles, int64_t& n) {
+ffi::Error AsTiles(const std::vector<ffi::AnyBuffer>& buffers, ffi::DataType type,
+                   Tiles<T>& tiles, int64_t& n) {
   if (buffers.empty()) return ffi::Error::InvalidArgument("depthwise: no tiles");
   const auto first = buffers[0].dimensions();
   for (const ffi::AnyBuffer& buffer : buffers) {
     const auto d = buffer.dimensions();
     if (d.size() != 3 || first.size() != 3 || d[0] != first[0] || d[1] != first[1] ||
-        d[2] != first[2] || buffer.element_type() != buffers[0].element_type()) {
+        d[2] != first[2] || buffer.element_type() != type) {
       return ffi::Error::InvalidArgument("depthwise: expected (N, R, C) tiles of one shape");
     }
     tiles.data.push_back(static_cast<T*>(buffer.untyped_data()));
@@ -287,19 +289,21 @@ ffi::Error AsTiles(const std::vector<ffi::AnyBuffer>& buffers, Tiles<T>& tiles, 
 }
 
 template <typename T>
-ffi::Error Typed(ffi::ThreadPool& pool, const T* kernel, const int64_t k, const int64_t side_in,
+ffi::Error Typed(ffi::ThreadPool& pool, ffi::DataType type, const T* kernel, const int64_t k,
+                 const int64_t side_in,
                  const std::vector<ffi::AnyBuffer>& sources,
                  const std::vector<ffi::AnyBuffer>& masks,
                  const std::vector<ffi::AnyBuffer>& results, int64_t stride, bool transposed) {
   Tiles<const T> src, mask;
   Tiles<T> dst;
   int64_t n_src = 0, n_dst = 0, n_mask = 0;
-  for (ffi::Error error : {AsTiles(sources, src, n_src), AsTiles(results, dst, n_dst)}) {
+  for (ffi::Error error :
+       {AsTiles(sources, type, src, n_src), AsTiles(results, type, dst, n_dst)}) {
     if (error.failure()) return error;
   }
   mask = Tiles<const T>{{}, dst.rows, dst.c};
   if (transposed) {
-    ffi::Error error = AsTiles(masks, mask, n_mask);
+    ffi::Error error = AsTiles(masks, type, mask, n_mask);
     if (error.failure()) return error;
   }
   const int64_t p_src = src.rows * sources.size(), p_dst = dst.rows * results.size();
@@ -343,11 +347,11 @@ ffi::Error Depthwise(ffi::ThreadPool pool, ffi::AnyBuffer kernel, ffi::Buffer<ff
   const int64_t side_in = side.typed_data()[0];
   switch (kernel.element_type()) {
     case ffi::DataType::F32:
-      return Typed(pool, kernel.typed_data<float>(), kd[0], side_in, inputs, masks, results,
-                   stride, transposed);
+      return Typed(pool, kernel.element_type(), kernel.typed_data<float>(), kd[0], side_in,
+                   inputs, masks, results, stride, transposed);
     case ffi::DataType::F64:
-      return Typed(pool, kernel.typed_data<double>(), kd[0], side_in, inputs, masks, results,
-                   stride, transposed);
+      return Typed(pool, kernel.element_type(), kernel.typed_data<double>(), kd[0], side_in,
+                   inputs, masks, results, stride, transposed);
     default:
       return ffi::Error::InvalidArgument("depthwise: float32 or float64 only");
   }
