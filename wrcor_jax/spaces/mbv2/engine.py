@@ -280,10 +280,10 @@ def _taps_branches(stride: int, p_out: int) -> list[Callable]:
 
 def _conv_branches(stride: int, p_out: int, transposed: bool) -> list[Callable]:
     """Per radius, the conv (x, kernel, side), or with `transposed` (x, kernel, side, g) ->
-    the cotangent at x, x as tiles (and its cotangent): on CPU `depthwise_cpu`'s custom
-    call where it is built and the process sees one device, which reads and writes the
-    tiles where they lie (joining and splitting them cost ~2% of WRCor), elsewhere (and
-    there otherwise) XLA's taps."""
+    the cotangent at x, x and the output's cotangent g as tiles (and x's cotangent): on
+    CPU `depthwise_cpu`'s custom call where it is built and the process sees one device,
+    which reads and writes the tiles where they lie (joining and splitting them cost ~2% of
+    WRCor), elsewhere (and there otherwise) XLA's taps."""
     taps = _taps_branches(stride, p_out)
 
     def at_radius(r: int) -> Callable:
@@ -294,12 +294,15 @@ def _conv_branches(stride: int, p_out: int, transposed: bool) -> list[Callable]:
 
         def backward(x: tuple, kernel, side, g) -> tuple:
             centre = _centre(kernel, r)
-            return depthwise_cpu.depthwise((g,), centre, side, x, _rows(x), len(x), stride, True)
+            return depthwise_cpu.depthwise(g, centre, side, x, _rows(x), len(x), stride, True)
 
         return backward if transposed else forward
 
     def taps_backward(conv: Callable) -> Callable:
-        return lambda x, kernel, side, g: jax.vjp(lambda x: conv(x, kernel, side), x)[1](g)[0]
+        def backward(x: tuple, kernel, side, g: tuple) -> tuple:
+            return jax.vjp(lambda x: conv(x, kernel, side), x)[1](_whole(g))[0]
+
+        return backward
 
     def either(r: int) -> Callable:
         xla = taps_backward(taps[r - 1]) if transposed else taps[r - 1]
@@ -337,8 +340,12 @@ def _depthwise_strided_fwd(x, kernel, geometry, stride: int, p_out: int) -> tupl
     return depthwise_strided_rows(x, kernel, geometry, stride, p_out), (x, kernel, geometry)
 
 
-def _depthwise_strided_bwd(stride: int, p_out: int, residuals: tuple, g: jax.Array) -> tuple:
-    x, kernel, geometry = residuals
+def depthwise_strided_transposed(
+    x: tuple, kernel: jax.Array, geometry: jax.Array, g: tuple, stride: int, p_out: int
+) -> tuple:
+    """The cotangents at x (as its tiles) and at the kernel of `depthwise_strided_rows`,
+    from its output's cotangent g, given as tiles too (the depthwise + SE piece's backward
+    keeps its output in the project's tiles)."""
     side, branch = geometry[0], geometry[1] - 1
     d_x = jax.lax.switch(branch, _conv_branches(stride, p_out, True), x, kernel, side, g)
 
@@ -346,8 +353,12 @@ def _depthwise_strided_bwd(stride: int, p_out: int, residuals: tuple, g: jax.Arr
         return lambda x, kernel, side, g: jax.vjp(lambda k: conv(x, k, side), kernel)[1](g)[0]
 
     branches = [kernel_backward(conv) for conv in _taps_branches(stride, p_out)]
-    d_kernel = jax.lax.switch(branch, branches, x, kernel, side, g)
-    return d_x, d_kernel, None
+    d_kernel = jax.lax.switch(branch, branches, x, kernel, side, _whole(g))
+    return d_x, d_kernel
+
+
+def _depthwise_strided_bwd(stride: int, p_out: int, residuals: tuple, g: jax.Array) -> tuple:
+    return (*depthwise_strided_transposed(*residuals, (g,), stride, p_out), None)
 
 
 depthwise_strided_rows.defvjp(_depthwise_strided_fwd, _depthwise_strided_bwd)
@@ -355,36 +366,44 @@ depthwise_strided_rows.defvjp(_depthwise_strided_fwd, _depthwise_strided_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def batch_norm_saved(
-    conv: Callable, x: jax.Array, w: dict, geometry: jax.Array, rows: jax.Array, z, rstd
-) -> jax.Array:
-    """BatchNorm of conv(x, w["kernel"], geometry) over its `rows` real rows, for the backward
-    pass, given what the forward pass computed: its output z and 1 / std. Returns z; its
-    backward is BatchNorm's closed form, reading the conv output's normalised value back
-    from z, then the conv's own backward, which reads x only for the kernel's gradient.
-    Recomputed under autodiff instead, XLA:CPU fused a depthwise conv's nine taps into each
-    of the six passes that read its output (the depthwise + SE backward took ~2.4x longer).
-    A zero BN scale gets a zero gradient (padded channels; PyTorch's default BatchNorm scale
-    is 1)."""
-    del conv, x, w, geometry, rows, rstd
+    transposed: Callable, x, w: dict, geometry: jax.Array, rows: jax.Array, z: tuple, rstd
+) -> tuple:
+    """BatchNorm of a conv of x with w["kernel"] over its `rows` real rows, for the backward
+    pass, given what the forward pass computed: its output z, as tiles of rows, and 1 / std.
+    Returns z; its backward is BatchNorm's closed form, reading the conv output's normalised
+    value back from z tile by tile, then the conv's `transposed` (x, kernel, geometry, the
+    output's cotangent as tiles) -> (x's cotangent, the kernel's), which reads x only for
+    the kernel's gradient. Recomputed under autodiff instead, XLA:CPU fused a depthwise
+    conv's nine taps into each of the six passes that read its output (the depthwise + SE
+    backward took ~2.4x longer); joined, the tiles and their cotangents were two copies of
+    the output. A zero BN scale gets a zero gradient (padded channels; PyTorch's default
+    BatchNorm scale is 1)."""
+    del transposed, x, w, geometry, rows, rstd
     return z
 
 
-def _batch_norm_saved_fwd(conv: Callable, x, w, geometry, rows, z, rstd) -> tuple:
+def _batch_norm_saved_fwd(transposed: Callable, x, w, geometry, rows, z, rstd) -> tuple:
     return z, (x, w, geometry, rows, z, rstd)
 
 
-def _batch_norm_saved_bwd(conv: Callable, residuals: tuple, g: jax.Array) -> tuple:
+def _batch_norm_saved_bwd(transposed: Callable, residuals: tuple, g: tuple) -> tuple:
     x, w, geometry, rows, z, rstd = residuals
-    mask = _row_mask(z.shape[1], rows)
-    n = z.shape[0] * rows
+    n = z[0].shape[0] * rows
     scale = w["scale"]
     live = scale != 0  # a zero scale (padded channels) passes no gradient to y
-    normed = jnp.where(mask & live, (z - w["bias"]) / jnp.where(live, scale, 1.0), 0.0)
-    g = jnp.where(mask, g, 0.0)
-    d_bias = g.sum(axis=(0, 1))
-    d_scale = (g * normed).sum(axis=(0, 1))
-    d_y = jnp.where(mask, scale * rstd * (g - d_bias / n - normed * (d_scale / n)), 0.0)
-    d_x, d_kernel = jax.vjp(lambda x, k: conv(x, k, geometry), x, w["kernel"])[1](d_y)
+    masks = [_tile_mask(z_t.shape[1], t, rows) for t, z_t in enumerate(z)]
+    normed = [
+        jnp.where(m & live, (z_t - w["bias"]) / jnp.where(live, scale, 1.0), 0.0)
+        for m, z_t in zip(masks, z, strict=True)
+    ]
+    g = [jnp.where(m, g_t, 0.0) for m, g_t in zip(masks, g, strict=True)]
+    d_bias = sum(g_t.sum(axis=(0, 1)) for g_t in g)
+    d_scale = sum((g_t * y).sum(axis=(0, 1)) for g_t, y in zip(g, normed, strict=True))
+    d_y = tuple(
+        jnp.where(m, scale * rstd * (g_t - d_bias / n - y * (d_scale / n)), 0.0)
+        for m, g_t, y in zip(masks, g, normed, strict=True)
+    )
+    d_x, d_kernel = transposed(x, w["kernel"], geometry, d_y)
     d_w = {"kernel": d_kernel, "scale": d_scale, "bias": d_bias}
     return d_x, d_w, None, None, None, None
 
@@ -404,19 +423,6 @@ Sites = dict[str, tuple[jax.Array, jax.Array, jax.Array]]
 def _norm(y: jax.Array, w: dict, norm: bool) -> jax.Array:
     """BatchNorm over the batch (the SE's N x C values), or nothing when switched off."""
     return batch_norm(y, w["scale"], w["bias"], eps=BN_EPS) if norm else y
-
-
-def _conv_bn(conv: Callable, x, w: dict, geometry, rows, norm: bool, saved) -> tuple:
-    """conv(x, w["kernel"], geometry) (what the conv reads besides x and its kernel: the
-    depthwise conv's side and radius), BatchNormed over its `rows` real rows when `norm`, and
-    then its 1 / std, as a 1-tuple (empty without BatchNorm). In the backward pass `saved`
-    holds the output and its 1 / std from the forward: `batch_norm_saved` reads them back."""
-    if not norm:
-        return conv(x, w["kernel"], geometry), ()
-    if saved is not None:
-        return batch_norm_saved(conv, x, w, geometry, rows, *saved), (saved[-1],)
-    z, rstd = _batch_norm_rows_rstd(conv(x, w["kernel"], geometry), w, rows)
-    return z, (rstd,)
 
 
 BN_SITE = "bn_"
@@ -702,20 +708,27 @@ def _depthwise_se(
     BatchNorm, then the squeeze-excite gate from the real rows' mean of its ReLU. Returns the
     pre-ReLU output as `tiles` tiles (the project piece applies the ReLU), the gate and, with
     BatchNorm, its 1 / std: given back as `saved`, these spare the backward the conv and its
-    statistics. dims: input side, real depthwise and SE channels, kernel radius."""
+    statistics, and the backward keeps the output in its tiles. dims: input side, real
+    depthwise and SE channels, kernel radius."""
     side, channels, mid = dims[0], dims[1], dims[2]
     out_side = (side + 1) // 2 if stride == 2 else side
     rows = out_side * out_side
-    conv = functools.partial(depthwise_strided_rows, stride=stride, p_out=p_out)
     x = tuple(inputs)  # the conv applies the ReLU and reads the tiles where they lie
     geometry = jnp.stack([side, dims[3]])
-    if saved is not None:
-        saved = (_whole(saved[:tiles]), saved[-1])
-    z, rstd = _conv_bn(conv, x, w["depthwise"], geometry, rows, norm, saved)
+    kernel = w["depthwise"]["kernel"]
+    if norm and saved is not None:
+        transposed = functools.partial(depthwise_strided_transposed, stride=stride, p_out=p_out)
+        rstd = (saved[-1],)
+        z = batch_norm_saved(transposed, x, w["depthwise"], geometry, rows, saved[:tiles], *rstd)
+    else:
+        z = depthwise_strided_rows(x, kernel, geometry, stride, p_out)
+        z, *rstd = _batch_norm_rows_rstd(z, w["depthwise"], rows) if norm else (z,)
+        z = (z,)
     if zen:
         _record_variance(probe, "depthwise", _variance(rstd[0]), channels)
-    z = probe("depthwise", z, _real(z, rows, channels), rows * channels)
-    pooled = relu_row_sums(z) / rows
+    if len(z) == 1:  # a site only where the output is whole (`MBV2Engine._tile_count`)
+        z = (probe("depthwise", z[0], _real(z[0], rows, channels), rows * channels),)
+    pooled = sum(relu_row_sums(z_t) for z_t in z) / rows
     se = w["se"]
     s = pooled @ se["reduce"]["kernel"][0, 0]
     if zen:
@@ -726,7 +739,7 @@ def _depthwise_se(
     if zen:
         _record_variance(probe, "se_restore", jnp.var(s, axis=0), channels)
     s = _norm(s, se["restore"], norm)
-    return *_tiles(z, tiles), jax.nn.sigmoid(s), *rstd
+    return *(z if len(z) == tiles else _tiles(z[0], tiles)), jax.nn.sigmoid(s), *rstd
 
 
 @jax.custom_jvp
