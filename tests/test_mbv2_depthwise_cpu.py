@@ -15,6 +15,7 @@ from wrcor_jax.spaces.mbv2.engine import (
     MAX_KERNEL,
     _taps_branches,
     depthwise_strided_rows,
+    row_moments,
     rows_bucket,
 )
 
@@ -113,3 +114,22 @@ def test_engine_conv_gradients_equal_the_taps(n, side, c, k, stride):
         real = side * side
         np.testing.assert_allclose(got[0][:, :real], want[0][:, :real], rtol=1e-11, atol=1e-11)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize(("n", "side", "c", "k", "stride"), CASES)
+def test_native_moments_are_the_outputs_over_its_real_rows(n, side, c, k, stride):
+    """The forward's sum and squares about the mean (summed in float64) against NumPy's
+    float64 sums of the output's real rows, the same output beside them, and XLA's
+    `row_moments` where the native call is switched off."""
+    x, kernel, _, p_out = _case(n, side, c, k, stride, np.float32)
+    r, side_ = k // 2, jnp.asarray(side)
+    centre = kernel[3 - r : 4 + r, 3 - r : 4 + r]
+    (plain,) = depthwise_cpu.depthwise((x,), centre, side_, (), p_out, 1, stride, False)
+    y, moments = depthwise_cpu.depthwise((x,), centre, side_, (), p_out, 1, stride, False, True)
+    np.testing.assert_array_equal(y, plain)
+    real = np.asarray(y, np.float64)[:, : (-(-side // stride)) ** 2].reshape(-1, c)
+    want = [real.sum(axis=0), np.square(real - real.mean(axis=0)).sum(axis=0)]
+    np.testing.assert_allclose(moments, want, rtol=1e-6, atol=1e-6)
+    taps = _taps_branches(stride, p_out)[r - 1]((x,), kernel, side_)
+    xla = row_moments(taps, (-(-side // stride)) ** 2)
+    np.testing.assert_allclose(xla, want, rtol=1e-4, atol=1e-4)

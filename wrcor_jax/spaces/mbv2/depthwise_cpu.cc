@@ -11,7 +11,10 @@
 // One routine serves both directions of a k x k (k = 2r + 1) conv with stride t:
 //   forward    out(o) = sum_d k(d) * relu(x(t o + d - r))                  (o < ceil(s / t))
 //   transposed dx(i)  = [x(i) > 0] * sum_d k(d) * g((i + r - d) / t)      (where t divides)
-// per axis, both as sums over a padded source plane (below).
+// per axis, both as sums over a padded source plane (below). The forward can also give
+// the output's per-channel sum and sum of squares about its mean over the real rows
+// (BatchNorm's statistics), summed in double while each output row is in cache: apart,
+// XLA:CPU read the output twice more for them.
 
 #include <algorithm>
 #include <atomic>
@@ -238,9 +241,36 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, F fn) {
   state->finished.wait(lock, [&] { return state->done.load() == count; });
 }
 
+// Per-channel sums of one part of the output rows, in double: of the values and their
+// squares (merged over parts in order, so the result does not depend on the threads).
+struct Moments {
+  std::vector<double> sum, squares;
+
+  explicit Moments(int64_t c) : sum(c), squares(c) {}
+  template <typename T>
+  void Add(const T* pixel, int64_t c) {
+    for (int64_t j = 0; j < c; ++j) {
+      const double v = pixel[j];
+      sum[j] += v;
+      squares[j] += v * v;
+    }
+  }
+};
+
+// stats (2, C): the sum over the real rows and the sum of squares about their mean.
+template <typename T>
+void Merge(const std::vector<Moments>& parts, int64_t count, int64_t c, T* stats) {
+  for (int64_t j = 0; j < c; ++j) {
+    double sum = 0, squares = 0;
+    for (const Moments& part : parts) sum += part.sum[j], squares += part.squares[j];
+    stats[j] = static_cast<T>(sum);
+    stats[c + j] = static_cast<T>(std::max(0.0, squares - sum * sum / count));
+  }
+}
+
 template <typename T>
 void Run(ffi::ThreadPool& pool, const Geometry& g, const Tiles<const T>& src, const T* kernel,
-         const Tiles<const T>& mask, const Tiles<T>& dst) {
+         const Tiles<const T>& mask, const Tiles<T>& dst, T* stats) {
   std::vector<T> turned;  // transposed: the kernel turned by 180 degrees
   if (g.transposed) {
     const int64_t taps = g.k * g.k;
@@ -251,14 +281,20 @@ void Run(ffi::ThreadPool& pool, const Geometry& g, const Tiles<const T>& src, co
     kernel = turned.data();
   }
   const int64_t lines = g.n * g.side_dst;
-  const int64_t chunk = std::max<int64_t>(1, lines / 64);
-  ParallelFor(pool, (lines + chunk - 1) / chunk, [&, chunk](int64_t part) {
+  const int64_t chunk = std::max<int64_t>(1, lines / 64), parts = (lines + chunk - 1) / chunk;
+  std::vector<Moments> moments(stats == nullptr ? 0 : parts, Moments(g.c));
+  ParallelFor(pool, parts, [&, chunk](int64_t part) {
     Rows<T> rows(g, src);
     Scratch<T> scratch{std::vector<T>(g.side_dst * g.c),
                        std::vector<T>(g.transposed ? g.side_dst * g.c : 0)};
     for (int64_t line = part * chunk; line < std::min(lines, (part + 1) * chunk); ++line) {
       const int64_t image = line / g.side_dst, y = line % g.side_dst;
       Row(g, rows, kernel, mask, dst, scratch, image, y);
+      if (stats != nullptr) {
+        for (int64_t x = 0; x < g.side_dst; ++x) {
+          moments[part].Add(dst.At(image, y * g.side_dst + x), g.c);
+        }
+      }
       if (y == g.side_dst - 1) {  // the padding rows after the image: zeros, tile by tile
         for (int64_t row = g.side_dst * g.side_dst; row < g.p_dst;) {
           const int64_t end = std::min(g.p_dst, (row / dst.rows + 1) * dst.rows);
@@ -268,6 +304,7 @@ void Run(ffi::ThreadPool& pool, const Geometry& g, const Tiles<const T>& src, co
       }
     }
   });
+  if (stats != nullptr) Merge(moments, g.n * g.side_dst * g.side_dst, g.c, stats);
 }
 
 // `buffers` as the tiles of one (N, P, C) array: all (N, P / T, C), of the kernel's type.
@@ -293,7 +330,21 @@ ffi::Error Typed(ffi::ThreadPool& pool, ffi::DataType type, const T* kernel, con
                  const int64_t side_in,
                  const std::vector<ffi::AnyBuffer>& sources,
                  const std::vector<ffi::AnyBuffer>& masks,
-                 const std::vector<ffi::AnyBuffer>& results, int64_t stride, bool transposed) {
+                 std::vector<ffi::AnyBuffer> results, int64_t stride, bool transposed,
+                 bool statistics) {
+  T* stats = nullptr;
+  if (statistics) {
+    const auto error = ffi::Error::InvalidArgument("depthwise: (2, C) statistics, forward only");
+    if (transposed || results.size() < 2) return error;
+    const ffi::AnyBuffer last = results.back();
+    const auto d = last.dimensions();
+    if (d.size() != 2 || d[0] != 2 || d[1] != results[0].dimensions().back() ||
+        last.element_type() != type) {
+      return error;
+    }
+    stats = static_cast<T*>(last.untyped_data());
+    results.pop_back();
+  }
   Tiles<const T> src, mask;
   Tiles<T> dst;
   int64_t n_src = 0, n_dst = 0, n_mask = 0;
@@ -318,16 +369,17 @@ ffi::Error Typed(ffi::ThreadPool& pool, ffi::DataType type, const T* kernel, con
   if (g.side_src * g.side_src > g.p_src || g.side_dst * g.side_dst > g.p_dst) {
     return ffi::Error::InvalidArgument("depthwise: the image does not fit its rows");
   }
-  Run(pool, g, src, kernel, mask, dst);
+  Run(pool, g, src, kernel, mask, dst, stats);
   return ffi::Error::Success();
 }
 
 // kernel (k, k, 1, C); the remaining arguments: `sources` tiles of the source (the input
 // forward, the output's cotangent transposed), then (transposed) the forward input's tiles
-// for the ReLU's mask; the results: the output's tiles.
+// for the ReLU's mask; the results: the output's tiles, then with `statistics` (forward)
+// its (2, C) sum and sum of squares about the mean over the real rows.
 ffi::Error Depthwise(ffi::ThreadPool pool, ffi::AnyBuffer kernel, ffi::Buffer<ffi::S32> side,
                      ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t stride,
-                     bool transposed, int64_t sources) {
+                     bool transposed, int64_t sources, bool statistics) {
   std::vector<ffi::AnyBuffer> inputs, masks, results;
   for (size_t i = 0; i < args.size(); ++i) {
     ffi::ErrorOr<ffi::AnyBuffer> buffer = args.get<ffi::AnyBuffer>(i);
@@ -348,10 +400,12 @@ ffi::Error Depthwise(ffi::ThreadPool pool, ffi::AnyBuffer kernel, ffi::Buffer<ff
   switch (kernel.element_type()) {
     case ffi::DataType::F32:
       return Typed(pool, kernel.element_type(), kernel.typed_data<float>(), kd[0], side_in,
-                   inputs, masks, results, stride, transposed);
+                   inputs, masks, results, stride, transposed,
+                   statistics);
     case ffi::DataType::F64:
       return Typed(pool, kernel.element_type(), kernel.typed_data<double>(), kd[0], side_in,
-                   inputs, masks, results, stride, transposed);
+                   inputs, masks, results, stride, transposed,
+                   statistics);
     default:
       return ffi::Error::InvalidArgument("depthwise: float32 or float64 only");
   }
@@ -368,4 +422,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WrcorDepthwise, Depthwise,
                                   .RemainingRets()
                                   .Attr<int64_t>("stride")
                                   .Attr<bool>("transposed")
-                                  .Attr<int64_t>("sources"));
+                                  .Attr<int64_t>("sources")
+                                  .Attr<bool>("statistics"));

@@ -96,19 +96,23 @@ def depthwise(
     tiles_out: int,
     stride: int,
     transposed: bool,
+    statistics: bool = False,
 ) -> tuple[jax.Array, ...]:
     """The custom call (where `available()`) on (N, P, C) rows given as tiles of consecutive
     rows (one tile: the whole), returning its (N, rows_out, C) output as `tiles_out` tiles.
     Forward: relu(sources) of images of side `side` conv `kernel` (k, k, 1, C) with zero
-    padding k // 2 and `stride`, rows of side ceil(side / stride); no `masks`. Transposed:
-    the cotangent of relu(masks) at the forward's input (`masks`: its tiles), from the
-    output's cotangent `sources` (its padded rows are not read). Padded output rows are 0."""
+    padding k // 2 and `stride`, rows of side ceil(side / stride); no `masks`; with
+    `statistics`, then (2, C): the output's sum over its real rows and its sum of squares
+    about their mean (summed in float64). Transposed: the cotangent of relu(masks) at the
+    forward's input (`masks`: its tiles), from the output's cotangent `sources` (its padded
+    rows are not read). Padded output rows are 0."""
     if not available():
         raise RuntimeError("the native depthwise conv is not available on this machine")
     n, _, c = sources[0].shape
     dtype = sources[0].dtype
     tile = jax.ShapeDtypeStruct((n, rows_out // tiles_out, c), dtype)
-    call = jax.ffi.ffi_call(TARGET, [tile] * tiles_out)
+    moments = [jax.ShapeDtypeStruct((2, c), dtype)] if statistics else []
+    call = jax.ffi.ffi_call(TARGET, [tile] * tiles_out + moments)
     outputs = call(
         kernel.astype(dtype),
         jnp.asarray(side, np.int32).reshape(1),
@@ -117,5 +121,6 @@ def depthwise(
         stride=np.int64(stride),
         transposed=transposed,
         sources=np.int64(len(sources)),
+        statistics=statistics,
     )
     return tuple(outputs)

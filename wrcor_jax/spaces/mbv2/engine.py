@@ -169,18 +169,24 @@ def masked_abs_corrcoef(x: jax.Array, mask: jax.Array, count: jax.Array) -> tupl
     return jnp.where(valid, jnp.abs(corr), 0.0), valid.astype(jnp.int32)
 
 
-def _batch_norm_rows_rstd(y: jax.Array, w: dict, rows: jax.Array) -> tuple:
-    """Training-mode BatchNorm of (N, P, C) rows over the real rows (padded rows come out 0;
-    those of y must be 0: every producer masks them) and the 1 / std it divided by."""
-    mask = _row_mask(y.shape[1], rows)
-    n = y.shape[0] * rows
-    mean = y.sum(axis=(0, 1)) / n
+def row_moments(y: jax.Array, rows: jax.Array) -> jax.Array:
+    """(2, C): the sum of (N, P, C) rows y over the real rows (those of y must be 0: every
+    producer masks them) and the sum of squares about their mean."""
+    total = y.sum(axis=(0, 1))
     # a barrier, so that this y - mean is not the normalisation's: one array read by a
     # YNNPACK sum and by a loop fusion was written out full size (docs/mbv2_engine.md)
-    centre = jax.lax.optimization_barrier(mean)
-    var = (jnp.square(y - centre) * _row_weights(y.shape[1], rows, y.dtype)).sum(axis=(0, 1)) / n
-    rstd = jax.lax.rsqrt(var + BN_EPS)
-    return ((y - mean) * rstd * w["scale"] + w["bias"]) * mask, rstd
+    centre = jax.lax.optimization_barrier(total / (y.shape[0] * rows))
+    weights = _row_weights(y.shape[1], rows, y.dtype)
+    return jnp.stack([total, (jnp.square(y - centre) * weights).sum(axis=(0, 1))])
+
+
+def _batch_norm_rows_rstd(y: jax.Array, moments: jax.Array, w: dict, rows: jax.Array) -> tuple:
+    """Training-mode BatchNorm of (N, P, C) rows over the real rows, given their
+    `row_moments` (padded rows come out 0), and the 1 / std it divided by."""
+    n = y.shape[0] * rows
+    mean = moments[0] / n
+    rstd = jax.lax.rsqrt(moments[1] / n + BN_EPS)
+    return ((y - mean) * rstd * w["scale"] + w["bias"]) * _row_mask(y.shape[1], rows), rstd
 
 
 def _matmul_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -278,19 +284,23 @@ def _taps_branches(stride: int, p_out: int) -> list[Callable]:
     return [at_radius(r) for r in RADII]
 
 
-def _conv_branches(stride: int, p_out: int, transposed: bool) -> list[Callable]:
-    """Per radius, the conv (x, kernel, side), or with `transposed` (x, kernel, side, g) ->
-    the cotangent at x, x and the output's cotangent g as tiles (and x's cotangent): on
-    CPU `depthwise_cpu`'s custom call where it is built and the process sees one device,
-    which reads and writes the tiles where they lie (joining and splitting them cost ~2% of
-    WRCor), elsewhere (and there otherwise) XLA's taps."""
+def _conv_branches(
+    stride: int, p_out: int, transposed: bool, moments: bool = False
+) -> list[Callable]:
+    """Per radius, the conv (x, kernel, side) (with `moments`, and its output's
+    `row_moments`), or with `transposed` (x, kernel, side, g) -> the cotangent at x, x and
+    the output's cotangent g as tiles (and x's cotangent): on CPU `depthwise_cpu`'s custom
+    call where it is built and the process sees one device, which reads and writes the
+    tiles where they lie (joining and splitting them cost ~2% of WRCor) and sums the
+    moments while each output row is in cache, elsewhere (and there otherwise) XLA's taps."""
     taps = _taps_branches(stride, p_out)
 
     def at_radius(r: int) -> Callable:
-        def forward(x: tuple, kernel: jax.Array, side: jax.Array) -> jax.Array:
+        def forward(x: tuple, kernel: jax.Array, side: jax.Array):
             rows = p_out if stride == 2 else _rows(x)
             centre = _centre(kernel, r)
-            return depthwise_cpu.depthwise(x, centre, side, (), rows, 1, stride, False)[0]
+            out = depthwise_cpu.depthwise(x, centre, side, (), rows, 1, stride, False, moments)
+            return out if moments else out[0]
 
         def backward(x: tuple, kernel, side, g) -> tuple:
             centre = _centre(kernel, r)
@@ -304,8 +314,17 @@ def _conv_branches(stride: int, p_out: int, transposed: bool) -> list[Callable]:
 
         return backward
 
+    def taps_moments(conv: Callable) -> Callable:
+        def forward(x: tuple, kernel, side) -> tuple:
+            y = conv(x, kernel, side)
+            out_side = (side + 1) // 2 if stride == 2 else side
+            return y, row_moments(y, out_side * out_side)
+
+        return forward
+
     def either(r: int) -> Callable:
-        xla = taps_backward(taps[r - 1]) if transposed else taps[r - 1]
+        conv = taps[r - 1]
+        xla = taps_backward(conv) if transposed else taps_moments(conv) if moments else conv
         # the custom call has no sharding rule: a batch split over devices would be gathered
         if not depthwise_cpu.available() or jax.device_count() > 1:
             return xla
@@ -338,6 +357,15 @@ def depthwise_strided_rows(
 
 def _depthwise_strided_fwd(x, kernel, geometry, stride: int, p_out: int) -> tuple:
     return depthwise_strided_rows(x, kernel, geometry, stride, p_out), (x, kernel, geometry)
+
+
+def depthwise_strided_moments(
+    x: tuple, kernel: jax.Array, geometry: jax.Array, stride: int, p_out: int
+) -> tuple[jax.Array, jax.Array]:
+    """`depthwise_strided_rows` and its output's `row_moments`, for the forward pass alone
+    (the backward reads the forward's output back: `batch_norm_saved`)."""
+    branches = _conv_branches(stride, p_out, False, moments=True)
+    return jax.lax.switch(geometry[1] - 1, branches, x, kernel, geometry[0])
 
 
 def depthwise_strided_transposed(
@@ -720,10 +748,12 @@ def _depthwise_se(
         transposed = functools.partial(depthwise_strided_transposed, stride=stride, p_out=p_out)
         rstd = (saved[-1],)
         z = batch_norm_saved(transposed, x, w["depthwise"], geometry, rows, saved[:tiles], *rstd)
+    elif norm:
+        y, moments = depthwise_strided_moments(x, kernel, geometry, stride, p_out)
+        z, rstd = _batch_norm_rows_rstd(y, moments, w["depthwise"], rows)
+        z, rstd = (z,), (rstd,)
     else:
-        z = depthwise_strided_rows(x, kernel, geometry, stride, p_out)
-        z, *rstd = _batch_norm_rows_rstd(z, w["depthwise"], rows) if norm else (z,)
-        z = (z,)
+        z, rstd = (depthwise_strided_rows(x, kernel, geometry, stride, p_out),), ()
     if zen:
         _record_variance(probe, "depthwise", _variance(rstd[0]), channels)
     if len(z) == 1:  # a site only where the output is whole (`MBV2Engine._tile_count`)
