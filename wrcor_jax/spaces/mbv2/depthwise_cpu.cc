@@ -400,12 +400,10 @@ ffi::Error Depthwise(ffi::ThreadPool pool, ffi::AnyBuffer kernel, ffi::Buffer<ff
   switch (kernel.element_type()) {
     case ffi::DataType::F32:
       return Typed(pool, kernel.element_type(), kernel.typed_data<float>(), kd[0], side_in,
-                   inputs, masks, results, stride, transposed,
-                   statistics);
+                   inputs, masks, results, stride, transposed, statistics);
     case ffi::DataType::F64:
       return Typed(pool, kernel.element_type(), kernel.typed_data<double>(), kd[0], side_in,
-                   inputs, masks, results, stride, transposed,
-                   statistics);
+                   inputs, masks, results, stride, transposed, statistics);
     default:
       return ffi::Error::InvalidArgument("depthwise: float32 or float64 only");
   }

@@ -106,7 +106,8 @@ over issue 12's 1.3x); keyed so, 1.22x, at most 1.28x. Large images are few in k
 tiled they slowed the depthwise piece, which joined and split the tiles; tiles of 64 rows
 made more calls for slightly fewer keys. Large images in tiles of 1,024 rows, their
 padding-only tiles skipped, still lost more in the depthwise piece (+2.0 s over seeds 0-5,
-before it read tiles natively) than the 1x1 pieces gained (-0.4 s) (docs/mbv2_engine.md)."""
+before it read tiles natively; +0.5 s in its forward after) than the 1x1 pieces gained
+(docs/mbv2_engine.md)."""
 
 
 def tile_rows(p: int) -> int:
