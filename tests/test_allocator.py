@@ -141,6 +141,29 @@ def test_budget_keeps_free_memory_within_its_allowance() -> None:
     assert not released and dropped_on_check > 100  # trimmed, executables kept
 
 
+KEPT = """
+import json
+from wrcor_jax import allocator
+from wrcor_jax.compilation import ExecutableBudget
+print(json.dumps([allocator.kept_mb() / allocator.physical_mb(), ExecutableBudget().keep_mb]))
+"""
+
+
+@pytest.mark.parametrize(("mode", "share"), [("tuned", 1 / 8), ("heap", 1 / 2), ("default", 1 / 8)])
+def test_the_heap_mode_keeps_more_freed_memory_between_units(mode: str, share: float) -> None:
+    env = {**_untuned(), allocator.OPT_OUT: mode}
+    env = allocator.environment(mode != "default", env)
+    kept, budget = _run(KEPT, env=env)[0]
+    assert kept == pytest.approx(share) and budget == pytest.approx(kept * allocator.physical_mb())
+
+
+def test_heap_settings_without_the_restart_keep_an_eighth() -> None:
+    """`WRCOR_JAX_MALLOC=heap` in a process that did not start with its tunables: the big
+    blocks are mapped apart as glibc does by default, so keeping more would not serve."""
+    kept, _ = _run(KEPT, env={**_untuned(), allocator.OPT_OUT: "heap"})[0]
+    assert kept == pytest.approx(1 / 8)
+
+
 def test_usage_doc_gives_the_tunables_in_force() -> None:
     usage = (Path(__file__).parents[1] / "docs" / "usage.md").read_text()
     assert f"GLIBC_TUNABLES={':'.join(allocator.TUNABLES)}" in usage

@@ -20,7 +20,7 @@ glibc reads these settings (`GLIBC_TUNABLES`) only when a process starts, so the
 line re-executes itself once with them (`reexec_tuned`); `WRCOR_JAX_MALLOC` picks them:
 `tuned` (the default), `heap`, or `default` (glibc's own allocator). The heap then never
 shrinks by itself, so long runs call `release_free(keep_mb)` between units of work to hand
-back what exceeds `keep_mb`.
+it back once it exceeds `keep_mb` (`kept_mb`: more in `heap` mode).
 """
 
 from __future__ import annotations
@@ -148,6 +148,18 @@ def resident_mb() -> float:
 def physical_mb() -> float:
     """The machine's memory in MiB."""
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def kept_mb() -> float:
+    """How much freed memory `release_free` lets the heap keep between units of work, in
+    MiB: half the machine's memory where every block comes from the heap (a process started
+    with `heap`'s tunables, the mode for plentiful memory), an eighth otherwise. In the heap
+    the next architecture reuses the last one's GB-sized blocks without a fault only if
+    they are kept: handing them back after each of 30 sampled MobileNetV2 architectures cost
+    16% more time than keeping up to half (peak resident memory 10.3 against 16.3 GB on a
+    24 GB machine, docs/mbv2_engine.md)."""
+    heap = tuned() and mode() == "heap"
+    return physical_mb() / (2 if heap else 8)
 
 
 def in_use_mb() -> float:

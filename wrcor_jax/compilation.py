@@ -120,9 +120,9 @@ def mapping_limit() -> int | None:
 class ExecutableBudget:
     """Releases every loaded executable (`jax.clear_caches()`) once this process's
     allocations hold more than `limit_mb` or it holds more than `map_limit` memory mappings
-    (default: half the kernel's cap, `mappings`), and hands back freed heap memory past
-    `keep_mb` (the tuned allocator keeps it for reuse, `allocator`); call `check()` between
-    units of work, never inside one."""
+    (default: half the kernel's cap, `mappings`), and hands back freed heap memory once it
+    exceeds `keep_mb` (default `allocator.kept_mb()`: the tuned allocator keeps it for
+    reuse); call `check()` between units of work, never inside one."""
 
     def __init__(
         self,
@@ -130,10 +130,12 @@ class ExecutableBudget:
         keep_mb: float | None = None,
         map_limit: int | None = None,
     ):
-        # A fifth and an eighth: with a third each, the batch-64 mbv2 search was OOM-killed
-        # at 24.4 GB on a 24 GB machine, one architecture's activations on top of both.
+        # A fifth and (tuned) an eighth: with a third each, the batch-64 mbv2 search was
+        # OOM-killed at 24.4 GB on a 24 GB machine, one architecture's activations on top of
+        # both (in `tuned` mode the largest blocks are mapped apart, so the kept heap cannot
+        # hold them).
         self.limit_mb = allocator.physical_mb() / 5 if limit_mb is None else limit_mb
-        self.keep_mb = allocator.physical_mb() / 8 if keep_mb is None else keep_mb
+        self.keep_mb = allocator.kept_mb() if keep_mb is None else keep_mb
         cap = mapping_limit()
         self.map_limit = map_limit if map_limit is not None or cap is None else cap // 2
         self.releases = 0
