@@ -293,7 +293,10 @@ def _conv_branches(
     the output's cotangent g as tiles (and x's cotangent): on CPU `depthwise_cpu`'s custom
     call where it is built and the process sees one device, which reads and writes the
     tiles where they lie (joining and splitting them cost ~2% of WRCor) and sums the
-    moments while each output row is in cache, elsewhere (and there otherwise) XLA's taps."""
+    moments while each output row is in cache, elsewhere (and there otherwise) XLA's taps.
+    The choice is made when tracing, for the default backend: `lax.platform_dependent`
+    traced the taps as well, and tracing the taps' branches (and their vjp) was most of
+    the time an architecture with new shapes spent before its programs ran."""
     taps = _taps_branches(stride, p_out)
 
     def at_radius(r: int) -> Callable:
@@ -324,13 +327,12 @@ def _conv_branches(
         return forward
 
     def either(r: int) -> Callable:
-        conv = taps[r - 1]
-        xla = taps_backward(conv) if transposed else taps_moments(conv) if moments else conv
         # the custom call has no sharding rule: a batch split over devices would be gathered
-        if not depthwise_cpu.available() or jax.device_count() > 1:
-            return xla
-        native = at_radius(r)
-        return lambda *args: jax.lax.platform_dependent(*args, cpu=native, default=xla)
+        native = jax.default_backend() == "cpu" and jax.device_count() == 1
+        if native and depthwise_cpu.available():
+            return at_radius(r)
+        conv = taps[r - 1]
+        return taps_backward(conv) if transposed else taps_moments(conv) if moments else conv
 
     return [either(r) for r in RADII]
 
@@ -370,13 +372,23 @@ def depthwise_strided_moments(
 
 
 def depthwise_strided_transposed(
-    x: tuple, kernel: jax.Array, geometry: jax.Array, g: tuple, stride: int, p_out: int
+    x: tuple,
+    kernel: jax.Array,
+    geometry: jax.Array,
+    g: tuple,
+    stride: int,
+    p_out: int,
+    kernel_grad: bool = True,
 ) -> tuple:
     """The cotangents at x (as its tiles) and at the kernel of `depthwise_strided_rows`,
     from its output's cotangent g, given as tiles too (the depthwise + SE piece's backward
-    keeps its output in the project's tiles)."""
+    keeps its output in the project's tiles). Without `kernel_grad` the kernel's is zeros:
+    for a caller that discards it, since tracing the taps' kernel gradient for three radii
+    cost seconds per new shape even where XLA then dropped it."""
     side, branch = geometry[0], geometry[1] - 1
     d_x = jax.lax.switch(branch, _conv_branches(stride, p_out, True), x, kernel, side, g)
+    if not kernel_grad:
+        return d_x, jnp.zeros_like(kernel)
 
     def kernel_backward(conv: Callable) -> Callable:
         return lambda x, kernel, side, g: jax.vjp(lambda k: conv(x, k, side), kernel)[1](g)[0]
@@ -731,14 +743,25 @@ def _rows(tiles: Sequence[jax.Array]) -> int:
 
 
 def _depthwise_se(
-    w, inputs, dims, probe, norm: bool, zen: bool, stride: int, p_out: int, tiles: int, saved=None
+    w,
+    inputs,
+    dims,
+    probe,
+    norm: bool,
+    zen: bool,
+    stride: int,
+    p_out: int,
+    tiles: int,
+    saved=None,
+    weights: bool = True,
 ):
     """ReLU (of the expand's output, given as its tiles), k x k depthwise conv with the stride,
     BatchNorm, then the squeeze-excite gate from the real rows' mean of its ReLU. Returns the
     pre-ReLU output as `tiles` tiles (the project piece applies the ReLU), the gate and, with
     BatchNorm, its 1 / std: given back as `saved`, these spare the backward the conv and its
-    statistics, and the backward keeps the output in its tiles. dims: input side, real
-    depthwise and SE channels, kernel radius."""
+    statistics, and the backward keeps the output in its tiles (and, without `weights`,
+    leaves the kernel's gradient out). dims: input side, real depthwise and SE channels,
+    kernel radius."""
     side, channels, mid = dims[0], dims[1], dims[2]
     out_side = (side + 1) // 2 if stride == 2 else side
     rows = out_side * out_side
@@ -746,7 +769,9 @@ def _depthwise_se(
     geometry = jnp.stack([side, dims[3]])
     kernel = w["depthwise"]["kernel"]
     if norm and saved is not None:
-        transposed = functools.partial(depthwise_strided_transposed, stride=stride, p_out=p_out)
+        transposed = functools.partial(
+            depthwise_strided_transposed, stride=stride, p_out=p_out, kernel_grad=weights
+        )
         rstd = (saved[-1],)
         z = batch_norm_saved(transposed, x, w["depthwise"], geometry, rows, saved[:tiles], *rstd)
     elif norm:
@@ -872,7 +897,8 @@ class Piece:
     cotangents, the sites' gradient terms and, with `weights`, the gradient of its
     weights), both for a static set of kinds to reduce and BatchNorm on or off (`norm`).
     The backward recomputes the piece's forward (given its forward outputs as `saved` when
-    `saves`, for the piece to reuse) and adds to each input's cotangent the one `carried`
+    `saves`, for the piece to reuse; with `tells_weights`, whether the weights' gradient is
+    wanted, as `weights`) and adds to each input's cotangent the one `carried`
     from other readers of that input (None: none), so no eager add compiles per shape
     outside the pieces; an output's cotangent None is 0. `kinds` are the gradient kinds its
     sites add to (`MBV2Engine._backward` skips the backwards that reach none asked for), and
@@ -890,10 +916,12 @@ class Piece:
         static: Sequence[str] = (),
         saves: bool = False,
         kinds: Sequence[str] = (),
+        tells_weights: bool = False,
         output_kinds: Sequence[Sequence[str]] = (),
     ):
         self.fn = fn
         self.saves = saves
+        self.tells_weights = tells_weights
         self.kinds = frozenset(kinds)
         self._output_kinds = tuple(frozenset(k) for k in output_kinds)
         names = ("kinds", "norm", "zen", *static)
@@ -949,6 +977,8 @@ class Piece:
     ):
         if self.saves:
             static["saved"] = outputs
+        if self.tells_weights:
+            static["weights"] = weights
         cotangents = tuple(
             jnp.zeros_like(o) if c is None else c for o, c in zip(outputs, cotangents, strict=True)
         )
@@ -1008,6 +1038,7 @@ PIECES = {
         ("stride", "p_out", "tiles"),
         saves=True,
         kinds=(SE_KINDS[1], *BLOCK_GRAD),
+        tells_weights=True,
         # the SE's site lies upstream of the gate only, not of the conv's output or 1 / std
         output_kinds=(BLOCK_GRAD, (SE_KINDS[1], *BLOCK_GRAD), ()),
     ),
