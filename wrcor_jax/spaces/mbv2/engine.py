@@ -297,44 +297,54 @@ def _conv_branches(
     The choice is made when tracing, for the default backend: `lax.platform_dependent`
     traced the taps as well, and tracing the taps' branches (and their vjp) was most of
     the time an architecture with new shapes spent before its programs ran."""
+    # the custom call has no sharding rule: a batch split over devices would be gathered
+    native = jax.default_backend() == "cpu" and jax.device_count() == 1
+    if native and depthwise_cpu.available():
+        return [_native_branch(r, stride, p_out, transposed, moments) for r in RADII]
     taps = _taps_branches(stride, p_out)
+    if transposed:
+        return [_taps_backward(conv) for conv in taps]
+    if moments:
+        return [_with_moments(conv, stride) for conv in taps]
+    return taps
 
-    def at_radius(r: int) -> Callable:
-        def forward(x: tuple, kernel: jax.Array, side: jax.Array):
-            rows = p_out if stride == 2 else _rows(x)
-            centre = _centre(kernel, r)
-            out = depthwise_cpu.depthwise(x, centre, side, (), rows, 1, stride, False, moments)
-            return out if moments else out[0]
 
-        def backward(x: tuple, kernel, side, g) -> tuple:
-            centre = _centre(kernel, r)
-            return depthwise_cpu.depthwise(g, centre, side, x, _rows(x), len(x), stride, True)
+def _native_branch(r: int, stride: int, p_out: int, transposed: bool, moments: bool) -> Callable:
+    """`_conv_branches`' branch at radius r on `depthwise_cpu`'s custom call."""
 
-        return backward if transposed else forward
+    def forward(x: tuple, kernel: jax.Array, side: jax.Array):
+        rows = p_out if stride == 2 else _rows(x)
+        out = depthwise_cpu.depthwise(
+            x, _centre(kernel, r), side, (), rows, 1, stride, False, moments
+        )
+        return out if moments else out[0]
 
-    def taps_backward(conv: Callable) -> Callable:
-        def backward(x: tuple, kernel, side, g: tuple) -> tuple:
-            return jax.vjp(lambda x: conv(x, kernel, side), x)[1](_whole(g))[0]
+    def backward(x: tuple, kernel: jax.Array, side: jax.Array, g: tuple) -> tuple:
+        return depthwise_cpu.depthwise(
+            g, _centre(kernel, r), side, x, _rows(x), len(x), stride, True
+        )
 
-        return backward
+    return backward if transposed else forward
 
-    def taps_moments(conv: Callable) -> Callable:
-        def forward(x: tuple, kernel, side) -> tuple:
-            y = conv(x, kernel, side)
-            out_side = (side + 1) // 2 if stride == 2 else side
-            return y, row_moments(y, out_side * out_side)
 
-        return forward
+def _taps_backward(conv: Callable) -> Callable:
+    """The cotangent at x of a taps branch, by its vjp."""
 
-    def either(r: int) -> Callable:
-        # the custom call has no sharding rule: a batch split over devices would be gathered
-        native = jax.default_backend() == "cpu" and jax.device_count() == 1
-        if native and depthwise_cpu.available():
-            return at_radius(r)
-        conv = taps[r - 1]
-        return taps_backward(conv) if transposed else taps_moments(conv) if moments else conv
+    def backward(x: tuple, kernel: jax.Array, side: jax.Array, g: tuple) -> tuple:
+        return jax.vjp(lambda x: conv(x, kernel, side), x)[1](_whole(g))[0]
 
-    return [either(r) for r in RADII]
+    return backward
+
+
+def _with_moments(conv: Callable, stride: int) -> Callable:
+    """A taps branch that also returns its output's `row_moments`."""
+
+    def forward(x: tuple, kernel: jax.Array, side: jax.Array) -> tuple:
+        y = conv(x, kernel, side)
+        out_side = (side + 1) // 2 if stride == 2 else side
+        return y, row_moments(y, out_side * out_side)
+
+    return forward
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
