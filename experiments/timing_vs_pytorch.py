@@ -60,6 +60,10 @@ twin, `torch_ref.mbv2`) and jax (`MBV2Scorer` through the `score` path, one arch
 Its floor counts the same passes over all convolutions and the classifier (`cost.describe`
 at 10 classes) at the float32 matmul rate, its Gram matrices (small) not counted.
 
+`--archs FILE` times the architectures of a file instead of a seeded sample (one text form
+of `--space` per line, `#` lines skipped), e.g. those a search evaluated: searched
+architectures are larger than random ones.
+
 On a machine with an accelerator the jax rows use the device JAX sees (its float32 matmul
 rate sets the floor), and `--torch-device cuda` runs the paper_code rows on the GPU (its
 `find_measures` moves network and batch there itself); the machine record names both.
@@ -90,7 +94,7 @@ from typing import NamedTuple
 import numpy as np
 
 from wrcor_jax import allocator
-from wrcor_jax.cli import add_compile_cache_options, use_compile_cache
+from wrcor_jax.cli import add_compile_cache_options, read_arch_file, use_compile_cache
 from wrcor_jax.jsonio import write_json
 from wrcor_jax.spaces.nb201 import (
     BEST_CIFAR10,
@@ -134,11 +138,24 @@ def _shard_bounds(count: int, shard: tuple[int, int]) -> tuple[int, int]:
     return count * index // parts, count * (index + 1) // parts
 
 
-def _sample(args: argparse.Namespace, name: str | None) -> list:
-    """The first `--limit name=N` (default all) of the seeded architectures of `--space`:
-    NB201 strings, or `MBV2Arch`s within 600M FLOPs (1000 classes)."""
-    rng = np.random.default_rng(args.seed)
+def _read_archs(args: argparse.Namespace) -> list:
+    """`--archs`' lines in `--space`'s text form: `MBV2Arch`s, or NB201 strings."""
+    texts = read_arch_file(args.archs)
     if args.space == "mbv2":
+        from wrcor_jax.spaces.mbv2.arch import parse
+
+        return [parse(text) for text in texts]
+    return [arch_string(parse_arch(text)) for text in texts]
+
+
+def _sample(args: argparse.Namespace, name: str | None) -> list:
+    """The first `--limit name=N` (default all) of the architectures: `--archs`' (e.g. a
+    search's own), else the seeded sample of `--space`: NB201 strings, or `MBV2Arch`s within
+    600M FLOPs (1000 classes)."""
+    rng = np.random.default_rng(args.seed)
+    if args.archs:
+        archs = _read_archs(args)
+    elif args.space == "mbv2":
         from wrcor_jax.spaces.mbv2.sampling import sample
 
         archs = sample(rng, args.num_archs, flops_limit=MBV2_FLOPS_LIMIT)
@@ -748,6 +765,7 @@ def _summarise(
         "p90_s": float(np.percentile(steady, 90)) if steady else None,
         "archs_per_s": len(steady) / sum(steady) if steady else None,
         "peak_rss_mb": raw.get("peak_rss_mb"),
+        "steady_s": steady,
         **raw.get("extra", {}),
     }
     if baseline is not None and row["median_s"]:
@@ -822,7 +840,11 @@ def markdown_table(rows: list[dict], proxies: tuple[str, ...] = ("wrcor",)) -> s
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-archs", type=int, default=100)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--num-archs", type=int, default=100, help="seeded random archs")
+    which.add_argument(
+        "--archs", help="file of archs in --space's text form, one per line (instead of a sample)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CIFAR-10 .npz sample")
@@ -882,6 +904,11 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     allowed = MBV2_PROXIES if args.space == "mbv2" else NB201_PROXIES
     if any(proxy not in allowed for proxy in args.proxies):
         parser.error(f"--proxies in {args.space}: some of {', '.join(allowed)}")
+    if args.archs:
+        try:
+            args.num_archs = len(_read_archs(args))
+        except ValueError as error:
+            parser.error(str(error))
     if args.space == "mbv2" and args.profile:
         parser.error("--profile profiles the NB201 engine only")
     # Rows a run cannot make are dropped from the default set, and an error when asked for.
@@ -929,7 +956,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["python", "experiments/timing_vs_pytorch.py", *args.argv]),
         "num_archs": args.num_archs,
         "batch_size": args.batch_size,
-        "arch_seed": args.seed,
+        "arch_seed": None if args.archs else args.seed,
+        "archs_file": args.archs,
         "ratio_baseline": baseline["name"] if baseline else None,
         "space": args.space,
         "proxies": list(args.proxies),

@@ -140,6 +140,24 @@ def test_mbv2_floor_counts_batch_passes_and_synflow_image(timing):
         assert describe(arch, 1000).flops <= 600_000_000
 
 
+def test_archs_file_replaces_the_sample(timing, tmp_path):
+    """`--archs` scores a file's archs (a search's, say) in its order, in either space; a
+    line of the other space, or no arch at all, is a one-line argument error."""
+    path = tmp_path / "archs.txt"
+    path.write_text("# evaluated by a search\n" + "\n".join(TINY) + "\n\n")
+    args = timing._parse_args(["--space", "mbv2", "--archs", str(path), "--json", "x"])
+    assert args.num_archs == 2 and timing._archs(args, None) == [parse(t) for t in TINY]
+    path.write_text(NB201_TWO[1])
+    args = timing._parse_args(["--archs", str(path), "--json", "x"])
+    assert timing._archs(args, None) == [NB201_TWO[1]]
+    for text in (TINY[0], "# nothing"):
+        path.write_text(text)
+        with pytest.raises(SystemExit):
+            timing._parse_args(["--archs", str(path), "--json", "x"])
+    with pytest.raises(SystemExit):  # both a file and a sample size
+        timing._parse_args(["--archs", str(path), "--num-archs", "3", "--json", "x"])
+
+
 def test_nb201_floor_hand_count(timing):
     """One conv 3x3 and one conv 1x1 per cell (reading nodes 0 and 2), batch 2, WRCor."""
     ops = parse_arch("|nor_conv_3x3~0|+|none~0|none~1|+|skip_connect~0|none~1|nor_conv_1x1~2|")

@@ -36,7 +36,8 @@ ENGINE_CHOICES = ("auto", "composed", "chunked", "vmap")
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
 
-def _read_arch_file(path: str) -> list[str]:
+def read_arch_file(path: str) -> list[str]:
+    """The architecture texts of an `--archs` file: one per line, blank and `#` lines skipped."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
@@ -74,7 +75,7 @@ def _space(args: argparse.Namespace):
 def _select_archs(args: argparse.Namespace) -> list[str]:
     space = _space(args)
     if args.archs:
-        return _read_arch_file(args.archs)
+        return read_arch_file(args.archs)
     if args.all:
         return space.enumerate()
     return space.draw(args.sample, args.sample_seed)
