@@ -245,10 +245,16 @@ def _depthwise_rows_bwd(residuals: tuple, g: jax.Array) -> tuple:
 depthwise_rows.defvjp(_depthwise_rows_fwd, _depthwise_rows_bwd)
 
 
+def _out_side(side, stride: int):
+    """The side of a stride-1 or stride-2 'same' conv's output (an odd side rounds up);
+    `side` an int, or traced (stride 1 adds nothing to the trace)."""
+    return (side + 1) // 2 if stride == 2 else side
+
+
 def subsample_rows(x: jax.Array, side: jax.Array, p_out: int) -> jax.Array:
     """Every other row and column (what a stride-2 conv centred on even pixels reads):
     side s -> ceil(s / 2), stored in p_out rows, padded rows 0."""
-    out_side = (side + 1) // 2
+    out_side = _out_side(side, 2)
     q = jnp.arange(p_out)
     source = 2 * (q // out_side) * side + 2 * (q % out_side)
     inside = q < out_side * out_side
@@ -341,7 +347,7 @@ def _with_moments(conv: Callable, stride: int) -> Callable:
 
     def forward(x: tuple, kernel: jax.Array, side: jax.Array) -> tuple:
         y = conv(x, kernel, side)
-        out_side = (side + 1) // 2 if stride == 2 else side
+        out_side = _out_side(side, stride)
         return y, row_moments(y, out_side * out_side)
 
     return forward
@@ -773,7 +779,7 @@ def _depthwise_se(
     leaves the kernel's gradient out). dims: input side, real depthwise and SE channels,
     kernel radius."""
     side, channels, mid = dims[0], dims[1], dims[2]
-    out_side = (side + 1) // 2 if stride == 2 else side
+    out_side = _out_side(side, stride)
     rows = out_side * out_side
     x = tuple(inputs)  # the conv applies the ReLU and reads the tiles where they lie
     geometry = jnp.stack([side, dims[3]])
@@ -1144,10 +1150,6 @@ class _Call:
 
 def _dims(*values: int) -> np.ndarray:
     return np.asarray(values, np.int32)
-
-
-def _out_side(side: int, stride: int) -> int:
-    return (side + stride - 1) // stride
 
 
 class MBV2Engine:
