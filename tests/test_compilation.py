@@ -14,6 +14,7 @@ import pytest
 from wrcor_jax import compilation
 from wrcor_jax.allocator import resident_mb
 from wrcor_jax.compilation import (
+    CompileCounter,
     ExecutableBudget,
     RetainedJit,
     default_cache_dir,
@@ -150,6 +151,38 @@ def test_retained_jit_keeps_the_most_recently_used_lowerings(monkeypatch) -> Non
     g(jnp.ones(3))  # kept
     g(jnp.ones(1))  # the oldest: traced again
     assert traces == [(1,), (2,), (3,), (1,)]
+
+
+def test_release_frees_the_least_recently_used_executables_first() -> None:
+    """A partial release keeps the executables used last: calling them again compiles or
+    loads nothing, while the others are compiled (or read back) anew."""
+    release_executables()
+    g, x = RetainedJit(lambda x: 3 * x), {n: jnp.ones(n) for n in range(1, 5)}
+    for n in (1, 2, 3, 4, 1):  # 1 used last, then 4
+        g(x[n])
+
+    def built() -> int:
+        return CompileCounter.count + CompileCounter.loads
+
+    CompileCounter.install()
+    release_executables(0.5)  # of 4 loaded: 2 and 3 go
+    before = built()
+    g(x[1]), g(x[4])
+    assert built() == before
+    g(x[2])
+    assert built() == before + 1
+
+
+def test_budget_releases_the_rest_when_half_is_not_enough() -> None:
+    g, x = RetainedJit(lambda x: x - 1), (jnp.ones(1), jnp.ones(2))
+    for value in x:
+        g(value)
+    CompileCounter.install()
+    budget = ExecutableBudget(limit_mb=0)  # never within: both releases run
+    assert budget.check() and budget.releases == 1
+    before = CompileCounter.count + CompileCounter.loads
+    g(x[0]), g(x[1])
+    assert CompileCounter.count + CompileCounter.loads == before + 2
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

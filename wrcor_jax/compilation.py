@@ -9,9 +9,9 @@ persistent compilation cache turns the recompilations that follow into disk read
 from __future__ import annotations
 
 import gc
+import math
 import os
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -118,11 +118,18 @@ def mapping_limit() -> int | None:
 
 
 class ExecutableBudget:
-    """Releases every loaded executable (`jax.clear_caches()`) once this process's
-    allocations hold more than `limit_mb` or it holds more than `map_limit` memory mappings
-    (default: half the kernel's cap, `mappings`), and hands back freed heap memory once it
-    exceeds `keep_mb` (default `allocator.kept_mb()`: the tuned allocator keeps it for
-    reuse); call `check()` between units of work, never inside one."""
+    """Releases loaded executables once this process's allocations hold more than
+    `limit_mb` or it holds more than `map_limit` memory mappings (default: half the kernel's
+    cap, `mappings`), and hands back freed heap memory once it exceeds `keep_mb` (default
+    `allocator.kept_mb()`: the tuned allocator keeps it for reuse); call `check()` between
+    units of work, never inside one.
+
+    A release frees the least recently used `RELEASED_SHARE` of `RetainedJit`'s executables
+    and every other jit's, and the rest too if that is not enough: a MobileNetV2 search
+    reaches the mapping cap every 15-20 architectures, and reloading everything the next
+    ones use cost it 11% of its time (docs/mbv2_engine.md)."""
+
+    RELEASED_SHARE = 0.5
 
     def __init__(
         self,
@@ -140,14 +147,20 @@ class ExecutableBudget:
         self.map_limit = map_limit if map_limit is not None or cap is None else cap // 2
         self.releases = 0
 
-    def check(self) -> bool:
-        """Release the executables if over the budget; whether it did."""
+    def within(self) -> bool:
+        """Whether this process's allocations and mappings are within the budget."""
         within_maps = self.map_limit is None or mappings() <= self.map_limit
-        if allocator.in_use_mb() <= self.limit_mb and within_maps:
+        return allocator.in_use_mb() <= self.limit_mb and within_maps
+
+    def check(self) -> bool:
+        """Release executables if over the budget; whether it did."""
+        if self.within():
             allocator.release_free(self.keep_mb)
             return False
-        release_executables()
-        allocator.release_free()
+        release_executables(self.RELEASED_SHARE)
+        if not self.within():
+            release_executables()
+        allocator.release_free(self.keep_mb)
         self.releases += 1
         return True
 
@@ -162,13 +175,14 @@ class RetainedJit:
     used `KEPT_LOWERINGS` of all instances), compiles it ahead of time
     (`compiler_options={}` keeps the executable off the lowering, so dropping it frees
     it), and after `release_executables` reloads it from the persistent cache without
-    tracing. Inside another transformation (tracer arguments) it is plain `jax.jit`."""
+    tracing. Inside another transformation (tracer arguments) it is plain `jax.jit`. Its
+    executables join one use order with every other instance's (`_LOADED`), so that a
+    release can free the least recently used."""
 
     def __init__(self, fn: Callable, static_argnames: Sequence[str] = ()):
         self.jitted = jax.jit(fn, static_argnames=tuple(static_argnames))
         self._static = frozenset(static_argnames)
         self._compiled: dict = {}
-        _RETAINED.add(self)
 
     def signature(self, args: tuple, kwargs: dict) -> tuple | None:
         """What one compiled program serves: the arguments' structure, static values and
@@ -192,23 +206,27 @@ class RetainedJit:
             while len(_LOWERINGS) > KEPT_LOWERINGS:
                 _LOWERINGS.popitem(last=False)
             compiled = self._compiled[key] = lowered.compile(compiler_options={})
+        _LOADED[key] = None
+        _LOADED.move_to_end(key)
         return compiled(*args, **dynamic)
 
-    def release(self) -> None:
-        """Drop the executables (freed at the next `jax.clear_caches()`)."""
-        self._compiled.clear()
+    def drop(self, key: tuple) -> None:
+        """Drop the executable of signature `key` (freed at the next `jax.clear_caches()`)."""
+        self._compiled.pop(key, None)
 
 
 KEPT_LOWERINGS = 1024
 """A MobileNetV2 piece's lowering held 1.4 MB on average (183 of them, 260 MB): at most
 about 1.4 GB, which counts toward `ExecutableBudget`'s limit like the executables."""
 _LOWERINGS: OrderedDict = OrderedDict()  # (instance, signature) -> Lowered, oldest use first
-_RETAINED: weakref.WeakSet[RetainedJit] = weakref.WeakSet()
+_LOADED: OrderedDict = OrderedDict()  # RetainedJit signatures with an executable, oldest use first
 
 
-def release_executables() -> None:
-    """Free every loaded executable, `RetainedJit`'s too; the kept lowerings stay."""
-    for retained in list(_RETAINED):
-        retained.release()
+def release_executables(share: float = 1.0) -> None:
+    """Free the least recently used `share` of `RetainedJit`'s loaded executables (all by
+    default) and every other jit's; the kept lowerings stay."""
+    for _ in range(math.ceil(len(_LOADED) * share)):
+        key, _ = _LOADED.popitem(last=False)
+        key[0].drop(key)
     jax.clear_caches()
     gc.collect()
