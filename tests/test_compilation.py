@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -183,6 +184,23 @@ def test_budget_releases_the_rest_when_half_is_not_enough() -> None:
     before = CompileCounter.count + CompileCounter.loads
     g(x[0]), g(x[1])
     assert CompileCounter.count + CompileCounter.loads == before + 2
+
+
+def test_mapping_note_only_where_the_cap_is_small(monkeypatch) -> None:
+    """The first release the mapping cap forces says how to raise it, once per process."""
+    monkeypatch.setattr(compilation, "mapping_limit", lambda: 65530)
+    note = compilation.mapping_note()
+    assert "65530" in note and "sysctl -w vm.max_map_count=262144" in note
+    compilation._warn_of_mappings.cache_clear()
+    budget = ExecutableBudget(limit_mb=10**9, map_limit=0)
+    with pytest.warns(RuntimeWarning, match="vm.max_map_count"):
+        assert budget.check()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert budget.check()  # said once
+    for roomy in (262_144, 1 << 31, None):
+        monkeypatch.setattr(compilation, "mapping_limit", lambda roomy=roomy: roomy)
+        assert compilation.mapping_note() is None
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,10 +8,12 @@ persistent compilation cache turns the recompilations that follow into disk read
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -117,6 +119,32 @@ def mapping_limit() -> int | None:
         return None
 
 
+ROOMY_MAPPINGS = 262_144
+
+
+def mapping_note() -> str | None:
+    """What to do where the kernel's mapping cap is the default's size: past half of it
+    `ExecutableBudget` releases programs, and reloading them cost a MobileNetV2 search 10.6%
+    of its time on 2 cores (docs/mbv2_engine.md). None where the cap is roomy or unknown."""
+    cap = mapping_limit()
+    if cap is None or cap >= ROOMY_MAPPINGS:
+        return None
+    return (
+        f"the kernel lets this process hold {cap} memory mappings (vm.max_map_count), so "
+        "compiled programs are released now and reloaded when needed, every few architectures "
+        f"in a long search; `sudo sysctl -w vm.max_map_count={ROOMY_MAPPINGS}` avoids most of "
+        "that (docs/usage.md)"
+    )
+
+
+@functools.cache
+def _warn_of_mappings() -> None:
+    """`mapping_note` as a warning, once per process: at the first release the cap forces."""
+    note = mapping_note()
+    if note:
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
+
+
 class ExecutableBudget:
     """Releases loaded executables once this process's allocations hold more than
     `limit_mb` or it holds more than `map_limit` memory mappings (default: half the kernel's
@@ -147,16 +175,21 @@ class ExecutableBudget:
         self.map_limit = map_limit if map_limit is not None or cap is None else cap // 2
         self.releases = 0
 
+    def maps_within(self) -> bool:
+        """Whether this process's memory mappings are within the budget."""
+        return self.map_limit is None or mappings() <= self.map_limit
+
     def within(self) -> bool:
         """Whether this process's allocations and mappings are within the budget."""
-        within_maps = self.map_limit is None or mappings() <= self.map_limit
-        return allocator.in_use_mb() <= self.limit_mb and within_maps
+        return allocator.in_use_mb() <= self.limit_mb and self.maps_within()
 
     def check(self) -> bool:
         """Release executables if over the budget; whether it did."""
         if self.within():
             allocator.release_free(self.keep_mb)
             return False
+        if not self.maps_within():
+            _warn_of_mappings()
         release_executables(self.RELEASED_SHARE)
         if not self.within():
             release_executables()
