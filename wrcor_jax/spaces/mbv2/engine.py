@@ -405,13 +405,33 @@ def depthwise_strided_transposed(
     d_x = jax.lax.switch(branch, _conv_branches(stride, p_out, True), x, kernel, side, g)
     if not kernel_grad:
         return d_x, jnp.zeros_like(kernel)
+    branches = _kernel_cotangents(stride, p_out)
+    return d_x, jax.lax.switch(branch, branches, x, kernel, side, g)
 
-    def kernel_backward(conv: Callable) -> Callable:
-        return lambda x, kernel, side, g: jax.vjp(lambda k: conv(x, k, side), kernel)[1](g)[0]
 
-    branches = [kernel_backward(conv) for conv in _taps_branches(stride, p_out)]
-    d_kernel = jax.lax.switch(branch, branches, x, kernel, side, _whole(g))
-    return d_x, d_kernel
+def _kernel_cotangents(stride: int, p_out: int) -> list[Callable]:
+    """Per radius r, (x, kernel, side, g) -> the cotangent at the `MAX_KERNEL`-padded kernel
+    of `_taps_branches`' conv at r (x and g as tiles): each tap's shifted ReLU(x) times the
+    output's cotangent at full resolution, summed over images and rows, as the conv's vjp
+    computes it. Written out because tracing that vjp (the conv, its data cotangent too, for
+    three radii) was most of the time a synflow pass spent on an architecture's new shapes
+    before its programs ran: 2-3 s per architecture of a search."""
+
+    def at_radius(r: int) -> Callable:
+        def cotangent(x: tuple, kernel: jax.Array, side: jax.Array, g: tuple) -> jax.Array:
+            h, g = jax.nn.relu(_whole(x)), _whole(g)
+            if stride == 2:  # the subsample's transpose: g back on the even rows and columns
+                g = jax.vjp(lambda y: subsample_rows(y, side, p_out), h)[1](g)[0]
+            else:
+                g = jnp.where(_row_mask(g.shape[1], side * side), g, 0.0)
+            d_kernel, offset = jnp.zeros_like(kernel), MAX_KERNEL // 2 - r
+            for i, j, t in _shifted_taps(h, side, r):
+                d_kernel = d_kernel.at[offset + i, offset + j, 0].set((t * g).sum(axis=(0, 1)))
+            return d_kernel
+
+        return cotangent
+
+    return [at_radius(r) for r in RADII]
 
 
 def _depthwise_strided_bwd(stride: int, p_out: int, residuals: tuple, g: jax.Array) -> tuple:
