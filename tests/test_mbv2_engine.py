@@ -299,7 +299,12 @@ ZEN_SCORE_RTOL = 2e-6
 # On an AMD EPYC (family 25 model 17) zico on "past-buckets" came out 1.8e-4 apart: the
 # float32 whole network is 2.6e-4 from the same computation in float64 there and the engine
 # 4.4e-4, while the two in float64 agree to 1.7e-13, so zico gets float32's reach here.
+# There, on "stem-stride1", the engine's float32 zico (with the native depthwise conv; XLA's
+# taps: 1e-5) came out 7.8e-3 from the whole network's, its leaves ~1e-3 of their largest
+# entry from float64's, while the kernel alone is within 1e-7 and the two in float64 agree
+# to 1e-14: that case's zico is compared in float64.
 PAST_BUCKETS = CASES[1].values[0]
+STEM_STRIDE1 = CASES[2].values[0]
 LEAF_ATOL = 1e-4
 SCORE_RTOL = {"synflow": 1e-12, "zico": 5e-4}
 
@@ -335,9 +340,25 @@ def test_gradients_equal_the_whole_network_measurements(text, batch):
     for proxy in ("jacob_cov", "snip", "grad_norm", "zico", "synflow"):
         read = PROXIES[proxy].measurement
         rtol = SCORE_RTOL.get(proxy, 1e-4)
+        if text == STEM_STRIDE1 and proxy == "zico":
+            have, want = _zico_in_float64(arch, params, images, labels)
+            assert have == pytest.approx(want, rel=1e-10), proxy
+            continue
         assert PROXIES[proxy].score(got[read], params) == pytest.approx(
             PROXIES[proxy].score(expected[read], params), rel=rtol
         ), proxy
+
+
+def _zico_in_float64(arch, params: dict, images, labels) -> tuple[float, float]:
+    """zico through the engine's pieces and through the whole network, both in float64."""
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        images = jnp.asarray(images, jnp.float64)
+        whole = MBV2Measurer(images, labels, NUM_CLASSES, 42)
+        whole.images = images  # it casts its batch to float32
+        want = whole.measure_many(["half_batch_grads"], arch, params)["half_batch_grads"]
+        have = MBV2Engine().half_batch_grads(arch, params, images, labels, NUM_CLASSES)
+        return PROXIES["zico"].score(have, params), PROXIES["zico"].score(want, params)
 
 
 @pytest.mark.slow
