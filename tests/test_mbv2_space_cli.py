@@ -4,6 +4,7 @@ compile-bounded engine; the other proxies: tests/test_mbv2_proxy_parity.py)."""
 
 import csv
 import json
+import re
 
 import pytest
 from conftest import SAMPLE, require
@@ -109,6 +110,11 @@ def test_score_wrcor_through_the_cli(tmp_path, capsys):
     command = ["score", "--space", "mbv2", "--archs", str(archs), "--batch-size", "8"]
     command += ["--data", str(require(SAMPLE)), "--proxies", "wrcor,act_cor,params", "--quiet"]
     assert main([*command, "--out", str(out)]) == 0
+    summary = re.search(
+        r"(\d+) compilations.*?(?:, (\d+) programs from the compile cache)?$",
+        capsys.readouterr().err.strip().splitlines()[-1],
+    )
+    assert int(summary[1]) + int(summary[2] or 0) > 0  # counted for this space's engine too
     with out.open(newline="") as f:
         rows = {row["arch"]: row for row in csv.DictReader(f)}
     images, labels = load_batch("cifar10", 8, 42, data=SAMPLE)

@@ -330,6 +330,7 @@ def score_archs(
     Their proxies must be among `config.proxies`. `meta` adds entries to the sidecar (a
     part file's share of a multi-process run).
     """
+    CompileCounter.install()  # for every space's scorer: the summary reports its counts
     space = get_space(config.space)
     parsed = [space.read(a) for a in archs]
     unique = dict(zip(map(space.format, parsed), parsed, strict=True))
