@@ -236,13 +236,21 @@ def _depthwise_rows_bwd(residuals: tuple, g: jax.Array) -> tuple:
     x, kernel, side = residuals
     r = _radius(kernel)
     dx = sum(kernel[i, j, 0] * t for i, j, t in _shifted_taps(g, side, r, sign=-1))
-    dkernel = jnp.zeros_like(kernel)
-    for i, j, t in _shifted_taps(x, side, r):
-        dkernel = dkernel.at[i, j, 0].set((t * g).sum(axis=(0, 1)))
-    return dx, dkernel, None
+    return dx, _tap_sums(x, g, side, r, jnp.zeros_like(kernel)), None
 
 
 depthwise_rows.defvjp(_depthwise_rows_fwd, _depthwise_rows_bwd)
+
+
+def _tap_sums(
+    x: jax.Array, g: jax.Array, side: jax.Array, r: int, into: jax.Array, offset: int = 0
+) -> jax.Array:
+    """A depthwise kernel's cotangent: `into` with entry (offset + i, offset + j, 0) set, for
+    each tap (i, j) of the (2r+1)^2 window, to x shifted by the tap times the output's
+    cotangent g, summed over images and rows."""
+    for i, j, t in _shifted_taps(x, side, r):
+        into = into.at[offset + i, offset + j, 0].set((t * g).sum(axis=(0, 1)))
+    return into
 
 
 def _out_side(side, stride: int):
@@ -424,10 +432,7 @@ def _kernel_cotangents(stride: int, p_out: int) -> list[Callable]:
                 g = jax.vjp(lambda y: subsample_rows(y, side, p_out), h)[1](g)[0]
             else:
                 g = jnp.where(_row_mask(g.shape[1], side * side), g, 0.0)
-            d_kernel, offset = jnp.zeros_like(kernel), MAX_KERNEL // 2 - r
-            for i, j, t in _shifted_taps(h, side, r):
-                d_kernel = d_kernel.at[offset + i, offset + j, 0].set((t * g).sum(axis=(0, 1)))
-            return d_kernel
+            return _tap_sums(h, g, side, r, jnp.zeros_like(kernel), MAX_KERNEL // 2 - r)
 
         return cotangent
 
