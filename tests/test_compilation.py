@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -40,14 +41,16 @@ print(json.dumps([first, (CompileCounter.count, CompileCounter.loads)]))
 """
 
 
-def _run_apart(script: str, cache: Path) -> list:
-    """The JSON that `script` prints last, run in a fresh process with `cache` as argument."""
+def _run_apart(script: str, cache: Path, *args: str, hash_seed: int = 0) -> list:
+    """The JSON that `script` prints last, run in a fresh process with `cache` (and `args`)
+    as arguments and `hash_seed` as PYTHONHASHSEED."""
     run = subprocess.run(
-        [sys.executable, "-c", script, str(cache)],
+        [sys.executable, "-c", script, str(cache), *args],
         capture_output=True,
         text=True,
         check=True,
         timeout=120,
+        env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
     )
     return json.loads(run.stdout.splitlines()[-1])
 
@@ -209,3 +212,61 @@ def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", "/home/u/.cache2")
     assert default_cache_dir() == Path("/home/u/.cache2/wrcor_jax/xla")
+
+
+STORED = """
+import json, sys, warnings
+import jax, jax.numpy as jnp
+from wrcor_jax.compilation import CompileCounter, RetainedJit, use_persistent_cache
+use_persistent_cache(sys.argv[1])
+CompileCounter.install()
+traces = []
+def f(x, kinds):
+    traces.append(x.shape)
+    return jnp.tanh(x) * len(kinds)
+if sys.argv[2] == "jit":  # the same program compiled by plain jit, into JAX's cache alone
+    g = lambda x, kinds: jax.jit(f, static_argnames="kinds")(x, kinds=kinds)
+else:
+    g = RetainedJit(f, static_argnames=("kinds",), name="tests/f")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = float(g(jnp.ones(17), kinds=frozenset({"a", "b", "c", "d"})).sum())
+damaged = any("did not load" in str(w.message) for w in caught)
+print(json.dumps([y, len(traces), CompileCounter.count, CompileCounter.loads, damaged]))
+"""
+
+
+def _stored(cache: Path) -> list[Path]:
+    return sorted((cache / "programs").rglob("*.program"))
+
+
+def test_named_programs_are_read_back_without_tracing(tmp_path: Path) -> None:
+    """A named `RetainedJit`'s program is stored on first compilation and later processes
+    run it without tracing, whatever their hash seed (its static set argument included); a
+    damaged file is removed (with a warning) and the program compiled or read anew."""
+    cache = tmp_path / "xla"
+    y, traces, compiles, _, _ = _run_apart(STORED, cache, "retained", hash_seed=1)
+    assert y == pytest.approx(4 * 17 * float(jnp.tanh(1.0))) and traces == 1 and compiles >= 1
+    assert len(_stored(cache)) == 1
+    for seed in (2, 3):  # no trace, no compilation (the eager ops load from JAX's cache)
+        again, traces, compiles, _, damaged = _run_apart(STORED, cache, "retained", hash_seed=seed)
+        assert (again, traces, compiles, damaged) == (y, 0, 0, False)
+    _stored(cache)[0].write_bytes(b"damaged")
+    again, traces, _, _, damaged = _run_apart(STORED, cache, "retained")
+    assert (again, traces, damaged) == (y, 1, True)
+    again, traces, compiles, _, damaged = _run_apart(STORED, cache, "retained")
+    assert (again, traces, compiles, damaged) == (y, 0, 0, False)  # stored anew
+
+
+def test_stored_programs_are_compiled_apart_from_jax_cache(tmp_path: Path) -> None:
+    """XLA:CPU serializes a program read from JAX's cache without its code ("Function ...
+    not found" where the copy runs), so the store compiles its programs anew, under a key
+    of JAX's cache that it never writes: a program JAX's cache holds is compiled once more,
+    then read from the store."""
+    cache = tmp_path / "xla"
+    y, _, compiles, _, _ = _run_apart(STORED, cache, "jit")
+    assert compiles >= 1 and not _stored(cache)
+    again, traces, compiles, _, _ = _run_apart(STORED, cache, "retained")
+    assert (again, traces, compiles) == (y, 1, 1) and len(_stored(cache)) == 1
+    again, traces, compiles, _, _ = _run_apart(STORED, cache, "retained")
+    assert (again, traces, compiles) == (y, 0, 0)

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
 import math
 import os
+import pickle
+import platform
+import tempfile
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -20,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jaxlib
+from jax._src import config as jax_config  # the thread-local form of a public option
+from jax.experimental import serialize_executable
 
 from wrcor_jax import allocator
 
@@ -55,9 +63,10 @@ class CompileCounter:
         def on_duration(event: str, duration: float, **_: object) -> None:
             if event != COMPILE_EVENT:
                 return
+            cls._hit.last_loaded = getattr(cls._hit, "pending", False)
+            cls._hit.pending = False
             with cls._lock:
-                if getattr(cls._hit, "pending", False):
-                    cls._hit.pending = False
+                if cls._hit.last_loaded:
                     cls.loads += 1
                     cls.load_seconds += duration
                 else:
@@ -66,6 +75,18 @@ class CompileCounter:
 
         jax.monitoring.register_event_listener(on_event)
         jax.monitoring.register_event_duration_secs_listener(on_duration)
+
+    @classmethod
+    def last_was_load(cls) -> bool:
+        """Whether this thread's last compilation was read from the persistent cache."""
+        return getattr(cls._hit, "last_loaded", False)
+
+    @classmethod
+    def add_load(cls, seconds: float) -> None:
+        """Count an executable read back by other means than JAX's cache (`ProgramStore`)."""
+        with cls._lock:
+            cls.loads += 1
+            cls.load_seconds += seconds
 
 
 def user_cache_dir() -> Path:
@@ -84,8 +105,10 @@ def default_cache_dir() -> Path:
 def use_persistent_cache(directory: str | Path | None) -> Path | None:
     """Keep every compiled program in `directory` (None: keep none) for later processes and
     for reloads after `ExecutableBudget` releases them; returns the directory in use."""
+    global _STORE
     if directory is None:
         jax.config.update("jax_enable_compilation_cache", False)
+        _STORE = None
         return None
     path = Path(directory).expanduser()
     path.mkdir(parents=True, exist_ok=True)
@@ -93,7 +116,138 @@ def use_persistent_cache(directory: str | Path | None) -> Path | None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     # The engines' pieces compile in 0.05-0.5 s each: cache them all, not only slow ones.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    _STORE = ProgramStore(path / "programs")
     return path
+
+
+def cpu_model() -> str:
+    """The CPU's model and flags (what XLA:CPU and -march=native compile for)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = [line for line in info if line.startswith(("model name", "flags"))]
+            return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+_SWITCHES: list[Callable[[], object]] = []
+
+
+def register_switch(switch: Callable[[], object]) -> None:
+    """Make a run-time choice that traced programs depend on part of every stored program's
+    key (`ProgramStore`). It is called before a stored program is looked up, so it can also
+    make what such a program needs, e.g. register a custom call's target."""
+    _SWITCHES.append(switch)
+
+
+@functools.cache
+def _fixed_context() -> str:
+    """What decides a compiled program besides its trace and stays fixed in a process: this
+    library's code, JAX's and XLA's versions, the devices, the CPU and the flags."""
+    package = Path(__file__).parent
+    code = hashlib.sha256()
+    for source in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".cc")):
+        code.update(str(source.relative_to(package)).encode() + b"\0" + source.read_bytes())
+    device = jax.devices()[0]
+    flags = sorted((k, v) for k, v in os.environ.items() if k.startswith(("XLA_", "WRCOR_JAX_")))
+    return repr(
+        (
+            code.hexdigest(),
+            jax.__version__,
+            jaxlib.__version__,
+            device.platform,
+            device.client.platform_version,
+            device.device_kind,
+            jax.device_count(),
+            jax.process_count(),
+            cpu_model(),
+            flags,
+        )
+    )
+
+
+def _stable_repr(value: object) -> str:
+    """repr with sets in sorted order (a set's order changes with the process's hash seed)."""
+    if isinstance(value, set | frozenset):
+        return "{" + ", ".join(sorted(map(_stable_repr, value))) + "}"
+    if isinstance(value, tuple | list):
+        return "(" + ", ".join(map(_stable_repr, value)) + ")"
+    return repr(value)
+
+
+class ProgramStore:
+    """Compiled programs on disk, each under the key of what it was traced from: a
+    `RetainedJit`'s name and argument signature, the JAX configuration, the registered
+    switches and `_fixed_context`.
+
+    JAX's persistent cache is keyed by the lowered program, so reading a program back from
+    it still traces and lowers the function: 58 ms per program, 15% of the first calls of a
+    MobileNetV2 search with a warm cache (docs/mbv2_engine.md). Programs are loaded as
+    pickles: keep the directory as private as the persistent cache beside it."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        CompileCounter.install()  # `save` asks it whether a program was compiled
+
+    def path(self, name: str, signature: tuple) -> Path | None:
+        """Where the program of `name` for `signature` (`RetainedJit.signature`) is stored;
+        None where it cannot be named across processes (a value printed with its address)."""
+        _, structure, static, avals = signature
+        switches = [switch() for switch in _SWITCHES]
+        config = sorted(jax.config.values.items())
+        text = _stable_repr((name, structure, static, avals, switches, config))
+        if " at 0x" in text:
+            return None
+        digest = hashlib.sha256((text + _fixed_context()).encode()).hexdigest()
+        return self.directory / digest[:2] / f"{digest[2:]}.program"
+
+    def load(self, path: Path) -> jax.stages.Compiled | None:
+        """The program stored at `path`, loaded; None where there is none or it does not load."""
+        start = time.perf_counter()
+        try:
+            serialized, in_tree, out_tree = pickle.loads(path.read_bytes())
+            program = serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
+        except FileNotFoundError:
+            return None
+        except Exception as error:  # a damaged or foreign file: removed, compiled anew
+            path.unlink(missing_ok=True)
+            warnings.warn(
+                f"compiling anew: stored program {path} did not load: {error}", stacklevel=3
+            )
+            return None
+        CompileCounter.add_load(time.perf_counter() - start)
+        return program
+
+    def compile(self, path: Path, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+        """`lowered` compiled anew, never read from JAX's cache (see `save`), and stored at
+        `path`: under `STORED_OPTIONS`, which JAX's cache keys apart and is kept from
+        writing."""
+        with jax_config.persistent_cache_min_compile_time_secs(math.inf):
+            program = lowered.compile(compiler_options=STORED_OPTIONS)
+        self.save(path, program)
+        return program
+
+    def save(self, path: Path, program: jax.stages.Compiled) -> None:
+        """Store `program`, just compiled in this thread, at `path` (atomically: concurrent
+        writers leave one whole file). Skipped where it cannot be serialized (closed-over
+        constants) or was read from JAX's cache: XLA:CPU serializes such a program without
+        its code ("Function ... not found" when the copy runs)."""
+        if CompileCounter.last_was_load():
+            return
+        try:
+            blob = pickle.dumps(serialize_executable.serialize(program))
+        except (ValueError, NotImplementedError):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as scratch:
+            scratch.write(blob)
+        os.replace(scratch.name, path)
+
+
+_STORE: ProgramStore | None = None
+STORED_OPTIONS = {"xla_dump_large_constants": False}
+"""XLA's default for an option of its dumps (which are off): no change to the program, but
+a key of JAX's cache apart from the plainly compiled program's."""
 
 
 def mappings() -> int:
@@ -210,10 +364,15 @@ class RetainedJit:
     it), and after `release_executables` reloads it from the persistent cache without
     tracing. Inside another transformation (tracer arguments) it is plain `jax.jit`. Its
     executables join one use order with every other instance's (`_LOADED`), so that a
-    release can free the least recently used."""
+    release can free the least recently used.
 
-    def __init__(self, fn: Callable, static_argnames: Sequence[str] = ()):
+    With a `name` (unique, the same in every process) and the persistent cache on, each
+    program is also kept in the `ProgramStore`, and read from there in this process and
+    later ones without tracing at all."""
+
+    def __init__(self, fn: Callable, static_argnames: Sequence[str] = (), name: str | None = None):
         self.jitted = jax.jit(fn, static_argnames=tuple(static_argnames))
+        self.name = name
         self._static = frozenset(static_argnames)
         self._compiled: dict = {}
 
@@ -234,14 +393,39 @@ class RetainedJit:
         dynamic = {k: v for k, v in kwargs.items() if k not in self._static}
         compiled = self._compiled.get(key)
         if compiled is None:
-            lowered = _LOWERINGS.pop(key, None) or self.jitted.lower(*args, **kwargs)
-            _LOWERINGS[key] = lowered
-            while len(_LOWERINGS) > KEPT_LOWERINGS:
-                _LOWERINGS.popitem(last=False)
-            compiled = self._compiled[key] = lowered.compile(compiler_options={})
+            compiled = self._compiled[key] = self._load(key, args, kwargs)
         _LOADED.pop(key, None)  # to the end of the use order (a KeyError-free move_to_end)
         _LOADED[key] = None
         return compiled(*args, **dynamic)
+
+    def stored_at(self, key: tuple) -> Path | None:
+        """Where the `ProgramStore` keeps the program of signature `key` (None: nowhere)."""
+        if _STORE is None or self.name is None:
+            return None
+        return _STORE.path(self.name, key)
+
+    @staticmethod
+    def compile_ahead(stored: Path | None, lowered: jax.stages.Lowered) -> None:
+        """Compile `lowered` where a call will read it from: at `stored` (`stored_at`, taken
+        in the calling thread: the key holds its JAX configuration, float64 or not), else
+        into JAX's cache; nothing stays loaded, and nothing is done where it is stored."""
+        if stored is None:
+            lowered.compile(compiler_options={})
+        elif not stored.exists():
+            _STORE.compile(stored, lowered)
+
+    def _load(self, key: tuple, args: tuple, kwargs: dict) -> jax.stages.Compiled:
+        """The program of `key`: from the store, else compiled from a kept or new lowering
+        (and stored)."""
+        stored = self.stored_at(key)
+        if stored is not None:
+            program = _STORE.load(stored)
+            return program or _STORE.compile(stored, self.jitted.lower(*args, **kwargs))
+        lowered = _LOWERINGS.pop(key, None) or self.jitted.lower(*args, **kwargs)
+        _LOWERINGS[key] = lowered
+        while len(_LOWERINGS) > KEPT_LOWERINGS:
+            _LOWERINGS.popitem(last=False)
+        return lowered.compile(compiler_options={})
 
     def drop(self, key: tuple) -> None:
         """Drop the executable of signature `key` (freed at the next `jax.clear_caches()`)."""

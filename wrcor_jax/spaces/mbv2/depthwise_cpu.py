@@ -13,7 +13,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -25,21 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wrcor_jax.compilation import user_cache_dir
+from wrcor_jax.compilation import cpu_model, user_cache_dir
 
 SOURCE = Path(__file__).with_suffix(".cc")
 TARGET = "wrcor_mbv2_depthwise"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-
-
-def _cpu_model() -> str:
-    """What -march=native compiles for: the CPU's model and flags."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            lines = [line for line in info if line.startswith(("model name", "flags"))]
-            return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor()
 
 
 def _build(compiler: str) -> Path:
@@ -48,7 +37,7 @@ def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256(
         "\0".join(
-            [SOURCE.read_text(), compiler, version, jax.__version__, _cpu_model(), *FLAGS]
+            [SOURCE.read_text(), compiler, version, jax.__version__, cpu_model(), *FLAGS]
         ).encode()
     ).hexdigest()[:16]
     library = user_cache_dir() / "native" / f"depthwise_{digest}.so"

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wrcor_jax.compilation import RetainedJit
+from wrcor_jax.compilation import RetainedJit, register_switch
 from wrcor_jax.layers import batch_norm, conv2d
 from wrcor_jax.responses import KINDS, SiteSums
 from wrcor_jax.spaces.mbv2 import depthwise_cpu
@@ -299,6 +299,17 @@ def _taps_branches(stride: int, p_out: int) -> list[Callable]:
     return [at_radius(r) for r in RADII]
 
 
+def native_depthwise() -> bool:
+    """Whether the pieces trace `depthwise_cpu`'s custom call (else XLA's taps): on CPU where
+    it is built and the process sees one device (the call has no sharding rule: a batch
+    split over devices would be gathered). A switch of the stored programs' keys, which
+    also registers the call's target before a stored program runs it."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and depthwise_cpu.available()
+
+
+register_switch(native_depthwise)
+
+
 def _conv_branches(
     stride: int, p_out: int, transposed: bool, moments: bool = False
 ) -> list[Callable]:
@@ -311,9 +322,7 @@ def _conv_branches(
     The choice is made when tracing, for the default backend: `lax.platform_dependent`
     traced the taps as well, and tracing the taps' branches (and their vjp) was most of
     the time an architecture with new shapes spent before its programs ran."""
-    # the custom call has no sharding rule: a batch split over devices would be gathered
-    native = jax.default_backend() == "cpu" and jax.device_count() == 1
-    if native and depthwise_cpu.available():
+    if native_depthwise():
         return [_native_branch(r, stride, p_out, transposed, moments) for r in RADII]
     taps = _taps_branches(stride, p_out)
     if transposed:
@@ -965,9 +974,13 @@ class Piece:
         self.tells_weights = tells_weights
         self.kinds = frozenset(kinds)
         self._output_kinds = tuple(frozenset(k) for k in output_kinds)
-        names = ("kinds", "norm", "zen", *static)
-        self.forward = RetainedJit(self._forward, static_argnames=(*names, "activations"))
-        self.backward = RetainedJit(self._backward, static_argnames=(*names, "weights", "frozen"))
+        names, stored_as = ("kinds", "norm", "zen", *static), f"{fn.__module__}.{fn.__name__}"
+        self.forward = RetainedJit(
+            self._forward, (*names, "activations"), name=f"{stored_as}/forward"
+        )
+        self.backward = RetainedJit(
+            self._backward, (*names, "weights", "frozen"), name=f"{stored_as}/backward"
+        )
 
     def output_kinds(self, index: int, count: int) -> frozenset:
         """The gradient kinds of the sites upstream of output `index` of `count`."""

@@ -9,7 +9,8 @@ the space: a search's draws and mutations meet mostly the same keys) with every 
 replaced by a stand-in that lowers it, hands the lowering to a pool of compiler threads,
 and returns zeros of its output shapes; only the small jitted glue between pieces runs. The
 programs go to the persistent compilation cache (`compilation.use_persistent_cache`, which
-must be on), from which the scorer's first call of each key then reads them back.
+must be on; the pieces' programs to its `ProgramStore`), from which the scorer's first call
+of each key then reads them back.
 
 The zeros are NumPy's, allocated lazily, so the walk costs no memory for the activations it
 never computes. One device only: with the batch split over several, the scorer's pieces see
@@ -50,8 +51,8 @@ class PrecompileReport:
 class PieceStandIn:
     """In place of one piece's forward or backward `RetainedJit`: traces each new call
     signature once (`outputs`) and returns zeros of its output shapes, running nothing; with
-    a `pool`, also lowers it and compiles it there, into the persistent cache (the executable
-    is then dropped)."""
+    a `pool`, also lowers it and compiles it there, into the program store or the persistent
+    cache (`RetainedJit.compile_ahead`; the executable is then dropped)."""
 
     def __init__(self, retained: RetainedJit, pool: ThreadPoolExecutor | None):
         self.retained, self.pool = retained, pool
@@ -64,12 +65,10 @@ class PieceStandIn:
             traced = self.retained.jitted.trace(*args, **kwargs)
             self.outputs[key] = traced.out_info
             if self.pool is not None:
-                self.compiling.append(self.pool.submit(_compile, traced.lower()))
+                stored, lowered = self.retained.stored_at(key), traced.lower()
+                compiling = self.pool.submit(self.retained.compile_ahead, stored, lowered)
+                self.compiling.append(compiling)
         return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self.outputs[key])
-
-
-def _compile(lowered: jax.stages.Lowered) -> None:
-    lowered.compile(compiler_options={})  # as RetainedJit compiles: the same cache entry
 
 
 @contextlib.contextmanager
