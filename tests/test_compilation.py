@@ -41,16 +41,16 @@ print(json.dumps([first, (CompileCounter.count, CompileCounter.loads)]))
 """
 
 
-def _run_apart(script: str, cache: Path, *args: str, hash_seed: int = 0) -> list:
+def _run_apart(script: str, cache: Path, *args: str, hash_seed: int = 0, **env: str) -> list:
     """The JSON that `script` prints last, run in a fresh process with `cache` (and `args`)
-    as arguments and `hash_seed` as PYTHONHASHSEED."""
+    as arguments, `hash_seed` as PYTHONHASHSEED and `env` added to the environment."""
     run = subprocess.run(
         [sys.executable, "-c", script, str(cache), *args],
         capture_output=True,
         text=True,
         check=True,
         timeout=120,
-        env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
+        env={**os.environ, "PYTHONHASHSEED": str(hash_seed), **env},
     )
     return json.loads(run.stdout.splitlines()[-1])
 
@@ -270,3 +270,10 @@ def test_stored_programs_are_compiled_apart_from_jax_cache(tmp_path: Path) -> No
     assert (again, traces, compiles) == (y, 1, 1) and len(_stored(cache)) == 1
     again, traces, compiles, _, _ = _run_apart(STORED, cache, "retained")
     assert (again, traces, compiles) == (y, 0, 0)
+
+
+def test_the_store_can_be_turned_off(tmp_path: Path) -> None:
+    cache = tmp_path / "xla"
+    for _ in range(2):
+        _, traces, _, _, _ = _run_apart(STORED, cache, "retained", WRCOR_JAX_PROGRAM_STORE="0")
+        assert traces == 1 and not _stored(cache)

@@ -104,7 +104,8 @@ def default_cache_dir() -> Path:
 
 def use_persistent_cache(directory: str | Path | None) -> Path | None:
     """Keep every compiled program in `directory` (None: keep none) for later processes and
-    for reloads after `ExecutableBudget` releases them; returns the directory in use."""
+    for reloads after `ExecutableBudget` releases them, named `RetainedJit`s' in its
+    `ProgramStore` too (not with `WRCOR_JAX_PROGRAM_STORE=0`); returns the directory in use."""
     global _STORE
     if directory is None:
         jax.config.update("jax_enable_compilation_cache", False)
@@ -116,7 +117,8 @@ def use_persistent_cache(directory: str | Path | None) -> Path | None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     # The engines' pieces compile in 0.05-0.5 s each: cache them all, not only slow ones.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    _STORE = ProgramStore(path / "programs")
+    stored = os.environ.get("WRCOR_JAX_PROGRAM_STORE", "1") != "0"
+    _STORE = ProgramStore(path / "programs") if stored else None
     return path
 
 
