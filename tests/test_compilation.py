@@ -277,3 +277,14 @@ def test_the_store_can_be_turned_off(tmp_path: Path) -> None:
     for _ in range(2):
         _, traces, _, _, _ = _run_apart(STORED, cache, "retained", WRCOR_JAX_PROGRAM_STORE="0")
         assert traces == 1 and not _stored(cache)
+
+
+def test_a_program_the_store_cannot_write_still_runs(tmp_path: Path) -> None:
+    blocked = tmp_path / "programs"
+    blocked.write_text("")  # a file where the store's folder should be
+    store = compilation.ProgramStore(blocked)
+    lowered = jax.jit(lambda x: x * 5.0).lower(jnp.ones(3))
+    with pytest.warns(RuntimeWarning, match="not stored"):
+        program = store.compile(blocked / "ab" / "cd.program", lowered)
+    assert float(program(jnp.ones(3))[0]) == 5.0
+    assert blocked.is_file()
