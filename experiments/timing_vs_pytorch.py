@@ -61,8 +61,9 @@ Its floor counts the same passes over all convolutions and the classifier (`cost
 at 10 classes) at the float32 matmul rate, its Gram matrices (small) not counted.
 
 `--archs FILE` times the architectures of a file instead of a seeded sample (one text form
-of `--space` per line, `#` lines skipped), e.g. those a search evaluated: the paper's code
-took 19.2 s median on 32 of the MobileNetV2 search's, 29.7 s on 6 random ones.
+of `--space` per line, `#` lines skipped), e.g. those a search evaluated: on 32 of the
+MobileNetV2 search's the paper's code took 19.2 s median on an Intel Xeon and 21.6 s on an
+AMD EPYC (2 cores each), and 29.7 s on 6 random ones (the Xeon).
 
 On a machine with an accelerator the jax rows use the device JAX sees (its float32 matmul
 rate sets the floor), and `--torch-device cuda` runs the paper_code rows on the GPU (its

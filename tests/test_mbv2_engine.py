@@ -354,8 +354,7 @@ def _zico_in_float64(arch, params: dict, images, labels) -> tuple[float, float]:
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         images = jnp.asarray(images, jnp.float64)
-        whole = MBV2Measurer(images, labels, NUM_CLASSES, 42)
-        whole.images = images  # it casts its batch to float32
+        whole = MBV2Measurer(images, labels, NUM_CLASSES, 42, dtype=jnp.float64)
         want = whole.measure_many(["half_batch_grads"], arch, params)["half_batch_grads"]
         have = MBV2Engine().half_batch_grads(arch, params, images, labels, NUM_CLASSES)
         return PROXIES["zico"].score(have, params), PROXIES["zico"].score(want, params)

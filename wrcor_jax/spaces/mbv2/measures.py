@@ -183,10 +183,18 @@ def zen_inputs(arch: MBV2Arch, seed: int, batch_size: int) -> tuple[np.ndarray, 
 
 class MBV2Measurer:
     """Measurements of MobileNetV2-space architectures on one batch (NHWC images of any size)
-    for a `num_classes` network; `seed` draws Zen-score's Gaussian weights and inputs."""
+    for a `num_classes` network; `seed` draws Zen-score's Gaussian weights and inputs. The
+    batch is cast to `dtype` (float64 only to check float32's rounding, under enable_x64)."""
 
-    def __init__(self, images: jax.Array, labels: jax.Array, num_classes: int, seed: int):
-        self.images, self.labels = jnp.asarray(images, jnp.float32), jnp.asarray(labels)
+    def __init__(
+        self,
+        images: jax.Array,
+        labels: jax.Array,
+        num_classes: int,
+        seed: int,
+        dtype: jnp.dtype = jnp.float32,
+    ):
+        self.images, self.labels = jnp.asarray(images, dtype), jnp.asarray(labels)
         self.num_classes, self.seed = num_classes, seed
 
     def measure_many(self, names: Iterable[str], arch: MBV2Arch, params: dict) -> dict:
