@@ -6,9 +6,7 @@ import json
 import os
 import subprocess
 import sys
-import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -140,26 +138,6 @@ def test_retained_jit_keys_on_shapes_and_static_arguments() -> None:
     assert traces == [((3,), 2), ((3,), 3), ((4,), 2)]
     # under a transformation it is plain jit
     assert float(jax.grad(lambda x: g(x, power=2).sum())(jnp.ones(3))[0]) == 2.0
-
-
-def test_a_signature_met_by_two_threads_at_once_is_loaded_once(monkeypatch) -> None:
-    """Two backward passes side by side meet the same new piece signatures together: the
-    second thread waits for the first one's program instead of loading (or compiling) its
-    own."""
-    loads: list = []
-    load = RetainedJit._load
-
-    def slow_load(self, key, args, kwargs):
-        loads.append(key)
-        time.sleep(0.3)  # both threads are inside their first call by then
-        return load(self, key, args, kwargs)
-
-    monkeypatch.setattr(RetainedJit, "_load", slow_load)
-    g = RetainedJit(lambda x: x + 1)
-    with ThreadPoolExecutor(2) as threads:
-        results = list(threads.map(lambda _: g(jnp.ones(3)), range(2)))
-    assert len(loads) == 1
-    assert all(float(r.sum()) == 6.0 for r in results)
 
 
 def test_retained_jit_keeps_the_most_recently_used_lowerings(monkeypatch) -> None:

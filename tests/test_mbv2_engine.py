@@ -21,7 +21,6 @@ from wrcor_jax.data import load_batch
 from wrcor_jax.proxies import PROXIES
 from wrcor_jax.proxies.wrcor import mbv2_act_cor, mbv2_wrcor, mbv2_wrcor_allrelu
 from wrcor_jax.responses import KINDS
-from wrcor_jax.spaces.mbv2 import engine as engine_module
 from wrcor_jax.spaces.mbv2.arch import parse
 from wrcor_jax.spaces.mbv2.capture import site_sums
 from wrcor_jax.spaces.mbv2.engine import (
@@ -168,35 +167,6 @@ def test_tiles_of_padding_only_are_skipped_exactly(batch):
     np.testing.assert_allclose(
         skipped["input_jacobian"], every["input_jacobian"], rtol=1e-4, atol=1e-6
     )
-
-
-@pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
-def test_backward_passes_side_by_side_equal_them_one_at_a_time(x64, batch, monkeypatch):
-    """jacob_cov's and the loss's backward passes run at once (`_side_by_side`): the input
-    Jacobian, the SE sums and the loss gradients are bitwise those of the passes run one
-    after the other, and the thread runs in the caller's precision (float64 under
-    `enable_x64`, which JAX keeps per thread)."""
-    arch = parse(CASES[0].values[0])
-    params = init_params(arch, 42, NUM_CLASSES)
-    images, labels = batch
-    dtype = jnp.float64 if x64 else jnp.float32
-    asked = {"input_jacobian": True, "loss_grads": True}
-
-    def measure() -> dict:
-        with jax.enable_x64(x64):
-            typed = jax.tree.map(lambda a: np.asarray(a, dtype), params)
-            return MBV2Engine().measure(arch, typed, np.asarray(images, dtype), labels, 10, **asked)
-
-    together = measure()
-    monkeypatch.setattr(engine_module, "_side_by_side", lambda passes: [run() for run in passes])
-    apart = measure()
-    assert together["input_jacobian"].dtype == dtype
-    np.testing.assert_array_equal(together["input_jacobian"], apart["input_jacobian"])
-    for kind in SE_KINDS:
-        np.testing.assert_array_equal(
-            together["site_sums"].sums[kind], apart["site_sums"].sums[kind]
-        )
-    jax.tree.map(np.testing.assert_array_equal, together["loss_grads"], apart["loss_grads"])
 
 
 @pytest.mark.slow

@@ -387,13 +387,6 @@ class RetainedJit:
         self.name = name
         self._static = frozenset(static_argnames)
         self._compiled: dict = {}
-        self._locks: dict = {}  # signature -> the lock of its loading
-
-    def _loading(self, key: tuple) -> threading.Lock:
-        """The lock held while `key`'s program is loaded or compiled: threads that meet a
-        new signature at once (two backward passes, `score --workers 2`) load it once."""
-        with _LOCKS_LOCK:
-            return self._locks.setdefault(key, threading.Lock())
 
     def signature(self, args: tuple, kwargs: dict) -> tuple | None:
         """What one compiled program serves: the arguments' structure, static values and
@@ -412,10 +405,7 @@ class RetainedJit:
         dynamic = {k: v for k, v in kwargs.items() if k not in self._static}
         compiled = self._compiled.get(key)
         if compiled is None:
-            with self._loading(key):  # another thread may be loading the same program
-                compiled = self._compiled.get(key)
-                if compiled is None:
-                    compiled = self._compiled[key] = self._load(key, args, kwargs)
+            compiled = self._compiled[key] = self._load(key, args, kwargs)
         _LOADED.pop(key, None)  # to the end of the use order (a KeyError-free move_to_end)
         _LOADED[key] = None
         return compiled(*args, **dynamic)
@@ -457,7 +447,6 @@ class RetainedJit:
 KEPT_LOWERINGS = 1024
 """A MobileNetV2 piece's lowering held 1.4 MB on average (183 of them, 260 MB): at most
 about 1.4 GB, which counts toward `ExecutableBudget`'s limit like the executables."""
-_LOCKS_LOCK = threading.Lock()
 _LOWERINGS: OrderedDict = OrderedDict()  # (instance, signature) -> Lowered, oldest use first
 _LOADED: OrderedDict = OrderedDict()  # RetainedJit signatures with an executable, oldest use first
 

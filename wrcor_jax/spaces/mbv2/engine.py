@@ -36,9 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -1200,7 +1198,6 @@ class MBV2Engine:
 
     def __init__(self, kinds: Sequence[str] = (*SE_KINDS, *BLOCK_KINDS)):
         self.kinds = frozenset(kinds)
-        self._blanks_lock = threading.Lock()  # two backwards may ask for a blank at once
         self._forget()
 
     def _forget(self) -> None:
@@ -1299,11 +1296,10 @@ class MBV2Engine:
         shape and pass, never frozen, so that its readers run the programs they run on
         real tiles."""
         key = (shape, np.dtype(dtype or self._dtype))
-        with self._blanks_lock:
-            if key not in self._blanks:
-                self._blanks[key] = self._zeros(shape, key[1])
-                self._put.add(id(self._blanks[key]))
-            return self._blanks[key]
+        if key not in self._blanks:
+            self._blanks[key] = self._zeros(shape, key[1])
+            self._put.add(id(self._blanks[key]))
+        return self._blanks[key]
 
     def _pointwise(
         self, block: int, path: tuple, w: dict, tiles: tuple, side: int, channels: int,
@@ -1415,11 +1411,8 @@ class MBV2Engine:
         to_images: bool = False,
         last: bool = True,
         terms: bool = True,
-    ) -> Callable[[], tuple[jax.Array | None, dict | None]]:
-        """The backward pass, planned now from the records and run when called (a plan made
-        before another pass's `last` run starts dropping them may run beside it).
-
-        Chain the recorded pieces' backwards from the logits' cotangent, summing the
+    ) -> tuple[jax.Array | None, dict | None]:
+        """Chain the recorded pieces' backwards from the logits' cotangent, summing the
         cotangents of arrays read by several pieces (a sub-block's input feeds its expand
         and its shortcut or residual) inside the backward of the reader run last. Adds the
         gradient terms at `kinds` (computed but dropped without `terms`); returns the
@@ -1438,23 +1431,6 @@ class MBV2Engine:
         grads: dict | None = {} if weights else None
         needed = self._needed(kinds, weights, images if to_images else None)
         calls = self._calls if last else list(self._calls)
-        return functools.partial(
-            self._run_backward, calls, needed, pending, kinds, weights, terms, grads,
-            images if to_images else None,
-        )  # fmt: skip
-
-    def _run_backward(
-        self,
-        calls: list,
-        needed: list,
-        pending: dict,
-        kinds: frozenset,
-        weights: bool,
-        terms: bool,
-        grads: dict | None,
-        images: jax.Array | None,
-    ) -> tuple[jax.Array | None, dict | None]:
-        """`_backward`'s plan run: each recorded call's backward, last call first."""
         while calls:
             block, call = calls.pop()
             cotangents = tuple(self._cotangent(pending, out) for out in call.outputs)
@@ -1478,7 +1454,7 @@ class MBV2Engine:
             for array, d in zip(call.inputs, d_inputs, strict=True):
                 if id(array) not in self._put:  # the zeros put in: dropped
                     pending[id(array)] = d
-        return None if images is None else pending[id(images)], grads
+        return pending[id(images)] if to_images else None, grads
 
     def _cotangent(self, pending: dict, out: jax.Array) -> jax.Array | None:
         """The summed cotangent at a call's output (None where nothing read it), zeros at a
@@ -1546,28 +1522,21 @@ class MBV2Engine:
             logits = self._forward(arch, padded, images, kinds, True, activations)
             if activations:
                 out["activations"] = _gather_activations(self._acts, logits.shape[0])
-            passes = []
             if input_jacobian:
                 # the site sums' backward program, its terms dropped: SE sites' terms cost
                 # nothing beside a backward, and a compilation per piece key is spared
                 shared = kinds if kinds <= frozenset(SE_KINDS) and not loss_grads else frozenset()
-                passes.append(
-                    self._backward(
-                        jnp.ones_like(logits),
-                        shared,
-                        to_images=True,
-                        last=not (site_sums or loss_grads),
-                        terms=False,
-                    )
+                jacobian, _ = self._backward(
+                    jnp.ones_like(logits),
+                    shared,
+                    to_images=True,
+                    last=not (site_sums or loss_grads),
+                    terms=False,
                 )
+                out["input_jacobian"] = np.asarray(jacobian)
             if site_sums or loss_grads:
                 cotangent = _loss_cotangent(logits, jnp.asarray(labels))
-                passes.append(self._backward(cotangent, kinds, weights=loss_grads))
-            results = _side_by_side(passes)
-            if input_jacobian:
-                out["input_jacobian"] = np.asarray(results.pop(0)[0])
-            if site_sums or loss_grads:
-                _, grads = results.pop()
+                _, grads = self._backward(cotangent, kinds, weights=loss_grads)
                 if site_sums:
                     out["site_sums"] = _gather(self._terms, len(arch.blocks), logits.shape[0])
                 if loss_grads:
@@ -1604,7 +1573,7 @@ class MBV2Engine:
                 )
                 ones = jnp.ones((1, *image_shape[1:]), jnp.float64)
                 logits = self._forward(arch, padded, ones, frozenset(), norm=False)
-                _, grads = self._backward(jnp.ones_like(logits), frozenset(), weights=True)()
+                _, grads = self._backward(jnp.ones_like(logits), frozenset(), weights=True)
                 return unpad(grads, params)
         finally:
             self._forget()
@@ -1623,28 +1592,6 @@ class MBV2Engine:
             return float(_l1_distance(clean, self._calls[-1][1].inputs[0])), log_std
         finally:
             self._forget()
-
-
-def _side_by_side(passes: list[Callable[[], tuple]]) -> list[tuple]:
-    """Run planned backward passes at once, each but the last in a thread of its own under
-    the caller's float64 setting (thread-local in JAX), and return their results in order.
-
-    jacob_cov's backward and WRCor's read the same forward records and nothing of each
-    other; one at a time they left ~20% of two cores idle (small pieces, Python between
-    calls), and side by side they took 4-8% less time, the same scores to the bit
-    (docs/mbv2_engine.md)."""
-    if len(passes) < 2:
-        return [run() for run in passes]
-    x64 = jax.config.values["jax_enable_x64"]
-
-    def in_callers_precision(run: Callable[[], tuple]) -> tuple:
-        with jax.enable_x64(x64):
-            return run()
-
-    with ThreadPoolExecutor(len(passes) - 1) as threads:
-        others = [threads.submit(in_callers_precision, run) for run in passes[:-1]]
-        last = passes[-1]()
-        return [other.result() for other in others] + [last]
 
 
 def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
