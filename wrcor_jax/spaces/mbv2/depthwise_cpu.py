@@ -101,7 +101,8 @@ def depthwise(
     dtype = sources[0].dtype
     tile = jax.ShapeDtypeStruct((n, rows_out // tiles_out, c), dtype)
     moments = [jax.ShapeDtypeStruct((2, c), dtype)] if statistics else []
-    call = jax.ffi.ffi_call(TARGET, [tile] * tiles_out + moments)
+    # two stacked backward passes (`MBV2Engine._backward`'s joint) run it once each
+    call = jax.ffi.ffi_call(TARGET, [tile] * tiles_out + moments, vmap_method="sequential")
     outputs = call(
         kernel.astype(dtype),
         jnp.asarray(side, np.int32).reshape(1),
