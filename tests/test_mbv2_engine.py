@@ -170,27 +170,6 @@ def test_tiles_of_padding_only_are_skipped_exactly(batch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kinds", [SE_KINDS, None], ids=["se", "every-relu"])
-@pytest.mark.parametrize("text", [CASES[1], CASES[2]])  # padding; stem-stride1
-def test_one_joint_backward_equals_the_two_passes(text, kinds, batch):
-    """The site sums and the input Jacobian from one backward that carries both cotangents
-    (each piece's forward recomputed once) are those of the two passes run one after the
-    other, to float32 rounding: the vmapped products sum in another order."""
-    arch = parse(text)
-    taken = (arch, init_params(arch, 42, NUM_CLASSES), *batch, NUM_CLASSES)
-    engine = MBV2Engine(kinds) if kinds else MBV2Engine()
-    joint = engine.measure(*taken, input_jacobian=True)
-    sums = engine.measure(*taken)["site_sums"]
-    jacobian = engine.measure(*taken, site_sums=False, input_jacobian=True)["input_jacobian"]
-    scale = np.abs(jacobian).max()
-    np.testing.assert_allclose(joint["input_jacobian"], jacobian, atol=1e-5 * scale)
-    for kind in sums.sums:
-        np.testing.assert_array_equal(joint["site_sums"].counts[kind], sums.counts[kind])
-        np.testing.assert_allclose(joint["site_sums"].sums[kind], sums.sums[kind], atol=5e-6)
-    assert mbv2_wrcor(joint["site_sums"]) == pytest.approx(mbv2_wrcor(sums), rel=1e-5)
-
-
-@pytest.mark.slow
 def test_other_widths_and_kernels_in_the_same_buckets_compile_nothing(batch):
     first, second = (
         parse(

@@ -101,8 +101,7 @@ def depthwise(
     dtype = sources[0].dtype
     tile = jax.ShapeDtypeStruct((n, rows_out // tiles_out, c), dtype)
     moments = [jax.ShapeDtypeStruct((2, c), dtype)] if statistics else []
-    # two stacked backward passes (`MBV2Engine._backward`'s joint) run it once each
-    call = jax.ffi.ffi_call(TARGET, [tile] * tiles_out + moments, vmap_method="sequential")
+    call = jax.ffi.ffi_call(TARGET, [tile] * tiles_out + moments)
     outputs = call(
         kernel.astype(dtype),
         jnp.asarray(side, np.int32).reshape(1),

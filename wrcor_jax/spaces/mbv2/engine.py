@@ -61,7 +61,6 @@ from wrcor_jax.spaces.nb201_pieces import cross_entropy
 HIGHEST = jax.lax.Precision.HIGHEST
 SE_KINDS = ("act", "act_grad")  # the squeeze-excite ReLU: the reference's sites
 BLOCK_KINDS = ("block_act", "block_act_grad")  # every other ReLU
-JOINT_PASSES = 2  # the loss's backward and jacob_cov's, stacked: `MBV2Engine._backward`
 
 
 MIN_CHANNELS = 32
@@ -980,7 +979,7 @@ class Piece:
             self._forward, (*names, "activations"), name=f"{stored_as}/forward"
         )
         self.backward = RetainedJit(
-            self._backward, (*names, "weights", "frozen", "joint"), name=f"{stored_as}/backward"
+            self._backward, (*names, "weights", "frozen"), name=f"{stored_as}/backward"
         )
 
     def output_kinds(self, index: int, count: int) -> frozenset:
@@ -1028,17 +1027,14 @@ class Piece:
         kinds: frozenset,
         weights: bool,
         frozen: tuple[int, ...] = (),
-        joint: bool = False,
         **static,
     ):
         if self.saves:
             static["saved"] = outputs
         if self.tells_weights:
             static["weights"] = weights
-        passes = (JOINT_PASSES,) if joint else ()
         cotangents = tuple(
-            jnp.zeros((*passes, *o.shape), o.dtype) if c is None else c
-            for o, c in zip(outputs, cotangents, strict=True)
+            jnp.zeros_like(o) if c is None else c for o, c in zip(outputs, cotangents, strict=True)
         )
         meta: dict = {}
 
@@ -1072,10 +1068,7 @@ class Piece:
         if weights:
             d_w, d_live, d_sites = jax.vjp(run, w, live, zeros)[1](cotangents)
         else:
-            transpose = jax.vjp(lambda i, p: run(w, i, p), live, zeros)[1]
-            # one recomputed forward for both passes; the sites' terms are the first pass's
-            d_live, d_sites = jax.vmap(transpose)(cotangents) if joint else transpose(cotangents)
-            d_sites = {name: d[0] for name, d in d_sites.items()} if joint else d_sites
+            d_live, d_sites = jax.vjp(lambda i, p: run(w, i, p), live, zeros)[1](cotangents)
             d_w = None
         d_inputs = tuple(
             None if i in frozen else d if c is None else d + c
@@ -1417,69 +1410,58 @@ class MBV2Engine:
         weights: bool = False,
         to_images: bool = False,
         last: bool = True,
-        joint: bool = False,
+        terms: bool = True,
     ) -> tuple[jax.Array | None, dict | None]:
         """Chain the recorded pieces' backwards from the logits' cotangent, summing the
         cotangents of arrays read by several pieces (a sub-block's input feeds its expand
         and its shortcut or residual) inside the backward of the reader run last. Adds the
-        gradient terms at `kinds`; returns the gradient at the images (with `to_images`,
-        else None) and, with `weights`, the padded parameter tree's gradient. Only the
-        backwards whose cotangents reach something
+        gradient terms at `kinds` (computed but dropped without `terms`); returns the
+        gradient at the images (with `to_images`, else None) and, with `weights`, the padded
+        parameter tree's gradient. Only the backwards whose cotangents reach something
         asked for run: WRCor's SE sites need none below the first SE, so the stem's
         backward at full resolution is skipped. The `last` backward of a forward pass drops
         each piece's record once past it, so that the wide first blocks' backwards do not
-        run beside every later block's stored outputs.
-
-        `joint`: `cotangent` stacks two passes' (`JOINT_PASSES`), the loss's, whose terms at
-        `kinds` are added, and one to the images (jacob_cov's), whose gradient there is
-        returned; each piece both need runs once for both, recomputing its forward once, and
-        the second goes on alone below the last piece the first needs."""
-        stacked = (JOINT_PASSES,) if joint else ()
+        run beside every later block's stored outputs."""
         # every reader of a statistic or a gate adds to a cotangent, the first one to zeros:
         # the tiles' backwards are then one program, not the first apart
-        pending: dict[int, jax.Array] = {
-            id(a): self._zeros((*stacked, *a.shape), a.dtype) for a in self._shared
-        }
+        pending: dict[int, jax.Array] = {id(a): self._zeros(a.shape, a.dtype) for a in self._shared}
         logits = self._calls[-1][1].outputs[0]
         images = self._calls[0][1].inputs[0]
         pending[id(logits)] = cotangent
         grads: dict | None = {} if weights else None
         needed = self._needed(kinds, weights, images if to_images else None)
-        first_needs = self._needed(kinds, weights, None) if joint else [None] * len(needed)
         calls = self._calls if last else list(self._calls)
         while calls:
             block, call = calls.pop()
-            frozen, both = needed.pop(), first_needs.pop() is not None
-            passes = stacked if both else ()
-            cotangents = tuple(self._cotangent(pending, out, passes) for out in call.outputs)
+            cotangents = tuple(self._cotangent(pending, out) for out in call.outputs)
             carried = tuple(
-                None if id(array) in self._put else _take(pending, array, passes)
+                None if id(array) in self._put else pending.pop(id(array), None)
                 for array in call.inputs
             )
+            frozen = needed.pop()
             if frozen is None:
                 continue
             # passed only when some are: the other calls keep the signatures cached before
             static = call.static | ({"frozen": frozen} if frozen else {})
-            static |= {"joint": True} if joint and both else {}
             d_inputs, piece_terms, d_w = PIECES[call.piece].backward(
                 call.w, call.inputs, call.dims, call.outputs, cotangents, carried, kinds=kinds,
                 weights=weights, **static,
             )  # fmt: skip
-            self._terms.append((block, piece_terms))
+            if terms:
+                self._terms.append((block, piece_terms))
             if grads is not None:
                 _add_into(_subtree(grads, call.path), jax.device_get(d_w))
             for array, d in zip(call.inputs, d_inputs, strict=True):
                 if id(array) not in self._put:  # the zeros put in: dropped
                     pending[id(array)] = d
-        return _alone(pending[id(images)], images) if to_images else None, grads
+        return pending[id(images)] if to_images else None, grads
 
-    def _cotangent(self, pending: dict, out: jax.Array, passes: tuple = ()) -> jax.Array | None:
+    def _cotangent(self, pending: dict, out: jax.Array) -> jax.Array | None:
         """The summed cotangent at a call's output (None where nothing read it), zeros at a
-        tile whose readers were skipped: its producer's backward stays the usual program.
-        `passes`: as `_take`."""
-        cotangent = _take(pending, out, passes)
+        tile whose readers were skipped: its producer's backward stays the usual program."""
+        cotangent = pending.pop(id(out), None)
         if cotangent is None and id(out) in self._unread:
-            return self._blank((*passes, *out.shape), out.dtype)
+            return self._blank(out.shape, out.dtype)
         return cotangent
 
     def _needed(
@@ -1540,17 +1522,16 @@ class MBV2Engine:
             logits = self._forward(arch, padded, images, kinds, True, activations)
             if activations:
                 out["activations"] = _gather_activations(self._acts, logits.shape[0])
-            ones = jnp.ones_like(logits)
-            if input_jacobian and site_sums and not loss_grads:
-                # one backward for both, each piece's forward recomputed once
-                cotangents = jnp.stack([_loss_cotangent(logits, jnp.asarray(labels)), ones])
-                jacobian, _ = self._backward(cotangents, kinds, to_images=True, joint=True)
-                out["input_jacobian"] = np.asarray(jacobian)
-                out["site_sums"] = _gather(self._terms, len(arch.blocks), logits.shape[0])
-                return out
             if input_jacobian:
+                # the site sums' backward program, its terms dropped: SE sites' terms cost
+                # nothing beside a backward, and a compilation per piece key is spared
+                shared = kinds if kinds <= frozenset(SE_KINDS) and not loss_grads else frozenset()
                 jacobian, _ = self._backward(
-                    ones, frozenset(), to_images=True, last=not (site_sums or loss_grads)
+                    jnp.ones_like(logits),
+                    shared,
+                    to_images=True,
+                    last=not (site_sums or loss_grads),
+                    terms=False,
                 )
                 out["input_jacobian"] = np.asarray(jacobian)
             if site_sums or loss_grads:
@@ -1647,25 +1628,6 @@ def unpad(grads: dict, params: dict) -> dict:
 def _l1_distance(a: jax.Array, b: jax.Array) -> jax.Array:
     """Mean over samples of sum |a - b| (padded entries are 0 on both sides)."""
     return jnp.abs(a - b).reshape(a.shape[0], -1).sum(axis=1).mean()
-
-
-@jax.jit
-def _second_pass(stacked: jax.Array) -> jax.Array:
-    return stacked[1]
-
-
-def _alone(cotangent: jax.Array | None, like: jax.Array) -> jax.Array | None:
-    """The second pass's cotangent where `cotangent` stacks two passes' (one axis more than
-    `like`, the array it belongs to), else `cotangent` itself."""
-    stacked = cotangent is not None and cotangent.ndim == like.ndim + 1
-    return _second_pass(cotangent) if stacked else cotangent
-
-
-def _take(pending: dict, array: jax.Array, passes: tuple) -> jax.Array | None:
-    """`array`'s pending cotangent, taken out: stacked where `passes` (a call both passes
-    need), else the second pass's alone (`_alone`)."""
-    cotangent = pending.pop(id(array), None)
-    return cotangent if passes else _alone(cotangent, array)
 
 
 @jax.jit
