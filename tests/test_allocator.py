@@ -157,6 +157,27 @@ def test_the_heap_mode_keeps_more_freed_memory_between_units(mode: str, share: f
     assert kept == pytest.approx(share) and budget == pytest.approx(kept * allocator.physical_mb())
 
 
+@pytest.mark.parametrize("share", ["1", "0.25", "0"])
+def test_the_kept_share_can_be_set(share: str) -> None:
+    env = allocator.environment(environ={**_untuned(), allocator.OPT_OUT: "heap"})
+    kept, budget = _run(KEPT, env={**env, allocator.KEPT_SHARE: share})[0]
+    assert kept == pytest.approx(float(share))
+    assert budget == pytest.approx(kept * allocator.physical_mb())
+
+
+@pytest.mark.parametrize("share", ["all", "2", "-0.5", "nan"])
+def test_a_kept_share_outside_0_to_1_is_a_one_line_error(share: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", KEPT],
+        env={**_untuned(), allocator.KEPT_SHARE: share},
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1
+    message = f"WRCOR_JAX_HEAP_KEPT must be a share of memory from 0 to 1, not {share!r}"
+    assert run.stderr.strip() == message
+
+
 def test_heap_settings_without_the_restart_keep_an_eighth() -> None:
     """`WRCOR_JAX_MALLOC=heap` in a process that did not start with its tunables: the big
     blocks are mapped apart as glibc does by default, so keeping more would not serve."""

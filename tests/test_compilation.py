@@ -288,3 +288,17 @@ def test_a_program_the_store_cannot_write_still_runs(tmp_path: Path) -> None:
         program = store.compile(blocked / "ab" / "cd.program", lowered)
     assert float(program(jnp.ones(3))[0]) == 5.0
     assert blocked.is_file()
+
+
+def test_the_allocators_settings_leave_stored_programs_keyed_as_they_were(monkeypatch) -> None:
+    """How host memory is handed out changes no program: `WRCOR_JAX_HEAP_KEPT` and
+    `WRCOR_JAX_MALLOC` stay out of the program store's key, other `WRCOR_JAX_` flags not."""
+    context = compilation._fixed_context.__wrapped__
+    for name in ("WRCOR_JAX_HEAP_KEPT", "WRCOR_JAX_MALLOC", "WRCOR_JAX_NATIVE"):
+        monkeypatch.delenv(name, raising=False)
+    plain = context()
+    monkeypatch.setenv("WRCOR_JAX_HEAP_KEPT", "1")
+    monkeypatch.setenv("WRCOR_JAX_MALLOC", "heap")
+    assert context() == plain
+    monkeypatch.setenv("WRCOR_JAX_NATIVE", "0")
+    assert context() != plain

@@ -20,7 +20,11 @@ glibc reads these settings (`GLIBC_TUNABLES`) only when a process starts, so the
 line re-executes itself once with them (`reexec_tuned`); `WRCOR_JAX_MALLOC` picks them:
 `tuned` (the default), `heap`, or `default` (glibc's own allocator). The heap then never
 shrinks by itself, so long runs call `release_free(keep_mb)` between units of work to hand
-it back once it exceeds `keep_mb` (`kept_mb`: more in `heap` mode).
+it back once it exceeds `keep_mb` (`kept_mb`: more in `heap` mode, or the share of the
+machine's memory `WRCOR_JAX_HEAP_KEPT` gives). Memory handed back can cost far more to take
+again than it first did: on a virtual machine whose balloon device reports free pages to the
+host, a GB freed more than two seconds before took 1.3-1.5 s to touch again, against 0.1 s
+for one the guest still held (docs/mbv2_engine.md).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import math
 import os
 import platform
 import sys
@@ -45,6 +50,8 @@ HEAP_TUNABLES = tuple("glibc.malloc.mmap_max=0" if s == _MAP_APART else s for s 
 MODES = {"tuned": TUNABLES, "heap": HEAP_TUNABLES}
 """`WRCOR_JAX_MALLOC`'s values but `default` (glibc's own allocator), and their settings."""
 OPT_OUT = "WRCOR_JAX_MALLOC"
+KEPT_SHARE = "WRCOR_JAX_HEAP_KEPT"
+"""The share of the machine's memory the freed heap keeps between units of work, 0 to 1."""
 
 
 def glibc() -> bool:
@@ -152,14 +159,30 @@ def physical_mb() -> float:
 
 def kept_mb() -> float:
     """How much freed memory `release_free` lets the heap keep between units of work, in
-    MiB: half the machine's memory where every block comes from the heap (a process started
-    with `heap`'s tunables, the mode for plentiful memory), an eighth otherwise. In the heap
-    the next architecture reuses the last one's GB-sized blocks without a fault only if
-    they are kept: handing them back after each of 30 sampled MobileNetV2 architectures cost
-    16% more time than keeping up to half (peak resident memory 10.3 against 16.3 GB on a
-    24 GB machine, docs/mbv2_engine.md)."""
+    MiB: the share `WRCOR_JAX_HEAP_KEPT` gives of the machine's memory, else half where
+    every block comes from the heap (a process started with `heap`'s tunables, the mode for
+    plentiful memory), an eighth otherwise. In the heap the next architecture reuses the
+    last one's GB-sized blocks without a fault only if they are kept: handing them back
+    after each of 30 sampled MobileNetV2 architectures cost 16% more time than keeping up to
+    half (peak resident memory 10.3 against 16.3 GB on a 24 GB machine), and keeping all of
+    it (share 1) took 10-17% less time than half on 32 of a search's architectures, at
+    21.7 GB against 13.8-14.9 GB (docs/mbv2_engine.md)."""
+    share = os.environ.get(KEPT_SHARE)
+    if share is not None:
+        return physical_mb() * _share(share)
     heap = tuned() and mode() == "heap"
     return physical_mb() / (2 if heap else 8)
+
+
+def _share(value: str) -> float:
+    """`WRCOR_JAX_HEAP_KEPT` as a number from 0 to 1, or a one-line error."""
+    try:
+        share = float(value)
+    except ValueError:
+        share = math.nan
+    if not 0 <= share <= 1:
+        raise SystemExit(f"{KEPT_SHARE} must be a share of memory from 0 to 1, not {value!r}")
+    return share
 
 
 def in_use_mb() -> float:

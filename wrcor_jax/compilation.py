@@ -152,7 +152,13 @@ def _fixed_context() -> str:
     for source in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".cc")):
         code.update(str(source.relative_to(package)).encode() + b"\0" + source.read_bytes())
     device = jax.devices()[0]
-    flags = sorted((k, v) for k, v in os.environ.items() if k.startswith(("XLA_", "WRCOR_JAX_")))
+    # the allocator's settings hand out host memory and change no program
+    host_memory = (allocator.OPT_OUT, allocator.KEPT_SHARE)
+    flags = sorted(
+        (k, v)
+        for k, v in os.environ.items()
+        if k.startswith(("XLA_", "WRCOR_JAX_")) and k not in host_memory
+    )
     return repr(
         (
             code.hexdigest(),
