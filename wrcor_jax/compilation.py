@@ -31,6 +31,7 @@ from jax._src import config as jax_config  # the thread-local form of a public o
 from jax.experimental import serialize_executable
 
 from wrcor_jax import allocator
+from wrcor_jax.native import user_cache_dir
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
@@ -88,12 +89,6 @@ class CompileCounter:
         with cls._lock:
             cls.loads += 1
             cls.load_seconds += seconds
-
-
-def user_cache_dir() -> Path:
-    """`wrcor_jax` in the user's cache dir (`$XDG_CACHE_HOME`, else ~/.cache)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "wrcor_jax"
 
 
 def default_cache_dir() -> Path:

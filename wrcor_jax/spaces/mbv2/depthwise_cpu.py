@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,36 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wrcor_jax.compilation import cpu_model, user_cache_dir
+from wrcor_jax import native
+from wrcor_jax.compilation import cpu_model
 
 SOURCE = Path(__file__).with_suffix(".cc")
 TARGET = "wrcor_mbv2_depthwise"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-
-
-def _build(compiler: str) -> Path:
-    """The shared library for this source, compiler, jaxlib and CPU, compiled if missing
-    (into a temporary file renamed into place, so that concurrent builds do not collide)."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(
-        "\0".join(
-            [SOURCE.read_text(), compiler, version, jax.__version__, cpu_model(), *FLAGS]
-        ).encode()
-    ).hexdigest()[:16]
-    library = user_cache_dir() / "native" / f"depthwise_{digest}.so"
-    if library.exists():
-        return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-        built = Path(scratch) / library.name
-        subprocess.run(
-            [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        built.replace(library)
-    return library
 
 
 @functools.cache
@@ -65,7 +39,9 @@ def available() -> bool:
     if compiler is None:
         return False
     try:
-        library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+        include = f"-I{jax.ffi.include_dir()}"
+        built = native.build(SOURCE, compiler, (*FLAGS, include), (jax.__version__, cpu_model()))
+        library = ctypes.cdll.LoadLibrary(str(built))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = str(getattr(error, "stderr", "") or error)[-2000:]
         warnings.warn(
