@@ -4,6 +4,7 @@ memory stays resident for reuse until `release_free` hands it back."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,74 @@ def test_heap_settings_without_the_restart_keep_an_eighth() -> None:
     assert kept == pytest.approx(1 / 8)
 
 
-def test_usage_doc_gives_the_tunables_in_force() -> None:
+def test_usage_doc_gives_the_settings_in_force() -> None:
     usage = (Path(__file__).parents[1] / "docs" / "usage.md").read_text()
     assert f"GLIBC_TUNABLES={':'.join(allocator.TUNABLES)}" in usage
+    code = re.search(r"LD_PRELOAD=\$\(python -c '([^']+)'\)", usage).group(1)
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert printed.stdout.strip() == str(allocator.large_blocks_library())
+
+
+LARGE_BLOCKS = """
+import ctypes, json, random
+from wrcor_jax import allocator
+process = ctypes.CDLL(None)
+process.malloc_usable_size.restype = ctypes.c_size_t
+process.realloc.restype = ctypes.c_void_p
+
+def lazy_free_mb():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("LazyFree:"):
+            return int(line.split()[1]) / 1024
+
+def aligned(size, alignment=64):
+    block = ctypes.c_void_p()
+    assert process.posix_memalign(ctypes.byref(block), alignment, size) == 0
+    return block.value
+
+live, rng, intact = {}, random.Random(0), True
+for step in range(300):  # blocks of 1-40 MB, each filled with its own byte
+    if live and rng.random() < 0.45:
+        block = rng.choice(list(live))
+        size, byte = live.pop(block)
+        intact &= ctypes.string_at(block, 1)[0] == byte == ctypes.string_at(block + size - 1, 1)[0]
+        process.free(ctypes.c_void_p(block))
+    else:
+        size, byte = rng.randrange(1 << 20, 40 << 20), step % 251
+        block = aligned(size, rng.choice([16, 64, 4096]))
+        ctypes.memset(block, byte, size)
+        live[block] = size, byte
+for block, (size, byte) in live.items():
+    intact &= ctypes.string_at(block, 1)[0] == byte == ctypes.string_at(block + size - 1, 1)[0]
+    process.free(ctypes.c_void_p(block))
+
+block = aligned(64 << 20)
+ctypes.memset(block, 7, 64 << 20)
+in_use = allocator.large_blocks_mb()[0]
+usable = process.malloc_usable_size(ctypes.c_void_p(block)) >= 64 << 20
+grown = process.realloc(ctypes.c_void_p(block), 96 << 20)
+kept = ctypes.string_at(grown + (64 << 20) - 1, 1)[0] == 7
+process.free(ctypes.c_void_p(grown))
+lazy, (used, free) = lazy_free_mb(), allocator.large_blocks_mb()
+allocator.release_free(10**9)
+print(json.dumps([intact, allocator.tuned(), in_use, used, usable, kept,
+                  free, lazy_free_mb() - lazy]))
+"""
+
+
+def test_tuned_processes_cut_large_aligned_blocks_from_one_kept_range() -> None:
+    intact, tuned, in_use, after, usable, kept, free, advised = _run(
+        LARGE_BLOCKS, env=allocator.environment()
+    )[0]
+    assert tuned and intact and usable and kept  # no block overlapped another
+    assert 64 <= in_use < 65 and after == 0
+    assert free > 100 and advised > free - 4  # its pages marked MADV_FREE, not unmapped
+
+
+def test_the_large_block_allocator_is_preloaded_only_where_tuned() -> None:
+    env = allocator.environment(True, {"LD_PRELOAD": "/lib/a.so /lib/b.so"})
+    library = str(allocator.large_blocks_library())
+    assert env["LD_PRELOAD"].split(":") == ["/lib/a.so", "/lib/b.so", library]
+    assert allocator.environment(True, env) == env  # idempotent
+    assert allocator.environment(False, env)["LD_PRELOAD"] == "/lib/a.so:/lib/b.so"
+    assert "LD_PRELOAD" not in allocator.environment(False, {"LD_PRELOAD": library})

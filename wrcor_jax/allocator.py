@@ -1,30 +1,34 @@
-"""glibc's malloc tuned for XLA:CPU's large per-call buffers.
+"""glibc's malloc tuned for XLA:CPU's per-call buffers, and an allocator of our own for
+the large ones.
 
 Every call of a compiled program allocates its outputs and one temporary buffer, up to GBs
 each at batch 64 in the MobileNetV2 space. glibc hands any block over 32 MB to a fresh
 `mmap` and unmaps it on free, so each call touches its buffers page by page anew: on this
-machine a MobileNetV2 architecture took 24 s that way and 7.2-7.6 s with these settings
-(docs/mbv2_engine.md). Keeping freed memory in the heap (no `mmap` below 256 MB, one arena,
-no trimming), in 2 MB pages where the kernel allows, lets the next call reuse it without a
-fault. Blocks of 256 MB and more still get their own mapping: kept in one heap, a few GB-sized
-arrays of many sizes fragmented it by a third of the peak (22.5 GB against 14.4 GB for the
-widest architecture met), and in 2 MB pages their faults cost little.
+machine a MobileNetV2 architecture took 24 s that way and 7.2-7.6 s with glibc tuned
+(docs/mbv2_engine.md): freed memory kept in the heap (no `mmap` below 256 MB, one arena, no
+trimming), in 2 MB pages where the kernel allows, so that the next call reuses it without a
+fault. Blocks of 256 MB and more still get their own mapping: kept in one heap, a few
+GB-sized arrays of many sizes fragmented it by a third of the peak.
 
-Those faults still cost: a 224 px architecture whose first block is 1 GB wide spent 4.9-6.2 s
-of its 8.2-8.7 s in the kernel. Where memory is plentiful, `WRCOR_JAX_MALLOC=heap` keeps
-every block in the heap (`HEAP_TUNABLES`): once the heap had grown, the widest architecture
-met took 6.1 s instead of 8.9 s, at 18.2 GB peak instead of 13.9 GB, too close to a 24 GB
-machine's size to be the default (docs/mbv2_engine.md).
+XLA asks for its buffers aligned (`posix_memalign`). A tuned process also preloads
+`large_blocks.c` (built once with the machine's C compiler, `large_blocks_library`), which
+serves those of 1 MB and more from one reserved range, best fit, and never unmaps them:
+between units of work `release_free` marks its free memory MADV_FREE, so the next
+architecture reuses it without a fault unless the kernel needed the memory meanwhile. glibc
+can only hand memory back, and taking it again can cost far more than it first did: on a
+virtual machine whose balloon device reports free pages to the host, a GB freed more than
+two seconds before took 1.3-1.5 s to touch again, against 0.1 s for one the guest still
+held. On 32 of a search's MobileNetV2 architectures the preload took 6.3 s median instead of
+7.8 s (glibc's heap keeping up to half the memory), with 23 s of system time instead of 86 s
+and a peak of 11.2 GB instead of 15.3 GB (docs/mbv2_engine.md).
 
-glibc reads these settings (`GLIBC_TUNABLES`) only when a process starts, so the command
+glibc reads `GLIBC_TUNABLES` and `LD_PRELOAD` only when a process starts, so the command
 line re-executes itself once with them (`reexec_tuned`); `WRCOR_JAX_MALLOC` picks them:
-`tuned` (the default), `heap`, or `default` (glibc's own allocator). The heap then never
-shrinks by itself, so long runs call `release_free(keep_mb)` between units of work to hand
-it back once it exceeds `keep_mb` (`kept_mb`: more in `heap` mode, or the share of the
-machine's memory `WRCOR_JAX_HEAP_KEPT` gives). Memory handed back can cost far more to take
-again than it first did: on a virtual machine whose balloon device reports free pages to the
-host, a GB freed more than two seconds before took 1.3-1.5 s to touch again, against 0.1 s
-for one the guest still held (docs/mbv2_engine.md).
+`tuned` (the default), `heap` (every block glibc serves from its heap, for machines with
+memory to spare and no C compiler), or `default` (glibc's own allocator, nothing preloaded).
+glibc's heap never shrinks by itself, so long runs call `release_free(keep_mb)` between units
+of work to hand it back once it exceeds `keep_mb` (`kept_mb`: more in `heap` mode, or the
+share of the machine's memory `WRCOR_JAX_HEAP_KEPT` gives).
 """
 
 from __future__ import annotations
@@ -35,8 +39,13 @@ import functools
 import math
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import warnings
 from pathlib import Path
+
+from wrcor_jax import native
 
 _MAP_APART = f"glibc.malloc.mmap_threshold={256 << 20}"  # blocks under 256 MB from the heap
 TUNABLES = (
@@ -52,6 +61,8 @@ MODES = {"tuned": TUNABLES, "heap": HEAP_TUNABLES}
 OPT_OUT = "WRCOR_JAX_MALLOC"
 KEPT_SHARE = "WRCOR_JAX_HEAP_KEPT"
 """The share of the machine's memory the freed heap keeps between units of work, 0 to 1."""
+LARGE_BLOCKS = Path(__file__).with_name("large_blocks.c")
+"""The allocator of XLA's large buffers that tuned processes preload (its header says why)."""
 
 
 def glibc() -> bool:
@@ -76,21 +87,52 @@ def _settings(environ: dict[str, str] | None = None) -> tuple[str, ...]:
 def tuned() -> bool:
     """Whether this process started with the tunables of its mode."""
     present = os.environ.get("GLIBC_TUNABLES", "").split(":")
-    return all(setting in present for setting in _settings())
+    preloaded = _large_blocks() is not None or large_blocks_library() is None
+    return preloaded and all(setting in present for setting in _settings())
+
+
+@functools.cache
+def large_blocks_library() -> Path | None:
+    """`large_blocks.c` built for this machine (once, into the user's cache), or None where
+    there is no C compiler or it fails: then glibc serves the large blocks too."""
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        return None
+    try:
+        return native.build(LARGE_BLOCKS, compiler, ("-O2", "-shared", "-fPIC"))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = str(getattr(error, "stderr", "") or error)[-2000:]
+        warnings.warn(
+            f"the large-block allocator did not build, glibc serves: {detail}", stacklevel=2
+        )
+        return None
+
+
+def _preloads(value: str) -> list[str]:
+    """`LD_PRELOAD`'s entries (separated by colons or spaces) but our library."""
+    return [p for p in value.replace(" ", ":").split(":") if p and not _is_large_blocks(p)]
+
+
+def _is_large_blocks(path: str) -> bool:
+    return Path(path).name.startswith(f"{LARGE_BLOCKS.stem}_")
 
 
 def environment(tune: bool = True, environ: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of `environ` (default: this process's) whose `GLIBC_TUNABLES` has the settings
-    of its `WRCOR_JAX_MALLOC` mode added (`tune`) or all of ours taken out (for a process
-    that should keep glibc's defaults)."""
+    of its `WRCOR_JAX_MALLOC` mode added and `LD_PRELOAD` the large-block allocator (`tune`),
+    or all of ours taken out (for a process that should keep glibc's defaults)."""
     env = dict(os.environ if environ is None else environ)
     ours = {*TUNABLES, *HEAP_TUNABLES}
     settings = [s for s in env.get("GLIBC_TUNABLES", "").split(":") if s and s not in ours]
     settings += list(_settings(env)) if tune else []
-    if settings:
-        env["GLIBC_TUNABLES"] = ":".join(settings)
-    else:
-        env.pop("GLIBC_TUNABLES", None)
+    preloads = _preloads(env.get("LD_PRELOAD", ""))
+    library = large_blocks_library() if tune else None
+    preloads += [str(library)] if library is not None else []
+    for name, entries in (("GLIBC_TUNABLES", settings), ("LD_PRELOAD", preloads)):
+        if entries:
+            env[name] = ":".join(entries)
+        else:
+            env.pop(name, None)
     return env
 
 
@@ -131,6 +173,27 @@ class _Mallinfo2(ctypes.Structure):
 
 
 @functools.cache
+def _large_blocks() -> ctypes.CDLL | None:
+    """The preloaded large-block allocator's functions, or None where it is not loaded."""
+    process = ctypes.CDLL(None)
+    if not hasattr(process, "wrcor_large_blocks_release"):
+        return None
+    process.wrcor_large_blocks_release.restype = ctypes.c_size_t
+    return process
+
+
+def large_blocks_mb() -> tuple[float, float]:
+    """MiB of the large-block allocator's blocks in use, and of those handed out once and
+    free now (mapped until released and the kernel needs them); 0, 0 where not loaded."""
+    blocks = _large_blocks()
+    if blocks is None:
+        return 0.0, 0.0
+    used, free = ctypes.c_size_t(), ctypes.c_size_t()
+    blocks.wrcor_large_blocks_usage(ctypes.byref(used), ctypes.byref(free))
+    return used.value / 2**20, free.value / 2**20
+
+
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     if not glibc():
         return None
@@ -158,11 +221,12 @@ def physical_mb() -> float:
 
 
 def kept_mb() -> float:
-    """How much freed memory `release_free` lets the heap keep between units of work, in
+    """How much freed memory `release_free` lets glibc's heap keep between units of work, in
     MiB: the share `WRCOR_JAX_HEAP_KEPT` gives of the machine's memory, else half where
     every block comes from the heap (a process started with `heap`'s tunables, the mode for
-    plentiful memory), an eighth otherwise. In the heap the next architecture reuses the
-    last one's GB-sized blocks without a fault only if they are kept: handing them back
+    plentiful memory), an eighth otherwise. Measured before the large-block allocator took
+    those blocks out of glibc's heap: the next architecture reused the last one's GB-sized
+    blocks without a fault only if they were kept: handing them back
     after each of 30 sampled MobileNetV2 architectures cost 16% more time than keeping up to
     half (peak resident memory 10.3 against 16.3 GB on a 24 GB machine), and keeping all of
     it (share 1) took 10-17% less time than half on 32 of a search's architectures, at
@@ -187,21 +251,27 @@ def _share(value: str) -> float:
 
 def in_use_mb() -> float:
     """MiB of memory this process's allocations hold: glibc's in-use heap and mmapped blocks
-    (`mallinfo2`), so freed memory the heap keeps does not count; elsewhere the resident
-    memory."""
+    (`mallinfo2`) and the large-block allocator's, so freed memory either keeps does not
+    count; elsewhere the resident memory."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return resident_mb()
     info = libc.mallinfo2()
-    return (info.uordblks + info.hblkhd) / 2**20
+    return (info.uordblks + info.hblkhd) / 2**20 + large_blocks_mb()[0]
 
 
 def release_free(keep_mb: float = 0.0) -> bool:
-    """Hand freed heap memory back to the OS when this process holds more than `keep_mb`
-    beyond what its allocations use; whether it did. Later calls fault those pages in again,
-    so keep what the next unit of work reuses."""
+    """Mark the large-block allocator's free memory as the kernel's to take when it needs
+    it (MADV_FREE: mapped until then, so reused without a fault), and hand glibc's freed
+    heap back to the OS when it holds more than `keep_mb`; whether glibc's was. Later calls
+    fault handed-back pages in again, so keep what the next unit of work reuses."""
     libc = _libc()
-    if libc is None or resident_mb() - in_use_mb() <= keep_mb:
+    if libc is None:
+        return False
+    blocks = _large_blocks()
+    if blocks is not None:
+        blocks.wrcor_large_blocks_release()
+    if resident_mb() - in_use_mb() - large_blocks_mb()[1] <= keep_mb:
         return False
     libc.malloc_trim(0)
     return True
