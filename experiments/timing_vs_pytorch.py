@@ -31,9 +31,10 @@ Implementations (`--only` picks some, `--limit NAME=N` scores only the first N a
   arch is run twice and the second call gives the run alone); jax_vmap (`vmapped_site_sums`
   over chunks of `--vmap-chunk` archs; skip with --skip-vmap).
 `--profile` adds where the composed engine's time goes (see `_profile`).
-The jax rows run with `wrcor_jax.allocator`'s tuned glibc malloc, as the command line does
-(`WRCOR_JAX_MALLOC=default` keeps glibc's defaults, `=heap` keeps even the largest blocks in
-the heap); the torch rows keep the defaults unless `--torch-malloc tuned`. Each row's
+The jax rows run with `wrcor_jax.allocator`'s tuned glibc malloc and its large-block
+allocator preloaded, as the command line does (`WRCOR_JAX_MALLOC=default` keeps glibc's
+defaults and preloads nothing); the torch rows keep the defaults unless `--torch-malloc
+tuned` (torch asks for its tensors through `posix_memalign` too). Each row's
 `extra.malloc_tuned` and `extra.malloc_mode` say which it had. The rows of the
 `score` path (jax, jax_2workers) keep compiled programs on disk as `score` does
 (`--compile-cache DIR`, `--no-compile-cache`): when `ExecutableBudget` releases the
@@ -869,7 +870,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--torch-malloc",
         choices=("default", "tuned"),
         default="default",
-        help="glibc malloc of the torch rows (jax rows: wrcor_jax.allocator's, as the CLI)",
+        help="allocator of the torch rows (jax rows: wrcor_jax.allocator's, as the CLI)",
     )
     parser.add_argument("--space", choices=sorted(SPACE_WORKERS), default="nb201")
     parser.add_argument(
