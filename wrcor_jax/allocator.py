@@ -12,15 +12,16 @@ GB-sized arrays of many sizes fragmented it by a third of the peak.
 
 XLA asks for its buffers aligned (`posix_memalign`). A tuned process also preloads
 `large_blocks.c` (built once with the machine's C compiler, `large_blocks_library`), which
-serves those of 1 MB and more from one reserved range, best fit, and never unmaps them:
-between units of work `release_free` marks its free memory MADV_FREE, so the next
-architecture reuses it without a fault unless the kernel needed the memory meanwhile. glibc
+serves those of 1 MB and more from one reserved range, best fit, and never unmaps them: it
+marks freed memory MADV_FREE, so a later call or architecture reuses it without a fault
+unless the kernel needed the memory meanwhile. glibc
 can only hand memory back, and taking it again can cost far more than it first did: on a
 virtual machine whose balloon device reports free pages to the host, a GB freed more than
 two seconds before took 1.3-1.5 s to touch again, against 0.1 s for one the guest still
-held. On 32 of a search's MobileNetV2 architectures the preload took 6.3 s median instead of
-7.8 s (glibc's heap keeping up to half the memory), with 23 s of system time instead of 86 s
-and a peak of 11.2 GB instead of 15.3 GB (docs/mbv2_engine.md).
+held. On 32 of a search's MobileNetV2 architectures the preload took 6.4 s median instead of
+10.0 s with glibc alone (7.8 s in `heap` mode), 32 s of system time instead of 217 s (86 s),
+at a peak of 10.6 GB (11.1 GB, 15.3 GB) (docs/mbv2_engine.md). Requests larger than the
+machine's memory go to glibc, whose refusal is a clean error.
 
 glibc reads `GLIBC_TUNABLES` and `LD_PRELOAD` only when a process starts, so the command
 line re-executes itself once with them (`reexec_tuned`); `WRCOR_JAX_MALLOC` picks them:
@@ -176,15 +177,12 @@ class _Mallinfo2(ctypes.Structure):
 def _large_blocks() -> ctypes.CDLL | None:
     """The preloaded large-block allocator's functions, or None where it is not loaded."""
     process = ctypes.CDLL(None)
-    if not hasattr(process, "wrcor_large_blocks_release"):
-        return None
-    process.wrcor_large_blocks_release.restype = ctypes.c_size_t
-    return process
+    return process if hasattr(process, "wrcor_large_blocks_usage") else None
 
 
 def large_blocks_mb() -> tuple[float, float]:
     """MiB of the large-block allocator's blocks in use, and of those handed out once and
-    free now (mapped until released and the kernel needs them); 0, 0 where not loaded."""
+    free now (mapped until the kernel needs them); 0, 0 where not loaded."""
     blocks = _large_blocks()
     if blocks is None:
         return 0.0, 0.0
@@ -261,17 +259,12 @@ def in_use_mb() -> float:
 
 
 def release_free(keep_mb: float = 0.0) -> bool:
-    """Mark the large-block allocator's free memory as the kernel's to take when it needs
-    it (MADV_FREE: mapped until then, so reused without a fault), and hand glibc's freed
-    heap back to the OS when it holds more than `keep_mb`; whether glibc's was. Later calls
-    fault handed-back pages in again, so keep what the next unit of work reuses."""
+    """Hand glibc's freed heap back to the OS when this process holds more than `keep_mb`
+    beyond what its allocations use (the large-block allocator's free memory aside: the
+    kernel takes it when it needs it); whether it did. Later calls fault those pages in
+    again, so keep what the next unit of work reuses."""
     libc = _libc()
-    if libc is None:
-        return False
-    blocks = _large_blocks()
-    if blocks is not None:
-        blocks.wrcor_large_blocks_release()
-    if resident_mb() - in_use_mb() - large_blocks_mb()[1] <= keep_mb:
+    if libc is None or resident_mb() - in_use_mb() - large_blocks_mb()[1] <= keep_mb:
         return False
     libc.malloc_trim(0)
     return True

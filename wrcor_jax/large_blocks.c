@@ -1,17 +1,17 @@
-/* Large blocks for XLA:CPU's buffers, kept backed between calls and architectures.
+/* Large blocks for XLA:CPU's buffers, kept mapped between calls and architectures.
 
    Loaded with LD_PRELOAD (wrcor_jax/allocator.py). Aligned requests of LARGE bytes or more
    (XLA:CPU asks for its buffers through posix_memalign / aligned_alloc) are cut from one
-   reserved address range, best fit, and go back to a free list on free(); everything else
-   is glibc's. Between units of work `wrcor_large_blocks_release` marks the free list's
-   memory MADV_FREE instead of unmapping it: the pages stay mapped and cost no fault when the
-   next architecture reuses them, but the kernel may take them whenever the machine needs the
-   memory. glibc offers no such release: its trim unmaps, and on a virtual machine that
-   reports free pages to its host a GB unmapped took 1.3-1.5 s to touch again
-   (docs/mbv2_engine.md). */
+   reserved address range, best fit, and go back to a free list on free(), their whole pages
+   marked MADV_FREE instead of unmapped: they stay mapped and cost no fault when a later
+   call reuses them, but the kernel may take them whenever the machine needs the memory.
+   Everything else is glibc's. glibc offers no such release: its trim unmaps, and on a
+   virtual machine that reports free pages to its host a GB unmapped took 1.3-1.5 s to touch
+   again (docs/mbv2_engine.md). */
 
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -27,7 +27,7 @@ extern void *__libc_memalign(size_t, size_t);
 
 #define LARGE ((size_t)1 << 20)      /* smaller requests stay glibc's */
 #define GRAIN ((size_t)64 << 10)     /* blocks are whole multiples of this */
-#define HUGE_PAGE ((size_t)2 << 20)  /* the release advises whole 2 MB pages only */
+#define HUGE_PAGE ((size_t)2 << 20)  /* free advises whole 2 MB pages only */
 #define MAX_RANGES 65536             /* free ranges; beyond that, glibc serves */
 
 typedef struct {
@@ -41,16 +41,30 @@ static range_t free_ranges[MAX_RANGES];  /* sorted by address, never adjacent */
 static size_t n_free;
 static size_t in_use;             /* bytes of blocks handed out, headers and rounding too */
 static uintptr_t touched;         /* the highest address ever handed out */
+static size_t machine;            /* bytes of memory the machine has */
 
 static uintptr_t round_up(uintptr_t x, size_t to) { return (x + to - 1) / to * to; }
 static uintptr_t round_down(uintptr_t x, size_t to) { return x / to * to; }
+
+/* Whether the kernel counts every mapping against a commit limit (vm.overcommit_memory 2):
+   there a reserved range would be charged in full, so glibc serves everything. */
+static int strict_overcommit(void) {
+  int fd = open("/proc/sys/vm/overcommit_memory", O_RDONLY | O_CLOEXEC);
+  char mode = '0';
+  if (fd >= 0) {
+    if (read(fd, &mode, 1) != 1) mode = '0';
+    close(fd);
+  }
+  return mode == '2';
+}
 
 /* Reserve twice the machine's memory (address space only), else less: 2 MB aligned so
    that transparent huge pages cover it from its first byte. */
 static int reserve(void) {
   if (base || unavailable) return base != 0;
-  size_t size = round_up((size_t)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE) * 2, HUGE_PAGE);
-  for (; size >= ((size_t)1 << 30); size /= 2) {
+  machine = (size_t)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE);
+  for (size_t size = round_up(machine * 2, HUGE_PAGE); size >= ((size_t)1 << 30); size /= 2) {
+    if (strict_overcommit()) break;
     void *p = mmap(NULL, size + HUGE_PAGE, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) continue;
@@ -131,11 +145,26 @@ static int give_back(uintptr_t start, uintptr_t end) {
   return 1;
 }
 
+/* Mark MADV_FREE the whole 2 MB pages of the block just given back [start, end) that lie
+   in free memory now (a page shared with a block in use waits for that block's free; a
+   partial page would be split): still mapped, reused without a fault, but the kernel's to
+   take if it needs the memory. Under the lock, so that no one is handed them meanwhile. */
+static void advise_free(uintptr_t start, uintptr_t end) {
+  size_t i = 0;
+  while (free_ranges[i].end < end) i++; /* the free range that now holds the block */
+  uintptr_t lo = round_down(start, HUGE_PAGE), hi = round_up(end, HUGE_PAGE);
+  if (lo < free_ranges[i].start) lo += HUGE_PAGE;
+  if (hi > free_ranges[i].end) hi -= HUGE_PAGE;
+  if (hi > lo) madvise((void *)lo, hi - lo, MADV_FREE);
+}
+
 static void *large(size_t alignment, size_t size) {
   if (size < LARGE || alignment > GRAIN) return NULL;
   void *p = NULL;
   pthread_mutex_lock(&lock);
-  if (reserve()) p = take(size, alignment < 16 ? 16 : alignment);
+  /* More than the machine has goes to glibc, whose mmap fails at once (a clean error)
+     where the kernel refuses it: cut from the range it would be granted, then killed. */
+  if (reserve() && size <= machine) p = take(size, alignment < 16 ? 16 : alignment);
   pthread_mutex_unlock(&lock);
   return p;
 }
@@ -148,8 +177,11 @@ void free(void *p) {
   uintptr_t start = block_of(p);
   size_t size = block_size(p);
   pthread_mutex_lock(&lock);
-  if (give_back(start, start + size)) in_use -= size;
-  pthread_mutex_unlock(&lock); /* a full list leaks the block rather than corrupt it */
+  if (give_back(start, start + size)) { /* a full list leaks the block, never corrupts it */
+    in_use -= size;
+    advise_free(start, start + size);
+  }
+  pthread_mutex_unlock(&lock);
 }
 
 int posix_memalign(void **out, size_t alignment, size_t size) {
@@ -187,22 +219,6 @@ void *reallocarray(void *p, size_t n, size_t size) {
     return NULL;
   }
   return realloc(p, bytes);
-}
-
-/* Mark every free byte handed out before MADV_FREE (whole 2 MB pages: a partial one would be
-   split): it stays mapped until the kernel needs it. Returns the bytes advised. */
-size_t wrcor_large_blocks_release(void) {
-  size_t advised = 0;
-  pthread_mutex_lock(&lock);
-  for (size_t i = 0; i < n_free && free_ranges[i].start < touched; i++) {
-    uintptr_t start = round_up(free_ranges[i].start, HUGE_PAGE);
-    uintptr_t end = round_down(free_ranges[i].end < touched ? free_ranges[i].end : touched,
-                               HUGE_PAGE);
-    if (end > start && madvise((void *)start, end - start, MADV_FREE) == 0)
-      advised += end - start;
-  }
-  pthread_mutex_unlock(&lock);
-  return advised;
 }
 
 /* Bytes of blocks in use, and bytes handed out at some time and free now. */
