@@ -159,7 +159,7 @@ static void advise_free(uintptr_t start, uintptr_t end) {
 }
 
 static void *large(size_t alignment, size_t size) {
-  if (size < LARGE || alignment > GRAIN) return NULL;
+  if (size < LARGE || alignment > GRAIN || (alignment & (alignment - 1))) return NULL;
   void *p = NULL;
   pthread_mutex_lock(&lock);
   /* More than the machine has goes to glibc, whose mmap fails at once (a clean error)
