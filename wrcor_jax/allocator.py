@@ -14,14 +14,14 @@ XLA asks for its buffers aligned (`posix_memalign`). A tuned process also preloa
 `large_blocks.c` (built once with the machine's C compiler, `large_blocks_library`), which
 serves those of 1 MB and more from one reserved range, best fit, and never unmaps them: it
 marks freed memory MADV_FREE, so a later call or architecture reuses it without a fault
-unless the kernel needed the memory meanwhile. glibc
-can only hand memory back, and taking it again can cost far more than it first did: on a
-virtual machine whose balloon device reports free pages to the host, a GB freed more than
-two seconds before took 1.3-1.5 s to touch again, against 0.1 s for one the guest still
-held. On 32 of a search's MobileNetV2 architectures the preload took 6.4 s median instead of
-10.0 s with glibc alone (7.8 s in `heap` mode), 32 s of system time instead of 217 s (86 s),
-at a peak of 10.6 GB (11.1 GB, 15.3 GB) (docs/mbv2_engine.md). Requests larger than the
-machine's memory go to glibc, whose refusal is a clean error.
+unless the kernel needed the memory meanwhile. glibc can only hand memory back, and taking
+it again can cost far more than it first did: on a virtual machine whose balloon device
+reports free pages to the host, a GB freed more than two seconds before took 1.3-1.5 s to
+touch again, against 0.1 s for one the guest still held. On 32 of a search's MobileNetV2
+architectures the preload took 6.4 s median against 10.0 s with glibc alone and 7.8 s in
+`heap` mode, with 32 s of system time against 217 s and 86 s, at a peak of 10.6 GB against
+11.1 and 15.3 GB (docs/mbv2_engine.md). Requests larger than the machine's memory go to
+glibc, whose refusal is a clean error.
 
 glibc reads `GLIBC_TUNABLES` and `LD_PRELOAD` only when a process starts, so the command
 line re-executes itself once with them (`reexec_tuned`); `WRCOR_JAX_MALLOC` picks them:
@@ -86,7 +86,8 @@ def _settings(environ: dict[str, str] | None = None) -> tuple[str, ...]:
 
 
 def tuned() -> bool:
-    """Whether this process started with the tunables of its mode."""
+    """Whether this process started with the tunables of its mode and, where it builds, the
+    large-block allocator preloaded."""
     present = os.environ.get("GLIBC_TUNABLES", "").split(":")
     preloaded = _large_blocks() is not None or large_blocks_library() is None
     return preloaded and all(setting in present for setting in _settings())
