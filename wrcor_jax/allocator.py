@@ -224,12 +224,12 @@ def kept_mb() -> float:
     MiB: the share `WRCOR_JAX_HEAP_KEPT` gives of the machine's memory, else half where
     every block comes from the heap (a process started with `heap`'s tunables, the mode for
     plentiful memory), an eighth otherwise. Measured before the large-block allocator took
-    those blocks out of glibc's heap: the next architecture reused the last one's GB-sized
-    blocks without a fault only if they were kept: handing them back
-    after each of 30 sampled MobileNetV2 architectures cost 16% more time than keeping up to
-    half (peak resident memory 10.3 against 16.3 GB on a 24 GB machine), and keeping all of
-    it (share 1) took 10-17% less time than half on 32 of a search's architectures, at
-    21.7 GB against 13.8-14.9 GB (docs/mbv2_engine.md)."""
+    those blocks out of glibc's heap, the next architecture reused the last one's GB-sized
+    blocks without a fault only if they were kept: handing them back after each of 30
+    sampled MobileNetV2 architectures cost 16% more time than keeping up to half (peak
+    resident memory 10.3 against 16.3 GB on a 24 GB machine), and keeping all of it (share
+    1) took 10-17% less time than half on 32 of a search's architectures, at 21.7 GB against
+    13.8-14.9 GB (docs/mbv2_engine.md)."""
     share = os.environ.get(KEPT_SHARE)
     if share is not None:
         return physical_mb() * _share(share)
