@@ -1,4 +1,5 @@
-"""The native depthwise conv (`depthwise_cpu`) computes the engine's XLA taps, both ways."""
+"""The native depthwise conv (`depthwise_cpu`) computes the engine's XLA taps, both ways, and
+their kernel's cotangent."""
 
 from __future__ import annotations
 
@@ -75,8 +76,8 @@ def test_native_conv_and_its_transpose_equal_the_taps(n, side, c, k, stride, dty
     ("side", "stride", "tiles_in", "tiles_out"), [(9, 1, 8, 4), (12, 2, 4, 2), (14, 1, 16, 1)]
 )
 def test_native_conv_reads_and_writes_tiles(side, stride, tiles_in, tiles_out):
-    """Tiles whose ends cut the images' pixel rows give the whole array's result, forward
-    and transposed, to the bit."""
+    """Tiles whose ends cut the images' pixel rows give the whole array's result, forward,
+    transposed and the kernel's cotangent, to the bit."""
     x, kernel, g, _ = _case(2, side, 32, 5, stride, np.float32)
     p_in = rows_bucket(side * side)
     out_side = -(-side // stride)
@@ -92,12 +93,15 @@ def test_native_conv_reads_and_writes_tiles(side, stride, tiles_in, tiles_out):
         g_tiles, centre, side_, x_tiles, p_in, tiles_in, stride, True
     )
     np.testing.assert_array_equal(np.concatenate(tiled_dx, axis=1), whole_dx)
+    whole_dk = depthwise_cpu.kernel_cotangent((x,), (g,), centre, side_, stride)
+    tiled_dk = depthwise_cpu.kernel_cotangent(x_tiles, g_tiles, centre, side_, stride)
+    np.testing.assert_array_equal(tiled_dk, whole_dk)
 
 
 @pytest.mark.parametrize(("n", "side", "c", "k", "stride"), CASES[2:5])
 def test_engine_conv_gradients_equal_the_taps(n, side, c, k, stride):
-    """The engine's custom vjp (the native input cotangent, the taps' kernel gradient)
-    against autodiff of the XLA taps, in float64."""
+    """The engine's custom vjp (the native input and kernel cotangents) against autodiff of
+    the XLA taps, in float64."""
     with jax.enable_x64(True):
         x, kernel, g, p_out = _case(n, side, c, k, stride, np.float64)
         geometry = jnp.asarray([side, k // 2])

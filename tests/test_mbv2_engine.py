@@ -22,6 +22,7 @@ from wrcor_jax.data import load_batch
 from wrcor_jax.proxies import PROXIES
 from wrcor_jax.proxies.wrcor import mbv2_act_cor, mbv2_wrcor, mbv2_wrcor_allrelu
 from wrcor_jax.responses import KINDS
+from wrcor_jax.spaces.mbv2 import engine
 from wrcor_jax.spaces.mbv2.arch import parse
 from wrcor_jax.spaces.mbv2.capture import site_sums
 from wrcor_jax.spaces.mbv2.engine import (
@@ -236,12 +237,19 @@ def test_gram_matrix_backward_equals_autodiff():
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize(("kernel", "stride", "side"), [(7, 2, 11), (5, 1, 8)])
-def test_depthwise_kernel_cotangent_equals_the_grouped_convs(kernel, stride, side):
-    """The depthwise conv's kernel cotangent, a loop over the taps, against autodiff of the
-    grouped conv of ReLU(x), on rows padded past side^2 (the padded output rows' cotangent
-    is ignored); and its program keeps one tap's copy at a time, not one per tap (49 at
-    k = 7 asked 41 GB of a search architecture's first block at batch 64)."""
+def test_depthwise_kernel_cotangent_equals_the_grouped_convs(
+    kernel, stride, side, native, monkeypatch
+):
+    """The depthwise conv's kernel cotangent (XLA's loop over the taps, and the native
+    call) against autodiff of the grouped conv of ReLU(x), on rows padded past side^2 (the
+    padded output rows' cotangent is ignored); and its program keeps one tap's copy at a
+    time, not one per tap (49 at k = 7 asked 41 GB of a search architecture's first block
+    at batch 64)."""
+    if native and not engine.native_depthwise():
+        pytest.skip("the native depthwise conv is not built here")
+    monkeypatch.setattr(engine, "native_depthwise", lambda: native)
     rng = np.random.default_rng(kernel + stride)
     x = rng.standard_normal((2, side, side, 4))
     small = rng.standard_normal((kernel, kernel, 1, 4))

@@ -14,7 +14,10 @@
 // per axis, both as sums over a padded source plane (below). The forward can also give
 // the output's per-channel sum and sum of squares about its mean over the real rows
 // (BatchNorm's statistics), summed in double while each output row is in cache: apart,
-// XLA:CPU read the output twice more for them.
+// XLA:CPU read the output twice more for them. The kernel's cotangent
+//   dk(d) = sum_o g(o) * relu(x(t o + d - r))
+// reads the forward's plane rows beside each row of g: as XLA's taps, it read the input
+// and g once per tap (49 times at k = 7).
 
 #include <algorithm>
 #include <atomic>
@@ -43,6 +46,10 @@ struct Geometry {
   int64_t width() const { return (transposed ? side_dst : side_src) + k - 1; }
   int64_t step() const { return transposed ? 1 : stride; }
 };
+
+bool Fits(const Geometry& g) {
+  return g.side_src * g.side_src <= g.p_src && g.side_dst * g.side_dst <= g.p_dst;
+}
 
 // (N, P, C) rows stored as tiles of `rows` rows per image.
 template <typename T>
@@ -213,6 +220,36 @@ void Row(const Geometry& g, Rows<T>& rows, const T* kernel, const Tiles<const T>
   }
 }
 
+// Adds one output row's share of the kernel's cotangent to `partial` (k * k * C, double):
+// per channel block and tap, the row's products summed in registers first.
+template <typename T>
+void KernelRow(const Geometry& g, const T* const* plane, const T* g_row, double* partial) {
+  constexpr int64_t lanes = sizeof(Vec<T>) / sizeof(T);
+  const int64_t c = g.c, k = g.k, step = g.step(), width = g.side_dst;
+  const int64_t block = c % lanes == 0 ? lanes : 1;
+  for (int64_t c0 = 0; c0 < c; c0 += block) {
+    for (int64_t dy = 0; dy < k; ++dy) {
+      if (plane[dy] == nullptr) continue;
+      for (int64_t dx = 0; dx < k; ++dx) {
+        double* into = partial + (dy * k + dx) * c + c0;
+        const T* s = plane[dy] + dx * c + c0;
+        if (block == 1) {
+          T acc = 0;
+          for (int64_t x = 0; x < width; ++x) acc += g_row[x * c + c0] * s[x * step * c];
+          *into += acc;
+          continue;
+        }
+        Vec<T> acc = {};
+        for (int64_t x = 0; x < width; ++x) {
+          acc += *reinterpret_cast<const Vec<T>*>(g_row + x * c + c0) *
+                 *reinterpret_cast<const Vec<T>*>(s + x * step * c);
+        }
+        for (int64_t i = 0; i < lanes; ++i) into[i] += acc[i];
+      }
+    }
+  }
+}
+
 // Runs fn(0..count-1) on the caller and XLA's intra-op threads, pulling indices from one
 // counter: the caller finishes alone when the pool is busy.
 template <typename F>
@@ -307,6 +344,39 @@ void Run(ffi::ThreadPool& pool, const Geometry& g, const Tiles<const T>& src, co
   if (stats != nullptr) Merge(moments, g.n * g.side_dst * g.side_dst, g.c, stats);
 }
 
+// dk (k, k, 1, C): the parts of the output rows summed apart in double, merged in order
+// (so the result does not depend on the threads).
+template <typename T>
+void RunKernel(ffi::ThreadPool& pool, const Geometry& g, const Tiles<const T>& src,
+               const Tiles<const T>& cotangent, T* dk) {
+  const int64_t lines = g.n * g.side_dst, taps = g.k * g.k * g.c;
+  const int64_t chunk = std::max<int64_t>(1, lines / 64), parts = (lines + chunk - 1) / chunk;
+  std::vector<std::vector<double>> partial(parts, std::vector<double>(taps));
+  ParallelFor(pool, parts, [&, chunk](int64_t part) {
+    Rows<T> rows(g, src);
+    std::vector<T> scratch(g.side_dst * g.c);
+    for (int64_t line = part * chunk; line < std::min(lines, (part + 1) * chunk); ++line) {
+      const int64_t image = line / g.side_dst, y = line % g.side_dst;
+      const T* plane[16];
+      for (int64_t dy = 0; dy < g.k; ++dy) plane[dy] = rows.Get(image, g.step() * y + dy);
+      const int64_t first = y * g.side_dst;
+      const T* g_row = cotangent.Span(image, first, g.side_dst);
+      if (g_row == nullptr) {
+        for (int64_t x = 0; x < g.side_dst; ++x) {
+          std::memcpy(scratch.data() + x * g.c, cotangent.At(image, first + x), g.c * sizeof(T));
+        }
+        g_row = scratch.data();
+      }
+      KernelRow(g, plane, g_row, partial[part].data());
+    }
+  });
+  for (int64_t i = 0; i < taps; ++i) {
+    double sum = 0;
+    for (const std::vector<double>& part : partial) sum += part[i];
+    dk[i] = static_cast<T>(sum);
+  }
+}
+
 // `buffers` as the tiles of one (N, P, C) array: all (N, P / T, C), of the kernel's type.
 template <typename T>
 ffi::Error AsTiles(const std::vector<ffi::AnyBuffer>& buffers, ffi::DataType type,
@@ -366,10 +436,33 @@ ffi::Error Typed(ffi::ThreadPool& pool, ffi::DataType type, const T* kernel, con
   if (n_src != n_dst || src.c != dst.c || !masked) {
     return ffi::Error::InvalidArgument("depthwise: sources, mask and results disagree");
   }
-  if (g.side_src * g.side_src > g.p_src || g.side_dst * g.side_dst > g.p_dst) {
-    return ffi::Error::InvalidArgument("depthwise: the image does not fit its rows");
-  }
+  if (!Fits(g)) return ffi::Error::InvalidArgument("depthwise: the image does not fit its rows");
   Run(pool, g, src, kernel, mask, dst, stats);
+  return ffi::Error::Success();
+}
+
+template <typename T>
+ffi::Error TypedKernel(ffi::ThreadPool& pool, ffi::DataType type, const int64_t k,
+                       const int64_t side_in, const std::vector<ffi::AnyBuffer>& sources,
+                       const std::vector<ffi::AnyBuffer>& cotangents, ffi::AnyBuffer dk,
+                       int64_t stride) {
+  Tiles<const T> src, cotangent;
+  int64_t n_src = 0, n_g = 0;
+  for (ffi::Error error : {AsTiles(sources, type, src, n_src),
+                           AsTiles(cotangents, type, cotangent, n_g)}) {
+    if (error.failure()) return error;
+  }
+  const int64_t p_src = src.rows * sources.size(), p_dst = cotangent.rows * cotangents.size();
+  Geometry g{n_src, p_src, p_dst, src.c, k, side_in, (side_in + stride - 1) / stride, stride,
+             false};
+  const auto d = dk.dimensions();
+  const bool shaped = d.size() == 4 && d[0] == k && d[1] == k && d[2] == 1 && d[3] == src.c &&
+                      dk.element_type() == type;
+  if (n_src != n_g || src.c != cotangent.c || !shaped) {
+    return ffi::Error::InvalidArgument("depthwise kernel: sources, cotangent and kernel disagree");
+  }
+  if (!Fits(g)) return ffi::Error::InvalidArgument("depthwise: the image does not fit its rows");
+  RunKernel(pool, g, src, cotangent, static_cast<T*>(dk.untyped_data()));
   return ffi::Error::Success();
 }
 
@@ -409,6 +502,36 @@ ffi::Error Depthwise(ffi::ThreadPool pool, ffi::AnyBuffer kernel, ffi::Buffer<ff
   }
 }
 
+// kernel (k, k, 1, C), read for its shape; the remaining arguments: `sources` tiles of the
+// forward's input, then the tiles of its output's cotangent; the result: the kernel's
+// cotangent, (k, k, 1, C).
+ffi::Error DepthwiseKernel(ffi::ThreadPool pool, ffi::AnyBuffer kernel,
+                           ffi::Buffer<ffi::S32> side, ffi::RemainingArgs args,
+                           ffi::Result<ffi::AnyBuffer> dk, int64_t stride, int64_t sources) {
+  std::vector<ffi::AnyBuffer> inputs, cotangents;
+  for (size_t i = 0; i < args.size(); ++i) {
+    ffi::ErrorOr<ffi::AnyBuffer> buffer = args.get<ffi::AnyBuffer>(i);
+    if (!buffer.has_value()) return buffer.error();
+    (static_cast<int64_t>(i) < sources ? inputs : cotangents).push_back(*buffer);
+  }
+  const auto kd = kernel.dimensions();
+  if (kd.size() != 4 || kd[0] != kd[1] || kd[0] % 2 == 0 || kd[0] > 15 || kd[2] != 1 ||
+      stride < 1 || inputs.empty() || cotangents.empty()) {
+    return ffi::Error::InvalidArgument("depthwise kernel: expected a (k, k, 1, C) kernel");
+  }
+  const int64_t side_in = side.typed_data()[0];
+  switch (kernel.element_type()) {
+    case ffi::DataType::F32:
+      return TypedKernel<float>(pool, kernel.element_type(), kd[0], side_in, inputs, cotangents,
+                                *dk, stride);
+    case ffi::DataType::F64:
+      return TypedKernel<double>(pool, kernel.element_type(), kd[0], side_in, inputs, cotangents,
+                                 *dk, stride);
+    default:
+      return ffi::Error::InvalidArgument("depthwise kernel: float32 or float64 only");
+  }
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WrcorDepthwise, Depthwise,
@@ -422,3 +545,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WrcorDepthwise, Depthwise,
                                   .Attr<bool>("transposed")
                                   .Attr<int64_t>("sources")
                                   .Attr<bool>("statistics"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WrcorDepthwiseKernel, DepthwiseKernel,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("sources"));

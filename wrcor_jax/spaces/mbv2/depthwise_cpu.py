@@ -27,6 +27,7 @@ from wrcor_jax.compilation import cpu_model
 
 SOURCE = Path(__file__).with_suffix(".cc")
 TARGET = "wrcor_mbv2_depthwise"
+KERNEL_TARGET = "wrcor_mbv2_depthwise_kernel"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -49,7 +50,14 @@ def available() -> bool:
         )
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.WrcorDepthwise), "cpu")
+    capsule = jax.ffi.pycapsule(library.WrcorDepthwiseKernel)
+    jax.ffi.register_ffi_target(KERNEL_TARGET, capsule, "cpu")
     return True
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError("the native depthwise conv is not available on this machine")
 
 
 def depthwise(
@@ -71,8 +79,7 @@ def depthwise(
     about their mean (summed in float64). Transposed: the cotangent of relu(masks) at the
     forward's input (`masks`: its tiles), from the output's cotangent `sources` (its padded
     rows are not read). Padded output rows are 0."""
-    if not available():
-        raise RuntimeError("the native depthwise conv is not available on this machine")
+    _require()
     n, _, c = sources[0].shape
     dtype = sources[0].dtype
     tile = jax.ShapeDtypeStruct((n, rows_out // tiles_out, c), dtype)
@@ -89,3 +96,26 @@ def depthwise(
         statistics=statistics,
     )
     return tuple(outputs)
+
+
+def kernel_cotangent(
+    sources: Sequence[jax.Array],
+    cotangents: Sequence[jax.Array],
+    kernel: jax.Array,
+    side: jax.Array,
+    stride: int,
+) -> jax.Array:
+    """The cotangent at `kernel` (k, k, 1, C) of the forward `depthwise(sources, kernel, ...)`
+    from its output's cotangent (`cotangents`: its tiles, their padded rows not read):
+    each tap's ReLU(input) times the cotangent, summed over images and output pixels
+    (in float64, merged in a fixed order)."""
+    _require()
+    call = jax.ffi.ffi_call(KERNEL_TARGET, jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
+    return call(
+        kernel,
+        jnp.asarray(side, np.int32).reshape(1),
+        *sources,
+        *cotangents,
+        stride=np.int64(stride),
+        sources=np.int64(len(sources)),
+    )

@@ -442,22 +442,30 @@ def depthwise_strided_transposed(
 
 def _kernel_cotangents(stride: int, p_out: int) -> list[Callable]:
     """Per radius r, (x, kernel, side, g) -> the cotangent at the `MAX_KERNEL`-padded kernel
-    of `_taps_branches`' conv at r (x and g as tiles): each tap's shifted ReLU(x) times the
-    output's cotangent at full resolution, summed over images and rows, as the conv's vjp
-    computes it. Written out because tracing that vjp (the conv, its data cotangent too, for
-    three radii) was most of the time a synflow pass spent on an architecture's new shapes
+    of `_conv_branches`' conv at r (x and g as tiles): each tap's shifted ReLU(x) times the
+    output's cotangent, summed over images and output pixels. On CPU `depthwise_cpu`'s
+    custom call where the forward's is (10-30x faster than the taps, which read x and g
+    once per tap), elsewhere the taps at full resolution, as the conv's vjp computes it;
+    written out because tracing that vjp (the conv, its data cotangent too, for three
+    radii) was most of the time a synflow pass spent on an architecture's new shapes
     before its programs ran: 2-3 s per architecture of a search."""
 
     def at_radius(r: int) -> Callable:
-        def cotangent(x: tuple, kernel: jax.Array, side: jax.Array, g: tuple) -> jax.Array:
+        inner = MAX_KERNEL // 2 - r
+
+        def native(x: tuple, kernel: jax.Array, side: jax.Array, g: tuple) -> jax.Array:
+            small = depthwise_cpu.kernel_cotangent(x, g, _centre(kernel, r), side, stride)
+            return jnp.pad(small, ((inner, inner), (inner, inner), (0, 0), (0, 0)))
+
+        def taps(x: tuple, kernel: jax.Array, side: jax.Array, g: tuple) -> jax.Array:
             h, g = jax.nn.relu(_whole(x)), _whole(g)
             if stride == 2:  # the subsample's transpose: g back on the even rows and columns
                 g = jax.vjp(lambda y: subsample_rows(y, side, p_out), h)[1](g)[0]
             else:
                 g = jnp.where(_row_mask(g.shape[1], side * side), g, 0.0)
-            return _tap_sums(h, g, side, r, jnp.zeros_like(kernel), MAX_KERNEL // 2 - r)
+            return _tap_sums(h, g, side, r, jnp.zeros_like(kernel), inner)
 
-        return cotangent
+        return native if native_depthwise() else taps
 
     return [at_radius(r) for r in RADII]
 
