@@ -6,6 +6,7 @@ import csv
 import json
 import re
 
+import jax
 import pytest
 from conftest import SAMPLE, require
 
@@ -140,3 +141,34 @@ def test_search_keeps_to_the_flops_limit(tmp_path, capsys, algo):
     space = get_space("mbv2", flops_limit=300_000_000)
     assert all(space.search_problems(space.parse(r["arch"])) == [] for r in history)
     assert float(result["best_scores"][0]) == max(float(r["params"]) for r in history)
+
+
+def test_out_of_memory_names_the_architecture_and_keeps_the_rows(tmp_path, capsys, monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED, deep in a piece's call, reaches the user as one line naming
+    the architecture being scored; the rows scored before it stay in the file."""
+    space_class = type(get_space("mbv2"))
+    make_scorer = space_class.scorer
+
+    def scorer_failing_on_the_second(space, config):
+        scorer, calls = make_scorer(space, config), []
+
+        def score(archs, *args):
+            calls.append(archs)
+            if len(calls) == 2:
+                raise jax.errors.JaxRuntimeError(
+                    "RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes."
+                )
+            return scorer.score(archs, *args)
+
+        return type("Failing", (), {"score": staticmethod(score), "archs_per_call": 1})()
+
+    monkeypatch.setattr(space_class, "scorer", scorer_failing_on_the_second)
+    archs, out = tmp_path / "archs.txt", tmp_path / "scores.csv"
+    archs.write_text("\n".join(SMALL) + "\n")
+    command = ["score", "--space", "mbv2", "--archs", str(archs), "--proxies", "params"]
+    assert main([*command, "--quiet", "--out", str(out)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0
+    assert f"out of memory scoring {SMALL[1]}" in error and "9 bytes" in error
+    with out.open(newline="") as f:
+        assert [row["arch"] for row in csv.DictReader(f)] == SMALL[:1]

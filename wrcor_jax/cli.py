@@ -530,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("wrcor-jax: interrupted; re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, MemoryError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"wrcor-jax: error: {message}", file=sys.stderr)
         return EXIT_ERROR

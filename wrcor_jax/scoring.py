@@ -19,11 +19,12 @@ architectures are scored concurrently from threads (XLA releases the GIL while i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -312,6 +313,28 @@ def _devices_used(config: ScoreConfig, engine: str) -> int:
     return jax.local_device_count() if engine in ("chunked", "vmap") else 1
 
 
+class OutOfMemory(MemoryError):
+    """The device ran out of memory while scoring: which architectures, and what to try (a
+    MemoryError, so that the command line reports it in one line without importing this)."""
+
+
+@contextlib.contextmanager
+def out_of_memory_named(texts: Sequence[str]) -> Iterator[None]:
+    """Re-raise XLA's RESOURCE_EXHAUSTED, a traceback deep in a piece's call, as
+    `OutOfMemory` naming the architectures being scored (`texts`, one call's worth)."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        which = texts[0] if len(texts) == 1 else f"{len(texts)} architectures from {texts[0]}"
+        detail = str(error).strip().splitlines()[0]
+        raise OutOfMemory(
+            f"out of memory scoring {which} ({detail}); the rows scored before it are kept; "
+            "a smaller --batch-size or fewer --proxies needs less"
+        ) from error
+
+
 def score_archs(
     archs: Sequence[str],
     config: ScoreConfig,
@@ -352,7 +375,8 @@ def score_archs(
     step = scorer.archs_per_call if scorer else config.chunk_size
     for begin in range(0, len(todo), step):
         chunk = todo[begin : begin + step]
-        scores = scorer.score([arch for _, arch in chunk])
+        with out_of_memory_named([text for text, _ in chunk]):
+            scores = scorer.score([arch for _, arch in chunk])
         results.append(zip([text for text, _ in chunk], scores, strict=True))
         bar.update(len(chunk))
     bar.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 from wrcor_jax.benchmarks.nb201 import parse_score
 from wrcor_jax.data import get_dataset_info
 from wrcor_jax.results import ResultsFile
-from wrcor_jax.scoring import ScoreConfig
+from wrcor_jax.scoring import ScoreConfig, out_of_memory_named
 from wrcor_jax.spaces import Space, get_space
 from wrcor_jax.spaces.base import Arch, Scorer
 
@@ -180,7 +180,8 @@ class CachedFitness:
             step = self._scorer.archs_per_call
             for begin in range(0, len(pending), step):
                 chunk = pending[begin : begin + step]
-                fresh = self._scorer.score([candidates[i] for _, i in chunk], lacking)
+                with out_of_memory_named([arch for arch, _ in chunk]):
+                    fresh = self._scorer.score([candidates[i] for _, i in chunk], lacking)
                 self.cache.put(zip((arch for arch, _ in chunk), fresh, strict=True), lacking)
         return [list(map(float, self.cache.get(arch, self.proxies))) for arch in archs]
 
