@@ -143,14 +143,14 @@ def test_search_keeps_to_the_flops_limit(tmp_path, capsys, algo):
     assert float(result["best_scores"][0]) == max(float(r["params"]) for r in history)
 
 
-def test_out_of_memory_names_the_architecture_and_keeps_the_rows(tmp_path, capsys, monkeypatch):
-    """XLA's RESOURCE_EXHAUSTED, deep in a piece's call, reaches the user as one line naming
-    the architecture being scored; the rows scored before it stay in the file."""
+@pytest.fixture
+def out_of_memory_on_the_second_call(monkeypatch) -> None:
+    """mbv2 scorers whose second call fails as XLA does when the device is out of memory."""
     space_class = type(get_space("mbv2"))
     make_scorer = space_class.scorer
 
-    def scorer_failing_on_the_second(space, config):
-        scorer, calls = make_scorer(space, config), []
+    def scorer(space, config):
+        real, calls = make_scorer(space, config), []
 
         def score(archs, *args):
             calls.append(archs)
@@ -158,11 +158,17 @@ def test_out_of_memory_names_the_architecture_and_keeps_the_rows(tmp_path, capsy
                 raise jax.errors.JaxRuntimeError(
                     "RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes."
                 )
-            return scorer.score(archs, *args)
+            return real.score(archs, *args)
 
         return type("Failing", (), {"score": staticmethod(score), "archs_per_call": 1})()
 
-    monkeypatch.setattr(space_class, "scorer", scorer_failing_on_the_second)
+    monkeypatch.setattr(space_class, "scorer", scorer)
+
+
+@pytest.mark.usefixtures("out_of_memory_on_the_second_call")
+def test_out_of_memory_names_the_architecture_and_keeps_the_rows(tmp_path, capsys):
+    """XLA's RESOURCE_EXHAUSTED, deep in a piece's call, reaches the user as one line naming
+    the architecture being scored; the rows scored before it stay in the file."""
     archs, out = tmp_path / "archs.txt", tmp_path / "scores.csv"
     archs.write_text("\n".join(SMALL) + "\n")
     command = ["score", "--space", "mbv2", "--archs", str(archs), "--proxies", "params"]
@@ -172,3 +178,13 @@ def test_out_of_memory_names_the_architecture_and_keeps_the_rows(tmp_path, capsy
     assert f"out of memory scoring {SMALL[1]}" in error and "9 bytes" in error
     with out.open(newline="") as f:
         assert [row["arch"] for row in csv.DictReader(f)] == SMALL[:1]
+
+
+@pytest.mark.usefixtures("out_of_memory_on_the_second_call")
+def test_search_out_of_memory_is_one_line(tmp_path, capsys):
+    command = ["search", "--space", "mbv2", "--algo", "random", "--proxies", "params"]
+    command += ["--budget", "4", "--quiet", "--out", str(tmp_path / "search")]
+    assert main(command) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0
+    assert re.fullmatch(r"wrcor-jax: error: out of memory scoring SuperConv\S+@\d+ .*", error)
