@@ -4,10 +4,10 @@ XLA:CPU runs the engine's sum of row-shifted taps at 5-20 GMAC/s and, on small i
 mostly over padding (a 7 x 7 kernel on a 7 x 7 image: 13x slower than torch's NHWC
 depthwise); the kernel sums only the taps inside each image. Its kernel's cotangent
 (`kernel_cotangent`) reads the input and the output's cotangent once, where the taps read
-them once per tap. It is compiled with the
-machine's own C++ compiler (`$CXX`, else g++) for its own CPU, into the user's cache, once
-per source, compiler and CPU. Where that fails, or `WRCOR_JAX_NATIVE=0`, `available()` is
-False and the engine keeps its XLA taps (the same maths: float32 sums in another order)."""
+them once per tap. It is compiled with the machine's own C++ compiler (`$CXX`, else g++)
+for its own CPU, into the user's cache, once per source, compiler and CPU. Where that
+fails, or `WRCOR_JAX_NATIVE=0`, `available()` is False and the engine keeps its XLA taps
+(the same maths: float32 sums in another order)."""
 
 from __future__ import annotations
 
