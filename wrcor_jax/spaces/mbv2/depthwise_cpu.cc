@@ -466,6 +466,22 @@ ffi::Error TypedKernel(ffi::ThreadPool& pool, ffi::DataType type, const int64_t 
   return ffi::Error::Success();
 }
 
+// The remaining arguments, the first `sources` into `first` and the others into `rest`.
+ffi::Error SplitArgs(const ffi::RemainingArgs& args, int64_t sources,
+                     std::vector<ffi::AnyBuffer>& first, std::vector<ffi::AnyBuffer>& rest) {
+  for (size_t i = 0; i < args.size(); ++i) {
+    ffi::ErrorOr<ffi::AnyBuffer> buffer = args.get<ffi::AnyBuffer>(i);
+    if (!buffer.has_value()) return buffer.error();
+    (static_cast<int64_t>(i) < sources ? first : rest).push_back(*buffer);
+  }
+  return ffi::Error::Success();
+}
+
+// Whether `kd` are a (k, k, 1, C) kernel's dimensions, k odd and at most 15 (`Row`'s planes).
+bool IsKernel(ffi::Span<const int64_t> kd) {
+  return kd.size() == 4 && kd[0] == kd[1] && kd[0] % 2 == 1 && kd[0] <= 15 && kd[2] == 1;
+}
+
 // kernel (k, k, 1, C); the remaining arguments: `sources` tiles of the source (the input
 // forward, the output's cotangent transposed), then (transposed) the forward input's tiles
 // for the ReLU's mask; the results: the output's tiles, then with `statistics` (forward)
@@ -474,19 +490,14 @@ ffi::Error Depthwise(ffi::ThreadPool pool, ffi::AnyBuffer kernel, ffi::Buffer<ff
                      ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t stride,
                      bool transposed, int64_t sources, bool statistics) {
   std::vector<ffi::AnyBuffer> inputs, masks, results;
-  for (size_t i = 0; i < args.size(); ++i) {
-    ffi::ErrorOr<ffi::AnyBuffer> buffer = args.get<ffi::AnyBuffer>(i);
-    if (!buffer.has_value()) return buffer.error();
-    (static_cast<int64_t>(i) < sources ? inputs : masks).push_back(*buffer);
-  }
+  if (ffi::Error error = SplitArgs(args, sources, inputs, masks); error.failure()) return error;
   for (size_t i = 0; i < rets.size(); ++i) {
     ffi::ErrorOr<ffi::Result<ffi::AnyBuffer>> buffer = rets.get<ffi::AnyBuffer>(i);
     if (!buffer.has_value()) return buffer.error();
     results.push_back(**buffer);
   }
   const auto kd = kernel.dimensions();
-  if (kd.size() != 4 || kd[0] != kd[1] || kd[0] % 2 == 0 || kd[0] > 15 || kd[2] != 1 ||
-      stride < 1 || inputs.empty() || kd[3] != inputs[0].dimensions().back()) {
+  if (!IsKernel(kd) || stride < 1 || inputs.empty() || kd[3] != inputs[0].dimensions().back()) {
     return ffi::Error::InvalidArgument("depthwise: expected a (k, k, 1, C) kernel");
   }
   const int64_t side_in = side.typed_data()[0];
@@ -509,14 +520,11 @@ ffi::Error DepthwiseKernel(ffi::ThreadPool pool, ffi::AnyBuffer kernel,
                            ffi::Buffer<ffi::S32> side, ffi::RemainingArgs args,
                            ffi::Result<ffi::AnyBuffer> dk, int64_t stride, int64_t sources) {
   std::vector<ffi::AnyBuffer> inputs, cotangents;
-  for (size_t i = 0; i < args.size(); ++i) {
-    ffi::ErrorOr<ffi::AnyBuffer> buffer = args.get<ffi::AnyBuffer>(i);
-    if (!buffer.has_value()) return buffer.error();
-    (static_cast<int64_t>(i) < sources ? inputs : cotangents).push_back(*buffer);
+  if (ffi::Error error = SplitArgs(args, sources, inputs, cotangents); error.failure()) {
+    return error;
   }
   const auto kd = kernel.dimensions();
-  if (kd.size() != 4 || kd[0] != kd[1] || kd[0] % 2 == 0 || kd[0] > 15 || kd[2] != 1 ||
-      stride < 1 || inputs.empty() || cotangents.empty()) {
+  if (!IsKernel(kd) || stride < 1 || inputs.empty() || cotangents.empty()) {
     return ffi::Error::InvalidArgument("depthwise kernel: expected a (k, k, 1, C) kernel");
   }
   const int64_t side_in = side.typed_data()[0];
