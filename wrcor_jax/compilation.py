@@ -144,7 +144,7 @@ def _fixed_context() -> str:
     library's code, JAX's and XLA's versions, the devices, the CPU and the flags."""
     package = Path(__file__).parent
     code = hashlib.sha256()
-    for source in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".cc")):
+    for source in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".cc", ".h")):
         code.update(str(source.relative_to(package)).encode() + b"\0" + source.read_bytes())
     device = jax.devices()[0]
     # the allocator's settings hand out host memory and change no program

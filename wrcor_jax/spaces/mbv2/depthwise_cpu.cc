@@ -20,17 +20,11 @@
 // and g once per tap (49 times at k = 7).
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "native_cpu.h"
 
 namespace {
 
@@ -103,22 +97,6 @@ class Rows {
   std::vector<int64_t> tags_;
 };
 
-// 64 bytes of channels, loaded unaligned (GCC ignores vector_size on a template alias).
-typedef float FloatVec __attribute__((vector_size(64), aligned(alignof(float))));
-typedef double DoubleVec __attribute__((vector_size(64), aligned(alignof(double))));
-template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  using Type = FloatVec;
-};
-template <>
-struct VecOf<double> {
-  using Type = DoubleVec;
-};
-template <typename T>
-using Vec = typename VecOf<T>::Type;
-
 constexpr int64_t kPixels = 4;  // output pixels summed at once, sharing each tap's load
 
 // P output pixels from x0 of one row, the channels [c0, c0 + lanes), in registers.
@@ -170,7 +148,7 @@ void Scalar(const Geometry& g, const T* const* plane, const T* kernel, const T* 
 template <typename T>
 void Pixels(const Geometry& g, const T* const* plane, const T* kernel, const T* keep_row,
             T* out_row) {
-  constexpr int64_t lanes = sizeof(Vec<T>) / sizeof(T);
+  constexpr int64_t lanes = kLanes<T>;
   if (g.c % lanes != 0) {
     for (int64_t x = 0; x < g.side_dst; ++x) Scalar(g, plane, kernel, keep_row, out_row, x);
     return;
@@ -224,7 +202,7 @@ void Row(const Geometry& g, Rows<T>& rows, const T* kernel, const Tiles<const T>
 // per channel block and tap, the row's products summed in registers first.
 template <typename T>
 void KernelRow(const Geometry& g, const T* const* plane, const T* g_row, double* partial) {
-  constexpr int64_t lanes = sizeof(Vec<T>) / sizeof(T);
+  constexpr int64_t lanes = kLanes<T>;
   const int64_t c = g.c, k = g.k, step = g.step(), width = g.side_dst;
   const int64_t block = c % lanes == 0 ? lanes : 1;
   for (int64_t c0 = 0; c0 < c; c0 += block) {
@@ -248,34 +226,6 @@ void KernelRow(const Geometry& g, const T* const* plane, const T* g_row, double*
       }
     }
   }
-}
-
-// Runs fn(0..count-1) on the caller and XLA's intra-op threads, pulling indices from one
-// counter: the caller finishes alone when the pool is busy.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, F fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mutex;
-    std::condition_variable finished;
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, count, fn]() {
-    int64_t finished = 0;
-    for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
-      fn(i);
-      ++finished;
-    }
-    if (finished && state->done.fetch_add(finished) + finished == count) {
-      std::lock_guard<std::mutex> lock(state->mutex);
-      state->finished.notify_all();
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work(); });
-  work();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->finished.wait(lock, [&] { return state->done.load() == count; });
 }
 
 // Per-channel sums of one part of the output rows, in double: of the values and their

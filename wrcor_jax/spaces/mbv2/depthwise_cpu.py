@@ -4,19 +4,11 @@ XLA:CPU runs the engine's sum of row-shifted taps at 5-20 GMAC/s and, on small i
 mostly over padding (a 7 x 7 kernel on a 7 x 7 image: 13x slower than torch's NHWC
 depthwise); the kernel sums only the taps inside each image. Its kernel's cotangent
 (`kernel_cotangent`) reads the input and the output's cotangent once, where the taps read
-them once per tap. It is compiled with the machine's own C++ compiler (`$CXX`, else g++)
-for its own CPU, into the user's cache, once per source, compiler and CPU. Where that
-fails, or `WRCOR_JAX_NATIVE=0`, `available()` is False and the engine keeps its XLA taps
-(the same maths: float32 sums in another order)."""
+them once per tap. Built as `native_calls` says; where it is not, `available()` is False and
+the engine keeps its XLA taps (the same maths: float32 sums in another order)."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import os
-import shutil
-import subprocess
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,37 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wrcor_jax import native
-from wrcor_jax.compilation import cpu_model
+from wrcor_jax.spaces.mbv2 import native_calls
 
 SOURCE = Path(__file__).with_suffix(".cc")
 TARGET = "wrcor_mbv2_depthwise"
 KERNEL_TARGET = "wrcor_mbv2_depthwise_kernel"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
-@functools.cache
 def available() -> bool:
-    """Whether the custom call is built and registered for XLA:CPU (once per process)."""
-    if os.environ.get("WRCOR_JAX_NATIVE", "1") == "0":
-        return False
-    compiler = os.environ.get("CXX") or shutil.which("g++")
-    if compiler is None:
-        return False
-    try:
-        include = f"-I{jax.ffi.include_dir()}"
-        built = native.build(SOURCE, compiler, (*FLAGS, include), (jax.__version__, cpu_model()))
-        library = ctypes.cdll.LoadLibrary(str(built))
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = str(getattr(error, "stderr", "") or error)[-2000:]
-        warnings.warn(
-            f"the native depthwise conv did not build, XLA's taps serve: {detail}", stacklevel=2
-        )
-        return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.WrcorDepthwise), "cpu")
-    capsule = jax.ffi.pycapsule(library.WrcorDepthwiseKernel)
-    jax.ffi.register_ffi_target(KERNEL_TARGET, capsule, "cpu")
-    return True
+    """Whether the custom calls are built and registered for XLA:CPU (once per process)."""
+    handlers = ((TARGET, "WrcorDepthwise"), (KERNEL_TARGET, "WrcorDepthwiseKernel"))
+    return native_calls.register(SOURCE, handlers)
 
 
 def _require() -> None:
