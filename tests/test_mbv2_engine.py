@@ -247,9 +247,9 @@ def test_depthwise_kernel_cotangent_equals_the_grouped_convs(
     padded output rows' cotangent is ignored); and its program keeps one tap's copy at a
     time, not one per tap (49 at k = 7 asked 41 GB of a search architecture's first block
     at batch 64)."""
-    if native and not engine.native_depthwise():
-        pytest.skip("the native depthwise conv is not built here")
-    monkeypatch.setattr(engine, "native_depthwise", lambda: native)
+    if native and not engine.native_cpu():
+        pytest.skip("the native calls are not built here")
+    monkeypatch.setattr(engine, "native_cpu", lambda: native)
     rng = np.random.default_rng(kernel + stride)
     x = rng.standard_normal((2, side, side, 4))
     small = rng.standard_normal((kernel, kernel, 1, 4))

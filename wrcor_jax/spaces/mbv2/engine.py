@@ -45,7 +45,7 @@ import numpy as np
 from wrcor_jax.compilation import RetainedJit, register_switch
 from wrcor_jax.layers import batch_norm, conv2d
 from wrcor_jax.responses import KINDS, SiteSums
-from wrcor_jax.spaces.mbv2 import depthwise_cpu
+from wrcor_jax.spaces.mbv2 import depthwise_cpu, gram_cpu, stem_cpu
 from wrcor_jax.spaces.mbv2.arch import ConvBlock, MBV2Arch, ResBlock
 from wrcor_jax.spaces.mbv2.measures import batch_halves
 from wrcor_jax.spaces.mbv2.network import (
@@ -313,15 +313,18 @@ def _taps_branches(stride: int, p_out: int) -> list[Callable]:
     return [at_radius(r) for r in RADII]
 
 
-def native_depthwise() -> bool:
-    """Whether the pieces trace `depthwise_cpu`'s custom call (else XLA's taps): on CPU where
-    it is built and the process sees one device (the call has no sharding rule: a batch
-    split over devices would be gathered). A switch of the stored programs' keys, which
-    also registers the call's target before a stored program runs it."""
-    return jax.default_backend() == "cpu" and jax.device_count() == 1 and depthwise_cpu.available()
+def native_cpu() -> bool:
+    """Whether the pieces trace the native custom calls, `depthwise_cpu`'s, `gram_cpu`'s and
+    `stem_cpu`'s (else XLA's taps, product and convolution): on CPU where they are built and
+    the process sees one device (the calls have no sharding rule: a batch split over
+    devices would be gathered). A switch of the stored programs' keys, which also registers
+    the calls' targets before a stored program runs them."""
+    on_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    built = depthwise_cpu.available() and gram_cpu.available() and stem_cpu.available()
+    return on_cpu and built
 
 
-register_switch(native_depthwise)
+register_switch(native_cpu)
 
 
 def _conv_branches(
@@ -336,7 +339,7 @@ def _conv_branches(
     The choice is made when tracing, for the default backend: `lax.platform_dependent`
     traced the taps as well, and tracing the taps' branches (and their vjp) was most of
     the time an architecture with new shapes spent before its programs ran."""
-    if native_depthwise():
+    if native_cpu():
         return [_native_branch(r, stride, p_out, transposed, moments) for r in RADII]
     taps = _taps_branches(stride, p_out)
     if transposed:
@@ -465,7 +468,7 @@ def _kernel_cotangents(stride: int, p_out: int) -> list[Callable]:
                 g = jnp.where(_row_mask(g.shape[1], side * side), g, 0.0)
             return _tap_sums(h, g, side, r, jnp.zeros_like(kernel), inner)
 
-        return native if native_depthwise() else taps
+        return native if native_cpu() else taps
 
     return [at_radius(r) for r in RADII]
 
@@ -594,11 +597,15 @@ gram_matrix.defvjp(_gram_fwd, _gram_bwd)
 
 def _centred_gram(w, inputs, dims, probe, norm: bool, zen: bool):
     """The running C x C product of the real rows centred on the batch mean (the sum
-    `total`): the covariance's numerator. dims: side, real channels, tile index."""
+    `total`): the covariance's numerator; on CPU `gram_cpu`'s custom call. dims: side, real
+    channels, tile index."""
     del w, probe, norm, zen
     x, total, running = inputs
     rows = dims[0] * dims[0]
-    centred = (x - total / (x.shape[0] * rows)) * _tile_mask(x.shape[1], dims[2], rows)
+    mean = total / (x.shape[0] * rows)
+    if native_cpu():
+        return (running + gram_cpu.centred_gram(x, mean, rows, dims[2]),)
+    centred = (x - mean) * _tile_mask(x.shape[1], dims[2], rows)
     return (running + gram_matrix(centred.reshape(-1, centred.shape[-1])),)
 
 
@@ -904,13 +911,15 @@ def _stem(
     p_out: int,
     tiles: int,
 ):
-    """Block 0 on the images, exactly in NHWC: resize, (conv, BN, ReLU) x layers; then the
-    output as padded rows, in `tiles` tiles. dims: real output channels."""
+    """Block 0 on the images, exactly in NHWC: resize, (conv, BN, ReLU) x layers (the first
+    conv, on the images' channels, `stem_cpu`'s custom call on CPU); then the output as
+    padded rows, in `tiles` tiles. dims: real output channels."""
     (images,) = inputs
     x = resize_bilinear(images, resolution)
     for j in range(layers):
         layer = w[layer_name(j)]
-        y = conv2d(x, layer["kernel"], stride if j == 0 else 1)
+        conv = stem_cpu.stem_conv if j == 0 and native_cpu() else conv2d
+        y = conv(x, layer["kernel"], stride if j == 0 else 1)
         if zen:
             _record_variance(probe, f"layer_{j}", jnp.var(y, axis=(0, 1, 2)), dims[0])
         y = _norm(y, layer, norm)
