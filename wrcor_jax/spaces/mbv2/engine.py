@@ -45,7 +45,7 @@ import numpy as np
 from wrcor_jax.compilation import RetainedJit, register_switch
 from wrcor_jax.layers import batch_norm, conv2d
 from wrcor_jax.responses import KINDS, SiteSums
-from wrcor_jax.spaces.mbv2 import depthwise_cpu, gram_cpu, stem_cpu
+from wrcor_jax.spaces.mbv2 import depthwise_cpu, gated_cpu, gram_cpu, stem_cpu
 from wrcor_jax.spaces.mbv2.arch import ConvBlock, MBV2Arch, ResBlock
 from wrcor_jax.spaces.mbv2.measures import batch_halves
 from wrcor_jax.spaces.mbv2.network import (
@@ -313,15 +313,19 @@ def _taps_branches(stride: int, p_out: int) -> list[Callable]:
     return [at_radius(r) for r in RADII]
 
 
+NATIVE_CALLS = (depthwise_cpu, gram_cpu, stem_cpu, gated_cpu)
+"""The depthwise conv, the expand's centred gram, the stem's first conv and the project's
+gated product, as C++ custom calls on CPU."""
+
+
 def native_cpu() -> bool:
-    """Whether the pieces trace the native custom calls, `depthwise_cpu`'s, `gram_cpu`'s and
-    `stem_cpu`'s (else XLA's taps, product and convolution): on CPU where they are built and
-    the process sees one device (the calls have no sharding rule: a batch split over
-    devices would be gathered). A switch of the stored programs' keys, which also registers
-    the calls' targets before a stored program runs them."""
+    """Whether the pieces trace the native custom calls of `NATIVE_CALLS` (else XLA's own
+    forms): on CPU where they are built and the process sees one device (the calls have no
+    sharding rule: a batch split over devices would be gathered). A switch of the stored
+    programs' keys, which also registers the calls' targets before a stored program runs
+    them."""
     on_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-    built = depthwise_cpu.available() and gram_cpu.available() and stem_cpu.available()
-    return on_cpu and built
+    return on_cpu and all(module.available() for module in NATIVE_CALLS)
 
 
 register_switch(native_cpu)
@@ -738,6 +742,9 @@ def _conv_rows(w, inputs, dims, probe, norm: bool, zen: bool, gated: bool):
     del probe, zen
     x, *rest = inputs
     kernel = w["kernel"][0, 0]
+    if gated and native_cpu():
+        y, total = gated_cpu.gated_product(x, rest[0], kernel)
+        return (y, rest[-1] + total) if norm else (y,)
     y = gated_matmul(x, rest[0], kernel) if gated else _matmul_rows(x, kernel)
     if "bias" in w:
         y = (y + w["bias"]) * _tile_mask(y.shape[1], dims[2], dims[0] * dims[0])

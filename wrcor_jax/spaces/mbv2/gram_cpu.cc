@@ -20,8 +20,6 @@
 
 namespace {
 
-constexpr int64_t kRows = 8;     // rows of the result held in registers at once
-constexpr int64_t kVectors = 2;  // and vectors of columns
 constexpr int64_t kChunk = 256;  // rows centred at a time (a multiple of kRows)
 constexpr int64_t kParts = 16;   // at most, of the real rows, for the threads
 
@@ -34,13 +32,6 @@ struct RealRows {
   int64_t Count() const { return n * live; }
   int64_t Offset(int64_t q) const { return ((q / live) * rows + q % live) * c; }
 };
-
-// Columns padded to whole register blocks.
-template <typename T>
-int64_t Padded(int64_t c) {
-  constexpr int64_t block = kVectors * kLanes<T>;
-  return (c + block - 1) / block * block;
-}
 
 // Rows [q0, q0 + count) centred into a (kChunk, cp) buffer, its padding 0; adds them to
 // `sums` when given.
@@ -56,20 +47,6 @@ void Centre(const RealRows<T>& real, const T* mean, int64_t q0, int64_t count, i
       for (int64_t j = 0; j < real.c; ++j) sums[j] += out[j];
     }
   }
-}
-
-// A vector of T from `from` (unaligned) and back: by value, so that the accumulators'
-// addresses are never taken and they stay in registers.
-template <typename T>
-Vec<T> Load(const T* from) {
-  Vec<T> v;
-  std::memcpy(&v, from, sizeof(v));
-  return v;
-}
-
-template <typename T>
-void Store(Vec<T> v, T* to) {
-  std::memcpy(to, &v, sizeof(v));
 }
 
 // upper += a^T a over a chunk a (kChunk, cp): the blocks on and right of the diagonal.
@@ -92,28 +69,6 @@ void ChunkGram(const T* a, int64_t cp, double* upper) {
         for (int64_t v = 0; v < kVectors; ++v) Store(acc[i][v], sums + v * lanes);
         double* into = upper + (i0 + i) * cp + j0;
         for (int64_t l = 0; l < block; ++l) into[l] += sums[l];
-      }
-    }
-  }
-}
-
-// out = a h for a chunk a (kChunk, cp) and h (cp, cp).
-template <typename T>
-void ChunkProduct(const T* a, const T* h, int64_t cp, T* out) {
-  constexpr int64_t lanes = kLanes<T>, block = kVectors * lanes;
-  for (int64_t k0 = 0; k0 < kChunk; k0 += kRows) {
-    for (int64_t j0 = 0; j0 < cp; j0 += block) {
-      Vec<T> acc[kRows][kVectors] = {};
-      for (int64_t i = 0; i < cp; ++i) {
-        Vec<T> b[kVectors];
-        for (int64_t v = 0; v < kVectors; ++v) b[v] = Load(h + i * cp + j0 + v * lanes);
-        for (int64_t k = 0; k < kRows; ++k) {
-          for (int64_t v = 0; v < kVectors; ++v) acc[k][v] += a[(k0 + k) * cp + i] * b[v];
-        }
-      }
-      for (int64_t k = 0; k < kRows; ++k) {
-        T* into = out + (k0 + k) * cp + j0;
-        for (int64_t v = 0; v < kVectors; ++v) Store(acc[k][v], into + v * lanes);
       }
     }
   }
@@ -161,7 +116,7 @@ void Cotangent(ffi::ThreadPool& pool, const RealRows<T>& real, const T* mean, co
     for (int64_t q = part * part_rows; q < end; q += kChunk) {
       const int64_t rows = std::min(kChunk, end - q);
       Centre(real, mean, q, rows, cp, a.data(), partial[part].data());
-      ChunkProduct(a.data(), padded_h.data(), cp, out.data());
+      Product(a.data(), kChunk, cp, padded_h.data(), cp, out.data());
       for (int64_t k = 0; k < rows; ++k) {
         std::memcpy(dx + real.Offset(q + k), &out[k * cp], c * sizeof(T));
       }

@@ -1,5 +1,5 @@
-// What the engine's XLA:CPU custom calls share: GCC vectors of 64 bytes and a parallel loop
-// on XLA's intra-op threads.
+// What the engine's XLA:CPU custom calls share: GCC vectors of 64 bytes, a product summed in
+// registers, and a parallel loop on XLA's intra-op threads.
 
 #pragma once
 
@@ -7,6 +7,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 
@@ -34,6 +35,54 @@ using Vec = typename VecOf<T>::Type;
 
 template <typename T>
 constexpr int64_t kLanes = sizeof(Vec<T>) / sizeof(T);
+
+constexpr int64_t kRows = 8;     // rows of a product's result held in registers at once
+constexpr int64_t kVectors = 2;  // and vectors of its columns
+
+// A vector of T from `from` (unaligned) and back: by value, so that the accumulators'
+// addresses are never taken and they stay in registers.
+template <typename T>
+Vec<T> Load(const T* from) {
+  Vec<T> v;
+  std::memcpy(&v, from, sizeof(v));
+  return v;
+}
+
+template <typename T>
+void Store(Vec<T> v, T* to) {
+  std::memcpy(to, &v, sizeof(v));
+}
+
+// Columns padded to whole register blocks.
+template <typename T>
+int64_t Padded(int64_t c) {
+  constexpr int64_t block = kVectors * kLanes<T>;
+  return (c + block - 1) / block * block;
+}
+
+// out (rows, cols) = a (rows, inner) b (inner, cols), all row-major: `rows` a multiple of
+// kRows, `cols` of kVectors vectors. Each block of the result is summed in registers.
+template <typename T>
+void Product(const T* a, int64_t rows, int64_t inner, const T* b, int64_t cols, T* out) {
+  constexpr int64_t lanes = kLanes<T>, block = kVectors * lanes;
+  for (int64_t k0 = 0; k0 < rows; k0 += kRows) {
+    for (int64_t j0 = 0; j0 < cols; j0 += block) {
+      Vec<T> acc[kRows][kVectors] = {};
+      for (int64_t i = 0; i < inner; ++i) {
+        Vec<T> w[kVectors];
+        for (int64_t v = 0; v < kVectors; ++v) w[v] = Load(b + i * cols + j0 + v * lanes);
+        for (int64_t k = 0; k < kRows; ++k) {
+          for (int64_t v = 0; v < kVectors; ++v) acc[k][v] += a[(k0 + k) * inner + i] * w[v];
+        }
+      }
+      for (int64_t k = 0; k < kRows; ++k) {
+        T* into = out + (k0 + k) * cols + j0;
+        for (int64_t v = 0; v < kVectors; ++v) Store(acc[k][v], into + v * lanes);
+      }
+    }
+  }
+}
+
 
 // Runs fn(0..count-1) on the caller and XLA's intra-op threads, pulling indices from one
 // counter: the caller finishes alone when the pool is busy.
