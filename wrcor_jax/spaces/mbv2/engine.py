@@ -45,7 +45,7 @@ import numpy as np
 from wrcor_jax.compilation import RetainedJit, register_switch
 from wrcor_jax.layers import batch_norm, conv2d
 from wrcor_jax.responses import KINDS, SiteSums
-from wrcor_jax.spaces.mbv2 import depthwise_cpu, gated_cpu, gram_cpu, stem_cpu
+from wrcor_jax.spaces.mbv2 import depthwise_cpu, folded_cpu, gated_cpu, gram_cpu, stem_cpu
 from wrcor_jax.spaces.mbv2.arch import ConvBlock, MBV2Arch, ResBlock
 from wrcor_jax.spaces.mbv2.measures import batch_halves
 from wrcor_jax.spaces.mbv2.network import (
@@ -313,9 +313,9 @@ def _taps_branches(stride: int, p_out: int) -> list[Callable]:
     return [at_radius(r) for r in RADII]
 
 
-NATIVE_CALLS = (depthwise_cpu, gram_cpu, stem_cpu, gated_cpu)
-"""The depthwise conv, the expand's centred gram, the stem's first conv and the project's
-gated product, as C++ custom calls on CPU."""
+NATIVE_CALLS = (depthwise_cpu, gram_cpu, folded_cpu, stem_cpu, gated_cpu)
+"""The depthwise conv, the expand's centred gram and its folded conv's backward, the stem's
+first conv and the project's gated product, as C++ custom calls on CPU."""
 
 
 def native_cpu() -> bool:
@@ -633,8 +633,9 @@ def folded_conv_saved(
     backward took two where one serves); the kernel's gradient is that product, computed
     only where asked for (XLA drops it otherwise). A zero scale (padded channels) gets a
     zero gradient, as in `batch_norm_saved`. The cotangent at `centred`'s padded rows is not
-    0 (the caller's mask drops it): masking the incoming cotangent wrote it out twice, once
-    per reader, where the sums weight it by the mask instead."""
+    0 in XLA's form (the caller's mask drops it): masking the incoming cotangent wrote it out
+    twice, once per reader, where the sums weight it by the mask instead. On CPU the sums
+    and the product are `folded_cpu`'s custom call, one read of the cotangent."""
     del centred, kernel, scale, bias, mask
     return z
 
@@ -645,13 +646,19 @@ def _folded_conv_saved_fwd(centred, kernel, scale, bias, mask, z) -> tuple:
 
 def _folded_conv_saved_bwd(residuals: tuple, g: jax.Array) -> tuple:
     centred, kernel, scale, bias, mask, z = residuals
-    weights = _mask_weights(mask, g.dtype)
     live = scale != 0
-    d_scale = (g * (z - bias) * weights).sum(axis=(0, 1)) / jnp.where(live, scale, 1.0)
+    if native_cpu():  # the sums and the product in one read of g (`folded_cpu`)
+        d_centred, (scaled, d_bias) = folded_cpu.folded_conv_cotangent(
+            g, z, kernel * scale, bias, mask
+        )
+    else:
+        weights = _mask_weights(mask, g.dtype)
+        scaled = (g * (z - bias) * weights).sum(axis=(0, 1))
+        d_centred = _matmul_rows(g, (kernel * scale).T)
+        d_bias = (g * weights).sum(axis=(0, 1))
+    d_scale = scaled / jnp.where(live, scale, 1.0)
     # centred's padded rows are 0: the kernel's gradient needs no mask
     d_kernel = (centred.reshape(-1, centred.shape[-1]).T @ g.reshape(-1, g.shape[-1])) * scale
-    d_centred = _matmul_rows(g, (kernel * scale).T)
-    d_bias = (g * weights).sum(axis=(0, 1))
     return d_centred, d_kernel, jnp.where(live, d_scale, 0.0), d_bias, None, None
 
 

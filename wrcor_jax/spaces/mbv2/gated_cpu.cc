@@ -25,8 +25,13 @@ struct Layout {
 
   int64_t Parts() const { return n * parts_per_image; }
   int64_t Image(int64_t part) const { return part / parts_per_image; }
-  int64_t First(int64_t part) const { return part % parts_per_image * part_rows; }
-  int64_t End(int64_t part) const { return std::min(rows, First(part) + part_rows); }
+  // The part's rows [Start, Stop), numbered over all images' rows.
+  int64_t Start(int64_t part) const {
+    return Image(part) * rows + part % parts_per_image * part_rows;
+  }
+  int64_t Stop(int64_t part) const {
+    return std::min((Image(part) + 1) * rows, Start(part) + part_rows);
+  }
 };
 
 template <typename T>
@@ -38,49 +43,25 @@ Layout MakeLayout(int64_t n, int64_t rows, int64_t cw, int64_t co) {
                 std::max<int64_t>(1, (rows + part_rows - 1) / part_rows)};
 }
 
-// m (r, c) into a zeroed (rp, cp) copy, transposed when asked.
-template <typename T>
-std::vector<T> PaddedMatrix(const T* m, int64_t r, int64_t c, int64_t rp, int64_t cp,
-                            bool transposed) {
-  std::vector<T> out(transposed ? cp * rp : rp * cp, T(0));
-  for (int64_t i = 0; i < r; ++i) {
-    for (int64_t j = 0; j < c; ++j) {
-      (transposed ? out[j * rp + i] : out[i * cp + j]) = m[i * c + j];
-    }
-  }
-  return out;
-}
-
 template <typename T>
 void Forward(ffi::ThreadPool& pool, const Layout& l, const T* h, const T* gate, const T* kernel,
              T* y, T* sums) {
   const std::vector<T> w = PaddedMatrix(kernel, l.cw, l.co, l.cwp, l.cop, false);
   std::vector<std::vector<double>> partial(l.Parts(), std::vector<double>(l.co));
   ParallelFor(pool, l.Parts(), [&](int64_t part) {
-    std::vector<T> a(kChunk * l.cwp, T(0)), out(kChunk * l.cop);
-    const int64_t image = l.Image(part), end = l.End(part);
-    const T* g = gate + image * l.cw;
-    for (int64_t r0 = l.First(part); r0 < end; r0 += kChunk) {
-      const int64_t count = std::min(kChunk, end - r0), used = (count + kRows - 1) / kRows * kRows;
-      for (int64_t k = 0; k < count; ++k) {
-        T* into = a.data() + k * l.cwp;
-        const T* row = h + ((image * l.rows) + r0 + k) * l.cw;
-        for (int64_t i = 0; i < l.cw; ++i) into[i] = std::max(row[i], T(0)) * g[i];
-      }
-      std::fill(a.begin() + count * l.cwp, a.begin() + used * l.cwp, T(0));
-      Product(a.data(), used, l.cwp, w.data(), l.cop, out.data());
-      for (int64_t k = 0; k < count; ++k) {
-        const T* row = out.data() + k * l.cop;
-        std::memcpy(y + ((image * l.rows) + r0 + k) * l.co, row, l.co * sizeof(T));
-        for (int64_t j = 0; j < l.co; ++j) partial[part][j] += row[j];
-      }
-    }
+    const T* g = gate + l.Image(part) * l.cw;
+    double* sum = partial[part].data();
+    auto gated = [&](int64_t row, T* into) {
+      const T* x = h + row * l.cw;
+      for (int64_t i = 0; i < l.cw; ++i) into[i] = std::max(x[i], T(0)) * g[i];
+    };
+    auto keep = [&](int64_t row, const T* product) {
+      std::memcpy(y + row * l.co, product, l.co * sizeof(T));
+      for (int64_t j = 0; j < l.co; ++j) sum[j] += product[j];
+    };
+    ChunkProducts(l.Start(part), l.Stop(part), kChunk, l.cwp, w.data(), l.cop, gated, keep);
   });
-  for (int64_t j = 0; j < l.co; ++j) {
-    double sum = 0;
-    for (const std::vector<double>& part : partial) sum += part[j];
-    sums[j] = static_cast<T>(sum);
-  }
+  MergeParts(partial, l.co, sums);
 }
 
 template <typename T>
@@ -89,28 +70,22 @@ void Backward(ffi::ThreadPool& pool, const Layout& l, const T* h, const T* gate,
   const std::vector<T> w_t = PaddedMatrix(kernel, l.cw, l.co, l.cwp, l.cop, true);
   std::vector<std::vector<double>> partial(l.Parts(), std::vector<double>(l.cw));
   ParallelFor(pool, l.Parts(), [&](int64_t part) {
-    std::vector<T> a(kChunk * l.cop, T(0)), d(kChunk * l.cwp);
-    const int64_t image = l.Image(part), end = l.End(part);
-    const T* gi = gate + image * l.cw;
-    for (int64_t r0 = l.First(part); r0 < end; r0 += kChunk) {
-      const int64_t count = std::min(kChunk, end - r0), used = (count + kRows - 1) / kRows * kRows;
-      for (int64_t k = 0; k < count; ++k) {
-        T* into = a.data() + k * l.cop;
-        const T* row = g + ((image * l.rows) + r0 + k) * l.co;
-        for (int64_t j = 0; j < l.co; ++j) into[j] = row[j] + d_sums[j];
+    const T* gi = gate + l.Image(part) * l.cw;
+    double* sum = partial[part].data();
+    auto cotangent = [&](int64_t row, T* into) {
+      const T* g_row = g + row * l.co;
+      for (int64_t j = 0; j < l.co; ++j) into[j] = g_row[j] + d_sums[j];
+    };
+    auto spread = [&](int64_t row, const T* d) {
+      const T* x = h + row * l.cw;
+      T* dx = d_h + row * l.cw;
+      for (int64_t i = 0; i < l.cw; ++i) {
+        dx[i] = x[i] > T(0) ? d[i] * gi[i] : T(0);
+        sum[i] += d[i] * std::max(x[i], T(0));
       }
-      std::fill(a.begin() + count * l.cop, a.begin() + used * l.cop, T(0));
-      Product(a.data(), used, l.cop, w_t.data(), l.cwp, d.data());
-      for (int64_t k = 0; k < count; ++k) {
-        const int64_t at = ((image * l.rows) + r0 + k) * l.cw;
-        const T* dk = d.data() + k * l.cwp;
-        for (int64_t i = 0; i < l.cw; ++i) {
-          const T hv = h[at + i];
-          d_h[at + i] = hv > T(0) ? dk[i] * gi[i] : T(0);
-          partial[part][i] += dk[i] * std::max(hv, T(0));
-        }
-      }
-    }
+    };
+    ChunkProducts(l.Start(part), l.Stop(part), kChunk, l.cop, w_t.data(), l.cwp, cotangent,
+                  spread);
   });
   for (int64_t image = 0; image < l.n; ++image) {
     for (int64_t i = 0; i < l.cw; ++i) {

@@ -33,19 +33,15 @@ struct RealRows {
   int64_t Offset(int64_t q) const { return ((q / live) * rows + q % live) * c; }
 };
 
-// Rows [q0, q0 + count) centred into a (kChunk, cp) buffer, its padding 0; adds them to
-// `sums` when given.
+// Rows [q0, q0 + count) centred into a (kChunk, cp) buffer, its padding 0.
 template <typename T>
 void Centre(const RealRows<T>& real, const T* mean, int64_t q0, int64_t count, int64_t cp,
-            T* a, double* sums) {
+            T* a) {
   std::fill(a, a + kChunk * cp, T(0));
   for (int64_t k = 0; k < count; ++k) {
     const T* row = real.x + real.Offset(q0 + k);
     T* out = a + k * cp;
     for (int64_t j = 0; j < real.c; ++j) out[j] = row[j] - mean[j];
-    if (sums != nullptr) {
-      for (int64_t j = 0; j < real.c; ++j) sums[j] += out[j];
-    }
   }
 }
 
@@ -89,7 +85,7 @@ void Gram(ffi::ThreadPool& pool, const RealRows<T>& real, const T* mean, T* gram
     std::vector<T> a(kChunk * cp);
     const int64_t end = std::min(count, (part + 1) * part_rows);
     for (int64_t q = part * part_rows; q < end; q += kChunk) {
-      Centre(real, mean, q, std::min(kChunk, end - q), cp, a.data(), nullptr);
+      Centre(real, mean, q, std::min(kChunk, end - q), cp, a.data());
       ChunkGram(a.data(), cp, upper[part].data());
     }
   });
@@ -107,30 +103,26 @@ void Cotangent(ffi::ThreadPool& pool, const RealRows<T>& real, const T* mean, co
                T* dx, T* sums) {
   const int64_t c = real.c, cp = Padded<T>(c), count = real.Count();
   const int64_t part_rows = PartRows(count), parts = (count + part_rows - 1) / part_rows;
-  std::vector<T> padded_h(cp * cp);
-  for (int64_t i = 0; i < c; ++i) std::copy(h + i * c, h + (i + 1) * c, &padded_h[i * cp]);
+  const std::vector<T> padded_h = PaddedMatrix(h, c, c, cp, cp, false);
   std::vector<std::vector<double>> partial(parts, std::vector<double>(c));
   ParallelFor(pool, parts, [&](int64_t part) {
-    std::vector<T> a(kChunk * cp), out(kChunk * cp);
-    const int64_t end = std::min(count, (part + 1) * part_rows);
-    for (int64_t q = part * part_rows; q < end; q += kChunk) {
-      const int64_t rows = std::min(kChunk, end - q);
-      Centre(real, mean, q, rows, cp, a.data(), partial[part].data());
-      Product(a.data(), kChunk, cp, padded_h.data(), cp, out.data());
-      for (int64_t k = 0; k < rows; ++k) {
-        std::memcpy(dx + real.Offset(q + k), &out[k * cp], c * sizeof(T));
-      }
-    }
+    double* sum = partial[part].data();
+    auto centred = [&](int64_t q, T* into) {
+      const T* row = real.x + real.Offset(q);
+      for (int64_t j = 0; j < c; ++j) into[j] = row[j] - mean[j];
+      for (int64_t j = 0; j < c; ++j) sum[j] += into[j];
+    };
+    auto keep = [&](int64_t q, const T* product) {
+      std::memcpy(dx + real.Offset(q), product, c * sizeof(T));
+    };
+    const int64_t start = part * part_rows, stop = std::min(count, start + part_rows);
+    ChunkProducts(start, stop, kChunk, cp, padded_h.data(), cp, centred, keep);
   });
   for (int64_t image = 0; image < real.n; ++image) {  // the padded rows' cotangent: 0
     T* first = dx + (image * real.rows + real.live) * c;
     std::fill(first, first + (real.rows - real.live) * c, T(0));
   }
-  for (int64_t j = 0; j < c; ++j) {
-    double sum = 0;
-    for (const std::vector<double>& part : partial) sum += part[j];
-    sums[j] = static_cast<T>(sum);
-  }
+  MergeParts(partial, c, sums);
 }
 
 // x (N, R, C), mean (C,) and where (2,): the real rows per image and the tile's index,

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -83,6 +84,45 @@ void Product(const T* a, int64_t rows, int64_t inner, const T* b, int64_t cols, 
   }
 }
 
+
+// Rows [q0, q1) in chunks of `chunk` rows (a multiple of kRows): fill(q, into) writes row
+// q's operand (`in` wide; what it leaves unwritten stays 0), each chunk is multiplied by b
+// (in, out) while in cache, and use(q, product) reads row q's product back.
+template <typename T, typename Fill, typename Use>
+void ChunkProducts(int64_t q0, int64_t q1, int64_t chunk, int64_t in, const T* b, int64_t out,
+                   Fill fill, Use use) {
+  std::vector<T> a(chunk * in, T(0)), product(chunk * out);
+  for (int64_t q = q0; q < q1; q += chunk) {
+    const int64_t count = std::min(chunk, q1 - q), used = (count + kRows - 1) / kRows * kRows;
+    for (int64_t k = 0; k < count; ++k) fill(q + k, a.data() + k * in);
+    std::fill(a.begin() + count * in, a.begin() + used * in, T(0));
+    Product(a.data(), used, in, b, out, product.data());
+    for (int64_t k = 0; k < count; ++k) use(q + k, product.data() + k * out);
+  }
+}
+
+// m (r, c) into a zeroed (rp, cp) copy, or (cp, rp) transposed.
+template <typename T>
+std::vector<T> PaddedMatrix(const T* m, int64_t r, int64_t c, int64_t rp, int64_t cp,
+                            bool transposed) {
+  std::vector<T> out(rp * cp, T(0));
+  for (int64_t i = 0; i < r; ++i) {
+    for (int64_t j = 0; j < c; ++j) {
+      (transposed ? out[j * rp + i] : out[i * cp + j]) = m[i * c + j];
+    }
+  }
+  return out;
+}
+
+// Per-part sums in double, merged over the parts in order into `into` (of type T).
+template <typename T>
+void MergeParts(const std::vector<std::vector<double>>& parts, int64_t size, T* into) {
+  for (int64_t j = 0; j < size; ++j) {
+    double sum = 0;
+    for (const std::vector<double>& part : parts) sum += part[j];
+    into[j] = static_cast<T>(sum);
+  }
+}
 
 // Runs fn(0..count-1) on the caller and XLA's intra-op threads, pulling indices from one
 // counter: the caller finishes alone when the pool is busy.

@@ -1,0 +1,51 @@
+"""The native backward of the expand's folded conv (`folded_cpu`) against XLA's, in float32
+and float64."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wrcor_jax.spaces.mbv2 import folded_cpu
+
+if os.environ.get("WRCOR_JAX_NATIVE") == "0" or not (os.environ.get("CXX") or shutil.which("g++")):
+    pytest.skip("native folded conv: switched off or no compiler", allow_module_level=True)
+
+CASES = [  # images, rows, input channels, output channels, real rows
+    (4, 128, 64, 384, 128),
+    (3, 64, 40, 200, 49),  # padded rows, widths no register block divides
+    (1, 700, 32, 96, 650),  # rows over several parts
+]
+
+
+def _xla(g, z, kernel, bias, mask):
+    """The engine's XLA form: masked sums of g (z - bias) and g, and g @ kernel^T (0 on the
+    padded rows, as the native call leaves them)."""
+    weights = mask.astype(g.dtype)
+    sums = jnp.stack([(g * (z - bias) * weights).sum(axis=(0, 1)), (g * weights).sum(axis=(0, 1))])
+    return jnp.einsum("npo,io->npi", g, kernel) * weights, sums
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "r", "ci", "co", "real"), CASES)
+def test_native_folded_conv_cotangent_equals_xla(n, r, ci, co, real, dtype):
+    assert folded_cpu.available()
+    rng = np.random.default_rng(n + r + ci + co)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    with jax.enable_x64(dtype == np.float64):
+        g, z = (jnp.asarray(rng.normal(size=(n, r, co)).astype(dtype)) for _ in range(2))
+        kernel = jnp.asarray(rng.normal(size=(ci, co)).astype(dtype))
+        bias = jnp.asarray(rng.normal(size=co).astype(dtype))
+        mask = (jnp.arange(r) < real)[:, None]
+        got = folded_cpu.folded_conv_cotangent(g, z, kernel, bias, mask)
+        with jax.enable_x64(True):
+            want = _xla(*(jnp.asarray(a, np.float64) for a in (g, z, kernel, bias)), mask)
+        for got_part, want_part in zip(got, want, strict=True):
+            assert got_part.dtype == dtype and got_part.shape == want_part.shape
+            scale = np.abs(want_part).max()
+            np.testing.assert_allclose(got_part, want_part, rtol=tol, atol=tol * scale)
