@@ -205,11 +205,17 @@ def test_unsupported_blocks_are_named():
         MBV2Engine().site_sums(arch, init_params(arch, 1, 2), np.zeros((2, 8, 8, 3)), [0, 1], 2)
 
 
-def test_folded_conv_backward_from_its_output_equals_autodiff():
+@pytest.mark.parametrize("native", [False, True])
+def test_folded_conv_backward_from_its_output_equals_autodiff(native, monkeypatch):
     """The expand's backward reads the scale's gradient from the saved output instead of a
     product of the input with the cotangent: the same gradients as autodiff of the conv,
     padded rows and a padded channel (zero kernel column, zero scale) included (the input's
-    cotangent on its real rows: the caller masks the others, which the native call leaves 0)."""
+    cotangent on its real rows: the caller masks the others, which the native call leaves 0),
+    in XLA's form and in the native call (which serves large images only: made to here)."""
+    if native and not engine.native_cpu():
+        pytest.skip("the native calls are not built here")
+    monkeypatch.setattr(engine, "native_cpu", lambda: native)
+    monkeypatch.setattr(engine, "WHOLE_FROM", 1)
     rng = np.random.default_rng(0)
     mask = (np.arange(8) < 6)[:, None]
     centred = rng.standard_normal((3, 8, 5)).astype(np.float32) * mask
