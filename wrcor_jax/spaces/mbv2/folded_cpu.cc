@@ -55,11 +55,6 @@ void Cotangent(ffi::ThreadPool& pool, int64_t n, int64_t rows, int64_t ci, int64
   MergeParts(partial, 2 * co, sums);
 }
 
-bool Shaped(ffi::AnyBuffer b, std::initializer_list<int64_t> dims, ffi::DataType type) {
-  const auto d = b.dimensions();
-  return b.element_type() == type && std::equal(d.begin(), d.end(), dims.begin(), dims.end());
-}
-
 // g and z (N, R, Co), kernel (Ci, Co) times the scale, bias (Co,), mask (R,): which rows of
 // the tile are real; results d_centred (N, R, Ci) and sums (2, Co).
 ffi::Error FoldedConvCotangent(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer z,

@@ -98,11 +98,6 @@ void Backward(ffi::ThreadPool& pool, const Layout& l, const T* h, const T* gate,
   }
 }
 
-bool Shaped(ffi::AnyBuffer b, std::initializer_list<int64_t> dims, ffi::DataType type) {
-  const auto d = b.dimensions();
-  return b.element_type() == type && std::equal(d.begin(), d.end(), dims.begin(), dims.end());
-}
-
 // h (N, R, Cw), gate (N, Cw), kernel (Cw, Co), all of one type; `l` is filled in.
 ffi::Error Check(ffi::AnyBuffer h, ffi::AnyBuffer gate, ffi::AnyBuffer kernel, Layout& l) {
   const auto d = h.dimensions(), kd = kernel.dimensions();

@@ -142,17 +142,12 @@ ffi::Error Rows(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::Buffer<ffi::S32> whe
   return ffi::Error::Success();
 }
 
-bool Square(ffi::AnyBuffer m, int64_t c, ffi::DataType type) {
-  const auto d = m.dimensions();
-  return d.size() == 2 && d[0] == c && d[1] == c && m.element_type() == type;
-}
-
 template <typename T>
 ffi::Error TypedGram(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer mean,
                      ffi::Buffer<ffi::S32> where, ffi::AnyBuffer gram) {
   RealRows<T> real;
   if (ffi::Error error = Rows(x, mean, where, real); error.failure()) return error;
-  if (!Square(gram, real.c, x.element_type())) {
+  if (!Shaped(gram, {real.c, real.c}, x.element_type())) {
     return ffi::Error::InvalidArgument("centred gram: expected a (C, C) result");
   }
   Gram(pool, real, static_cast<const T*>(mean.untyped_data()),
@@ -166,11 +161,9 @@ ffi::Error TypedCotangent(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffe
                           ffi::AnyBuffer sums) {
   RealRows<T> real;
   if (ffi::Error error = Rows(x, mean, where, real); error.failure()) return error;
-  const auto d = x.dimensions(), dd = dx.dimensions();
-  const int64_t count = sums.element_count();
-  const bool shaped = Square(h, real.c, x.element_type()) && dd.size() == 3 && dd[0] == d[0] &&
-                      dd[1] == d[1] && dd[2] == d[2] && dx.element_type() == x.element_type() &&
-                      count == real.c && sums.element_type() == x.element_type();
+  const ffi::DataType type = x.element_type();
+  const bool shaped = Shaped(h, {real.c, real.c}, type) &&
+                      Shaped(dx, {real.n, real.rows, real.c}, type) && Shaped(sums, {real.c}, type);
   if (!shaped) {
     return ffi::Error::InvalidArgument("centred gram: expected (C, C), (N, R, C) and (C,)");
   }

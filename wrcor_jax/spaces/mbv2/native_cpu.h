@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -122,6 +123,12 @@ void MergeParts(const std::vector<std::vector<double>>& parts, int64_t size, T* 
     for (const std::vector<double>& part : parts) sum += part[j];
     into[j] = static_cast<T>(sum);
   }
+}
+
+// Whether buffer b has the dimensions `dims` and the element type `type`.
+bool Shaped(ffi::AnyBuffer b, std::initializer_list<int64_t> dims, ffi::DataType type) {
+  const auto d = b.dimensions();
+  return b.element_type() == type && std::equal(d.begin(), d.end(), dims.begin(), dims.end());
 }
 
 // Runs fn(0..count-1) on the caller and XLA's intra-op threads, pulling indices from one
