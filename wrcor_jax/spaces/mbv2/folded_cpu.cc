@@ -18,16 +18,13 @@
 namespace {
 
 constexpr int64_t kChunk = 128;  // rows multiplied at a time (a multiple of kRows)
-constexpr int64_t kParts = 16;   // about, for the threads
 
 template <typename T>
 void Cotangent(ffi::ThreadPool& pool, int64_t n, int64_t rows, int64_t ci, int64_t co,
                const T* g, const T* z, const T* kernel, const T* bias, const int32_t* mask,
                T* d_centred, T* sums) {
   const int64_t cip = Padded<T>(ci), cop = Padded<T>(co), count = n * rows;
-  const int64_t chunks = (count + kChunk - 1) / kChunk;
-  const int64_t part_rows = std::max<int64_t>(1, (chunks + kParts - 1) / kParts) * kChunk;
-  const int64_t parts = (count + part_rows - 1) / part_rows;
+  const int64_t part_rows = PartRows(count, kChunk), parts = (count + part_rows - 1) / part_rows;
   const std::vector<T> w_t = PaddedMatrix(kernel, ci, co, cip, cop, true);
   std::vector<std::vector<double>> partial(parts, std::vector<double>(2 * co));
   ParallelFor(pool, parts, [&](int64_t part) {

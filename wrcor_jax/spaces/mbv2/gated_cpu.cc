@@ -18,7 +18,6 @@
 namespace {
 
 constexpr int64_t kChunk = 128;  // rows gated at a time (a multiple of kRows)
-constexpr int64_t kParts = 16;   // at least, where the images' rows allow, for the threads
 
 struct Layout {
   int64_t n, rows, cw, co, cwp, cop, part_rows, parts_per_image;

@@ -21,7 +21,6 @@
 namespace {
 
 constexpr int64_t kChunk = 256;  // rows centred at a time (a multiple of kRows)
-constexpr int64_t kParts = 16;   // at most, of the real rows, for the threads
 
 // The real rows of a tile, numbered image by image.
 template <typename T>
@@ -70,16 +69,10 @@ void ChunkGram(const T* a, int64_t cp, double* upper) {
   }
 }
 
-// The parts the real rows are summed in: a function of their count only.
-int64_t PartRows(int64_t count) {
-  const int64_t chunks = (count + kChunk - 1) / kChunk;
-  return std::max<int64_t>(1, (chunks + kParts - 1) / kParts) * kChunk;
-}
-
 template <typename T>
 void Gram(ffi::ThreadPool& pool, const RealRows<T>& real, const T* mean, T* gram) {
   const int64_t c = real.c, cp = Padded<T>(c), count = real.Count();
-  const int64_t part_rows = PartRows(count), parts = (count + part_rows - 1) / part_rows;
+  const int64_t part_rows = PartRows(count, kChunk), parts = (count + part_rows - 1) / part_rows;
   std::vector<std::vector<double>> upper(parts, std::vector<double>(cp * cp));
   ParallelFor(pool, parts, [&](int64_t part) {
     std::vector<T> a(kChunk * cp);
@@ -102,7 +95,7 @@ template <typename T>
 void Cotangent(ffi::ThreadPool& pool, const RealRows<T>& real, const T* mean, const T* h,
                T* dx, T* sums) {
   const int64_t c = real.c, cp = Padded<T>(c), count = real.Count();
-  const int64_t part_rows = PartRows(count), parts = (count + part_rows - 1) / part_rows;
+  const int64_t part_rows = PartRows(count, kChunk), parts = (count + part_rows - 1) / part_rows;
   const std::vector<T> padded_h = PaddedMatrix(h, c, c, cp, cp, false);
   std::vector<std::vector<double>> partial(parts, std::vector<double>(c));
   ParallelFor(pool, parts, [&](int64_t part) {

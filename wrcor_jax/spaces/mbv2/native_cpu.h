@@ -115,6 +115,15 @@ std::vector<T> PaddedMatrix(const T* m, int64_t r, int64_t c, int64_t rp, int64_
   return out;
 }
 
+constexpr int64_t kParts = 16;  // about how many parts rows are summed in, for the threads
+
+// Rows per part, a whole number of `chunk`s, when `count` rows are summed in about kParts
+// parts: a function of the count only, so that no sum depends on the threads.
+inline int64_t PartRows(int64_t count, int64_t chunk) {
+  const int64_t chunks = (count + chunk - 1) / chunk;
+  return std::max<int64_t>(1, (chunks + kParts - 1) / kParts) * chunk;
+}
+
 // Per-part sums in double, merged over the parts in order into `into` (of type T).
 template <typename T>
 void MergeParts(const std::vector<std::vector<double>>& parts, int64_t size, T* into) {

@@ -19,7 +19,12 @@ constexpr int64_t kMaxVectors = 4;  // output channels held in registers at once
 
 struct Shape {
   int64_t n, h, w, ci, k, co, stride, h_out, w_out;
-  int64_t co_padded;  // a whole number of vectors
+
+  // The output channels padded to a whole number of vectors of T.
+  template <typename T>
+  int64_t CoPadded() const {
+    return (co + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
+  }
 };
 
 // Output pixel (image, y, x), channels [c0, c0 + V lanes) of the padded kernel, into `out`.
@@ -27,7 +32,7 @@ template <typename T, int64_t V>
 void Pixel(const Shape& s, const T* img, const T* packed, int64_t image, int64_t y, int64_t x,
            int64_t c0, T* out) {
   constexpr int64_t lanes = kLanes<T>;
-  const int64_t r = s.k / 2;
+  const int64_t r = s.k / 2, cp = s.CoPadded<T>();
   Vec<T> acc[V] = {};
   for (int64_t dy = 0; dy < s.k; ++dy) {
     const int64_t iy = s.stride * y + dy - r;
@@ -36,11 +41,11 @@ void Pixel(const Shape& s, const T* img, const T* packed, int64_t image, int64_t
       const int64_t ix = s.stride * x + dx - r;
       if (ix < 0 || ix >= s.w) continue;
       const T* pixel = img + ((image * s.h + iy) * s.w + ix) * s.ci;
-      const T* taps = packed + (dy * s.k + dx) * s.ci * s.co_padded + c0;
+      const T* taps = packed + (dy * s.k + dx) * s.ci * cp + c0;
       for (int64_t i = 0; i < s.ci; ++i) {
         for (int64_t v = 0; v < V; ++v) {
           Vec<T> weights;
-          std::memcpy(&weights, taps + i * s.co_padded + v * lanes, sizeof(weights));
+          std::memcpy(&weights, taps + i * cp + v * lanes, sizeof(weights));
           acc[v] += pixel[i] * weights;
         }
       }
@@ -52,19 +57,19 @@ void Pixel(const Shape& s, const T* img, const T* packed, int64_t image, int64_t
 template <typename T>
 void Run(ffi::ThreadPool& pool, const Shape& s, const T* img, const T* kernel, T* out) {
   constexpr int64_t lanes = kLanes<T>;
-  const int64_t taps = s.k * s.k * s.ci;
-  std::vector<T> packed(taps * s.co_padded, T(0));  // rows padded to whole vectors
+  const int64_t taps = s.k * s.k * s.ci, cp = s.CoPadded<T>();
+  std::vector<T> packed(taps * cp, T(0));  // rows padded to whole vectors
   for (int64_t t = 0; t < taps; ++t) {
-    std::copy(kernel + t * s.co, kernel + (t + 1) * s.co, &packed[t * s.co_padded]);
+    std::copy(kernel + t * s.co, kernel + (t + 1) * s.co, &packed[t * cp]);
   }
   const int64_t lines = s.n * s.h_out;
   ParallelFor(pool, lines, [&](int64_t line) {
     const int64_t image = line / s.h_out, y = line % s.h_out;
-    std::vector<T> channels(s.co_padded);
+    std::vector<T> channels(cp);
     for (int64_t x = 0; x < s.w_out; ++x) {
-      for (int64_t c0 = 0; c0 < s.co_padded; c0 += kMaxVectors * lanes) {
+      for (int64_t c0 = 0; c0 < cp; c0 += kMaxVectors * lanes) {
         T* into = channels.data() + c0;
-        switch (std::min(kMaxVectors, (s.co_padded - c0) / lanes)) {
+        switch (std::min(kMaxVectors, (cp - c0) / lanes)) {
           case 4: Pixel<T, 4>(s, img, packed.data(), image, y, x, c0, into); break;
           case 3: Pixel<T, 3>(s, img, packed.data(), image, y, x, c0, into); break;
           case 2: Pixel<T, 2>(s, img, packed.data(), image, y, x, c0, into); break;
@@ -90,10 +95,7 @@ ffi::Error StemConv(ffi::ThreadPool pool, ffi::AnyBuffer images, ffi::AnyBuffer 
   if (od[0] != d[0] || od[1] != h_out || od[2] != w_out || od[3] != kd[3]) {
     return ffi::Error::InvalidArgument("stem conv: the result's shape is not the conv's");
   }
-  const bool wide = images.element_type() == ffi::DataType::F64;
-  const int64_t lanes = wide ? kLanes<double> : kLanes<float>;
-  const Shape s{d[0], d[1], d[2], d[3], k, kd[3], stride, h_out, w_out,
-                (kd[3] + lanes - 1) / lanes * lanes};
+  const Shape s{d[0], d[1], d[2], d[3], k, kd[3], stride, h_out, w_out};
   switch (images.element_type()) {
     case ffi::DataType::F32:
       Run(pool, s, images.typed_data<float>(), kernel.typed_data<float>(),
