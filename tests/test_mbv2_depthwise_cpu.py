@@ -23,18 +23,20 @@ from wrcor_jax.spaces.mbv2.engine import (
 if os.environ.get("WRCOR_JAX_NATIVE") == "0" or not (os.environ.get("CXX") or shutil.which("g++")):
     pytest.skip("native depthwise conv: switched off or no compiler", allow_module_level=True)
 
-CASES = [  # images, side, channels, kernel, stride
-    (3, 5, 32, 3, 1),
-    (2, 7, 40, 7, 1),  # a width no vector divides: the scalar path
-    (2, 7, 32, 5, 2),
-    (2, 9, 64, 3, 2),  # odd side at stride 2
-    (2, 12, 32, 7, 2),
-    (2, 14, 96, 5, 1),
-    (1, 3, 16, 7, 1),  # kernel wider than the image
+CASES = [  # images, side, channels, kernel, stride, real channels (the kernel's others 0)
+    (3, 5, 32, 3, 1, 32),
+    (2, 7, 40, 7, 1, 40),  # a width no vector divides: the scalar path
+    (2, 7, 32, 5, 2, 32),
+    (2, 9, 64, 3, 2, 64),  # odd side at stride 2
+    (2, 12, 32, 7, 2, 32),
+    (2, 14, 96, 5, 1, 96),
+    (1, 3, 16, 7, 1, 16),  # kernel wider than the image
+    (2, 10, 128, 5, 2, 72),  # the engine's padded channels: zeros past the kernel's
+    (2, 6, 40, 3, 1, 24),  # and on the scalar path
 ]
 
 
-def _case(n: int, side: int, c: int, k: int, stride: int, dtype) -> tuple:
+def _case(n: int, side: int, c: int, k: int, stride: int, real: int, dtype) -> tuple:
     rng = np.random.default_rng(side * 100 + c + k + stride)
     p_in = rows_bucket(side * side) + 3  # rows after the image, as the engine pads
     out_side = -(-side // stride)
@@ -43,18 +45,18 @@ def _case(n: int, side: int, c: int, k: int, stride: int, dtype) -> tuple:
     x[:, side * side :] = 0  # the engine's padded rows are zero
     r = k // 2
     kernel = np.zeros((MAX_KERNEL, MAX_KERNEL, 1, c), dtype)
-    kernel[3 - r : 4 + r, 3 - r : 4 + r] = rng.normal(size=(k, k, 1, c))
+    kernel[3 - r : 4 + r, 3 - r : 4 + r, :, :real] = rng.normal(size=(k, k, 1, real))
     g = rng.normal(size=(n, p_out, c)).astype(dtype)
     return jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(g), p_out
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("n", "side", "c", "k", "stride"), CASES)
-def test_native_conv_and_its_transpose_equal_the_taps(n, side, c, k, stride, dtype):
+@pytest.mark.parametrize(("n", "side", "c", "k", "stride", "real_c"), CASES)
+def test_native_conv_and_its_transpose_equal_the_taps(n, side, c, k, stride, real_c, dtype):
     assert depthwise_cpu.available()
     tol = 1e-5 if dtype == np.float32 else 1e-12
     with jax.enable_x64(dtype == np.float64):
-        x, kernel, g, p_out = _case(n, side, c, k, stride, dtype)
+        x, kernel, g, p_out = _case(n, side, c, k, stride, real_c, dtype)
         r = k // 2
         centre = kernel[3 - r : 4 + r, 3 - r : 4 + r]
         taps = _taps_branches(stride, p_out)[r - 1]
@@ -78,7 +80,7 @@ def test_native_conv_and_its_transpose_equal_the_taps(n, side, c, k, stride, dty
 def test_native_conv_reads_and_writes_tiles(side, stride, tiles_in, tiles_out):
     """Tiles whose ends cut the images' pixel rows give the whole array's result, forward,
     transposed and the kernel's cotangent, to the bit."""
-    x, kernel, g, _ = _case(2, side, 32, 5, stride, np.float32)
+    x, kernel, g, _ = _case(2, side, 32, 5, stride, 32, np.float32)
     p_in = rows_bucket(side * side)
     out_side = -(-side // stride)
     p_out = rows_bucket(out_side * out_side)
@@ -98,12 +100,12 @@ def test_native_conv_reads_and_writes_tiles(side, stride, tiles_in, tiles_out):
     np.testing.assert_array_equal(tiled_dk, whole_dk)
 
 
-@pytest.mark.parametrize(("n", "side", "c", "k", "stride"), CASES[2:5])
-def test_engine_conv_gradients_equal_the_taps(n, side, c, k, stride):
+@pytest.mark.parametrize(("n", "side", "c", "k", "stride", "real_c"), CASES[2:5])
+def test_engine_conv_gradients_equal_the_taps(n, side, c, k, stride, real_c):
     """The engine's custom vjp (the native input and kernel cotangents) against autodiff of
     the XLA taps, in float64."""
     with jax.enable_x64(True):
-        x, kernel, g, p_out = _case(n, side, c, k, stride, np.float64)
+        x, kernel, g, p_out = _case(n, side, c, k, stride, real_c, np.float64)
         geometry = jnp.asarray([side, k // 2])
         taps = _taps_branches(stride, p_out)[k // 2 - 1]
 
@@ -120,12 +122,12 @@ def test_engine_conv_gradients_equal_the_taps(n, side, c, k, stride):
         np.testing.assert_allclose(got[1], want[1], rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize(("n", "side", "c", "k", "stride"), CASES)
-def test_native_moments_are_the_outputs_over_its_real_rows(n, side, c, k, stride):
+@pytest.mark.parametrize(("n", "side", "c", "k", "stride", "real_c"), CASES)
+def test_native_moments_are_the_outputs_over_its_real_rows(n, side, c, k, stride, real_c):
     """The forward's sum and squares about the mean (summed in float64) against NumPy's
     float64 sums of the output's real rows, the same output beside them, and XLA's
     `row_moments` where the native call is switched off."""
-    x, kernel, _, p_out = _case(n, side, c, k, stride, np.float32)
+    x, kernel, _, p_out = _case(n, side, c, k, stride, real_c, np.float32)
     r, side_ = k // 2, jnp.asarray(side)
     centre = kernel[3 - r : 4 + r, 3 - r : 4 + r]
     (plain,) = depthwise_cpu.depthwise((x,), centre, side_, (), p_out, 1, stride, False)

@@ -17,20 +17,24 @@ from wrcor_jax.spaces.mbv2.engine import gated_matmul
 if os.environ.get("WRCOR_JAX_NATIVE") == "0" or not (os.environ.get("CXX") or shutil.which("g++")):
     pytest.skip("native gated product: switched off or no compiler", allow_module_level=True)
 
-CASES = [  # images, rows, wide channels, output channels, real rows per image
-    (4, 128, 192, 32, 128),
-    (3, 64, 96, 40, 49),  # padded rows (zero), widths no register block divides
-    (1, 1000, 48, 24, 1000),  # one image in several parts, a part-filled last chunk
-    (2, 16, 1536, 256, 16),
+CASES = [  # images, rows, wide channels, output channels, real rows per image, real widths
+    (4, 128, 192, 32, 128, None),
+    (3, 64, 96, 40, 49, None),  # padded rows (zero), widths no register block divides
+    (1, 1000, 48, 24, 1000, None),  # one image in several parts, a part-filled last chunk
+    (2, 16, 1536, 256, 16, None),
+    (3, 128, 256, 64, 100, (152, 40)),  # the engine's zero-padded kernel: its block only
 ]
 
 
-def _case(n: int, r: int, cw: int, co: int, real: int, dtype) -> tuple:
+def _case(n: int, r: int, cw: int, co: int, real: int, widths, dtype) -> tuple:
     rng = np.random.default_rng(n + r + cw + co)
     h = rng.normal(size=(n, r, cw)).astype(dtype)
     h[:, real:] = 0  # the depthwise piece's padded rows are zero
+    h[:, real // 2] = -np.abs(h[:, real // 2])  # a row the ReLU zeroes
     gate = rng.uniform(size=(n, cw)).astype(dtype)
     kernel = rng.normal(size=(cw, co)).astype(dtype)
+    if widths is not None:
+        kernel[widths[0] :] = kernel[:, widths[1] :] = 0
     g = rng.normal(size=(n, r, co)).astype(dtype)
     d_sums = rng.normal(size=co).astype(dtype)
     return tuple(jnp.asarray(a) for a in (h, gate, kernel, g, d_sums))
@@ -42,12 +46,12 @@ def _xla(h, gate, kernel):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("n", "r", "cw", "co", "real"), CASES)
-def test_native_gated_product_and_its_backward_equal_xla(n, r, cw, co, real, dtype):
+@pytest.mark.parametrize(("n", "r", "cw", "co", "real", "widths"), CASES)
+def test_native_gated_product_and_its_backward_equal_xla(n, r, cw, co, real, widths, dtype):
     assert gated_cpu.available()
     tol = 2e-5 if dtype == np.float32 else 1e-12
     with jax.enable_x64(dtype == np.float64):
-        h, gate, kernel, g, d_sums = _case(n, r, cw, co, real, dtype)
+        h, gate, kernel, g, d_sums = _case(n, r, cw, co, real, widths, dtype)
         got, got_pullback = jax.vjp(gated_cpu.gated_product, h, gate, kernel)
         with jax.enable_x64(True):
             wide = [jnp.asarray(a, np.float64) for a in (h, gate, kernel, g, d_sums)]

@@ -17,21 +17,24 @@ from wrcor_jax.spaces.mbv2.engine import _tile_mask, gram_matrix
 if os.environ.get("WRCOR_JAX_NATIVE") == "0" or not (os.environ.get("CXX") or shutil.which("g++")):
     pytest.skip("native centred gram: switched off or no compiler", allow_module_level=True)
 
-CASES = [  # images, rows per tile, channels, real rows per image, tile index
-    (4, 128, 64, 128, 0),  # a whole tile
-    (3, 64, 96, 100, 1),  # the image ends inside the tile
-    (2, 32, 40, 49, 1),  # a width no register block divides
-    (5, 300, 32, 290, 0),  # more rows than a chunk, in several parts
-    (2, 8, 33, 20, 3),  # padding only: 0
+CASES = [  # images, rows per tile, channels, real rows per image, tile index, real channels
+    (4, 128, 64, 128, 0, 64),  # a whole tile
+    (3, 64, 96, 100, 1, 96),  # the image ends inside the tile
+    (2, 32, 40, 49, 1, 40),  # a width no register block divides
+    (5, 300, 32, 290, 0, 32),  # more rows than a chunk, in several parts
+    (2, 8, 33, 20, 3, 33),  # padding only: 0
+    (3, 128, 64, 100, 0, 40),  # the engine's padded channels: zeros, a cotangent's too
 ]
 
 
-def _case(n: int, r: int, c: int, rows: int, tile: int, dtype) -> tuple:
+def _case(n: int, r: int, c: int, rows: int, tile: int, real: int, dtype) -> tuple:
     rng = np.random.default_rng(n * 1000 + r + c)
     x = (rng.normal(size=(n, r, c)) + rng.uniform(0, 3, size=c)).astype(dtype)
     x[:, max(0, rows - tile * r) :] = 0  # the engine's padded rows are zero
     mean = x.reshape(-1, c).mean(axis=0) + rng.normal(scale=0.1, size=c).astype(dtype)
-    return jnp.asarray(x), jnp.asarray(mean.astype(dtype)), rng.normal(size=(c, c))
+    g = rng.normal(size=(c, c))
+    x[..., real:] = mean[real:] = g[real:] = g[:, real:] = 0
+    return jnp.asarray(x), jnp.asarray(mean.astype(dtype)), g
 
 
 def _xla(x, mean, rows, tile):
@@ -41,11 +44,11 @@ def _xla(x, mean, rows, tile):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("n", "r", "c", "rows", "tile"), CASES)
-def test_native_gram_and_cotangent_equal_the_xla_product(n, r, c, rows, tile, dtype):
+@pytest.mark.parametrize(("n", "r", "c", "rows", "tile", "channels"), CASES)
+def test_native_gram_and_cotangent_equal_the_xla_product(n, r, c, rows, tile, channels, dtype):
     assert gram_cpu.available()
     with jax.enable_x64(dtype == np.float64):
-        x, mean, g = _case(n, r, c, rows, tile, dtype)
+        x, mean, g = _case(n, r, c, rows, tile, channels, dtype)
         got = gram_cpu.centred_gram(x, mean, rows, tile)
         assert got.dtype == dtype and got.shape == (c, c)
         real = np.asarray(x, np.float64)[:, : max(0, min(r, rows - tile * r))].reshape(-1, c)

@@ -63,8 +63,8 @@ struct Tiles {
 template <typename T>
 class Rows {
  public:
-  Rows(const Geometry& g, const Tiles<const T>& src)
-      : g_(g), src_(src), data_(g.k * g.width() * g.c) {
+  Rows(const Geometry& g, const Tiles<const T>& src, int64_t live)
+      : g_(g), src_(src), live_(live), data_(g.k * g.width() * g.c) {
     tags_.assign(g.k, -1);
   }
 
@@ -82,7 +82,7 @@ class Rows {
     for (int64_t j = 0; j < g_.side_src; ++j) {
       T* out = row + (r + j * t) * c;
       const T* pixel = src_.At(image, first + j);
-      for (int64_t i = 0; i < c; ++i) {
+      for (int64_t i = 0; i < live_; ++i) {
         const T v = pixel[i];
         out[i] = g_.transposed ? v : (v > T(0) ? v : T(0));
       }
@@ -93,6 +93,7 @@ class Rows {
  private:
   const Geometry& g_;
   const Tiles<const T>& src_;
+  const int64_t live_;  // the channels read (the others stay 0)
   std::vector<T> data_;
   std::vector<int64_t> tags_;
 };
@@ -129,9 +130,9 @@ void Block(const Geometry& g, const T* const* plane, const T* kernel, const T* k
 // The same for widths that are not a multiple of the vector: one channel at a time.
 template <typename T>
 void Scalar(const Geometry& g, const T* const* plane, const T* kernel, const T* keep_row,
-            T* out_row, int64_t x) {
+            T* out_row, int64_t x, int64_t live) {
   const int64_t c = g.c, k = g.k, step = g.step();
-  for (int64_t j = 0; j < c; ++j) {
+  for (int64_t j = 0; j < live; ++j) {
     T acc = 0;
     for (int64_t dy = 0; dy < k; ++dy) {
       if (plane[dy] == nullptr) continue;
@@ -144,17 +145,23 @@ void Scalar(const Geometry& g, const T* const* plane, const T* kernel, const T* 
   }
 }
 
-// The pixels of one output row into `out_row`, in blocks of pixels x channels.
+// The pixels of one output row into `out_row`, in blocks of pixels x channels: channels
+// [0, live) summed, the others 0.
 template <typename T>
 void Pixels(const Geometry& g, const T* const* plane, const T* kernel, const T* keep_row,
-            T* out_row) {
+            T* out_row, int64_t live) {
   constexpr int64_t lanes = kLanes<T>;
+  for (int64_t x = 0; x < g.side_dst; ++x) {
+    std::fill(out_row + x * g.c + live, out_row + (x + 1) * g.c, T(0));
+  }
   if (g.c % lanes != 0) {
-    for (int64_t x = 0; x < g.side_dst; ++x) Scalar(g, plane, kernel, keep_row, out_row, x);
+    for (int64_t x = 0; x < g.side_dst; ++x) {
+      Scalar(g, plane, kernel, keep_row, out_row, x, live);
+    }
     return;
   }
   for (int64_t x0 = 0; x0 < g.side_dst; x0 += kPixels) {
-    for (int64_t c0 = 0; c0 < g.c; c0 += lanes) {
+    for (int64_t c0 = 0; c0 < live; c0 += lanes) {
       switch (std::min(kPixels, g.side_dst - x0)) {
         case 4: Block<T, 4>(g, plane, kernel, keep_row, out_row, x0, c0); break;
         case 3: Block<T, 3>(g, plane, kernel, keep_row, out_row, x0, c0); break;
@@ -173,8 +180,9 @@ struct Scratch {
 
 // Output row y of `image`: the plane rows it reads, then blocks of pixels x channels.
 template <typename T>
-void Row(const Geometry& g, Rows<T>& rows, const T* kernel, const Tiles<const T>& mask,
-         const Tiles<T>& dst, Scratch<T>& scratch, int64_t image, int64_t y) {
+void Row(const Geometry& g, Rows<T>& rows, const T* kernel, int64_t live,
+         const Tiles<const T>& mask, const Tiles<T>& dst, Scratch<T>& scratch, int64_t image,
+         int64_t y) {
   const T* plane[16];
   for (int64_t dy = 0; dy < g.k; ++dy) plane[dy] = rows.Get(image, g.step() * y + dy);
   const int64_t first = y * g.side_dst, bytes = g.c * sizeof(T);
@@ -190,7 +198,7 @@ void Row(const Geometry& g, Rows<T>& rows, const T* kernel, const Tiles<const T>
       keep_row = scratch.keep.data();
     }
   }
-  Pixels(g, plane, kernel, keep_row, out_row);
+  Pixels(g, plane, kernel, keep_row, out_row, live);
   if (out_row == scratch.out.data()) {
     for (int64_t x = 0; x < g.side_dst; ++x) {
       std::memcpy(dst.At(image, first + x), out_row + x * g.c, bytes);
@@ -267,16 +275,21 @@ void Run(ffi::ThreadPool& pool, const Geometry& g, const Tiles<const T>& src, co
     }
     kernel = turned.data();
   }
+  // the kernel's zero channels (the engine pads it to the bucket width) give zeros: the
+  // sums run up to its last nonzero channel, in whole vectors where the width has them
+  const int64_t nonzero = NonzeroExtent(kernel, g.k * g.k, g.c).cols;
+  const int64_t lanes = g.c % kLanes<T> == 0 ? kLanes<T> : 1;
+  const int64_t live = (nonzero + lanes - 1) / lanes * lanes;
   const int64_t lines = g.n * g.side_dst;
   const int64_t chunk = std::max<int64_t>(1, lines / 64), parts = (lines + chunk - 1) / chunk;
   std::vector<Moments> moments(stats == nullptr ? 0 : parts, Moments(g.c));
   ParallelFor(pool, parts, [&, chunk](int64_t part) {
-    Rows<T> rows(g, src);
+    Rows<T> rows(g, src, live);
     Scratch<T> scratch{std::vector<T>(g.side_dst * g.c),
                        std::vector<T>(g.transposed ? g.side_dst * g.c : 0)};
     for (int64_t line = part * chunk; line < std::min(lines, (part + 1) * chunk); ++line) {
       const int64_t image = line / g.side_dst, y = line % g.side_dst;
-      Row(g, rows, kernel, mask, dst, scratch, image, y);
+      Row(g, rows, kernel, live, mask, dst, scratch, image, y);
       if (stats != nullptr) {
         for (int64_t x = 0; x < g.side_dst; ++x) {
           moments[part].Add(dst.At(image, y * g.side_dst + x), g.c);
@@ -303,7 +316,7 @@ void RunKernel(ffi::ThreadPool& pool, const Geometry& g, const Tiles<const T>& s
   const int64_t chunk = std::max<int64_t>(1, lines / 64), parts = (lines + chunk - 1) / chunk;
   std::vector<std::vector<double>> partial(parts, std::vector<double>(taps));
   ParallelFor(pool, parts, [&, chunk](int64_t part) {
-    Rows<T> rows(g, src);
+    Rows<T> rows(g, src, g.c);
     std::vector<T> scratch(g.side_dst * g.c);
     for (int64_t line = part * chunk; line < std::min(lines, (part + 1) * chunk); ++line) {
       const int64_t image = line / g.side_dst, y = line % g.side_dst;

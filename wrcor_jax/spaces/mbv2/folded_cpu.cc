@@ -1,12 +1,16 @@
-// The backward of the expand's folded conv (BatchNorm folded into the 1x1 conv) on a tile of
-// rows, for XLA:CPU (an XLA FFI custom call). For the output's cotangent g and the output
-// z = (x - mean) (W scale) + bias, both (N, R, Co), on the tile's real rows (mask):
+// The expand's folded conv (BatchNorm folded into the 1x1 conv) on a tile of rows and its
+// backward, for XLA:CPU (XLA FFI custom calls). For the centred input c = (x - mean) (N, R,
+// Ci), 0 on the padding rows, the kernel W scale (Ci, Co) and the tile's real rows (mask):
+//   forward   z = c (W scale) + bias                 (N, R, Co), 0 on the other rows
+// and for the output's cotangent g:
 //   d_centred = g (W scale)^T        (N, R, Ci), 0 on the other rows
 //   sums      = [sum g (z - bias), sum g]   over the real rows                     (2, Co)
-// (the scale's gradient is the first over the scale, the bias's the second). XLA:CPU read
-// the wide g once for the sums and again for the product; here each chunk of rows is
-// summed and multiplied while in cache. The sums are added in double per part of the rows
-// and merged in order, so the results do not depend on the threads.
+// (the scale's gradient is the first over the scale, the bias's the second). XLA:CPU ran the
+// products over the padded widths and rows, and read the wide g once for the sums and again
+// for the product; here each chunk of rows is summed and multiplied while in cache, over
+// the real rows and the kernel's nonzero block only (the engine pads it with zeros to the
+// bucket widths). The sums are added in double per part of the rows and merged in order, so
+// the results do not depend on the threads.
 
 #include <algorithm>
 #include <cstdint>
@@ -20,36 +24,93 @@ namespace {
 constexpr int64_t kChunk = 128;  // rows multiplied at a time (a multiple of kRows)
 
 template <typename T>
+void Forward(ffi::ThreadPool& pool, int64_t n, int64_t rows, int64_t ci, int64_t co,
+             const T* centred, const T* kernel, const T* bias, const int32_t* mask, T* z) {
+  const int64_t count = n * rows;
+  const int64_t part_rows = PartRows(count, kChunk), parts = (count + part_rows - 1) / part_rows;
+  const Extent e = NonzeroExtent(kernel, ci, co);
+  const int64_t out = Padded<T>(e.cols);
+  const std::vector<T> w = PaddedMatrix(kernel, co, e.rows, e.cols, e.rows, out, false);
+  ParallelFor(pool, parts, [&](int64_t part) {
+    auto read = [&](int64_t q, T* into) {
+      if (!mask[q % rows]) return false;
+      std::copy(centred + q * ci, centred + q * ci + e.rows, into);
+      return true;
+    };
+    auto keep = [&](int64_t q, const T* product) {
+      T* z_row = z + q * co;
+      if (!mask[q % rows]) {
+        std::fill(z_row, z_row + co, T(0));
+        return;
+      }
+      for (int64_t j = 0; j < e.cols; ++j) z_row[j] = product[j] + bias[j];
+      std::copy(bias + e.cols, bias + co, z_row + e.cols);
+    };
+    const int64_t start = part * part_rows, stop = std::min(count, start + part_rows);
+    ChunkProducts(start, stop, kChunk, e.rows, w.data(), out, read, keep);
+  });
+}
+
+template <typename T>
 void Cotangent(ffi::ThreadPool& pool, int64_t n, int64_t rows, int64_t ci, int64_t co,
                const T* g, const T* z, const T* kernel, const T* bias, const int32_t* mask,
                T* d_centred, T* sums) {
-  const int64_t cip = Padded<T>(ci), cop = Padded<T>(co), count = n * rows;
+  const int64_t count = n * rows;
   const int64_t part_rows = PartRows(count, kChunk), parts = (count + part_rows - 1) / part_rows;
-  const std::vector<T> w_t = PaddedMatrix(kernel, ci, co, cip, cop, true);
+  const Extent e = NonzeroExtent(kernel, ci, co);
+  const int64_t out = Padded<T>(e.rows);
+  const std::vector<T> w_t = PaddedMatrix(kernel, co, e.rows, e.cols, out, e.cols, true);
   std::vector<std::vector<double>> partial(parts, std::vector<double>(2 * co));
   ParallelFor(pool, parts, [&](int64_t part) {
     double* scaled = partial[part].data();
     double* plain = scaled + co;
     auto read = [&](int64_t q, T* into) {
-      if (!mask[q % rows]) {
-        std::fill(into, into + co, T(0));
-        return;
-      }
+      if (!mask[q % rows]) return false;
       const T* g_row = g + q * co;
       const T* z_row = z + q * co;
       for (int64_t j = 0; j < co; ++j) {
-        into[j] = g_row[j];
         scaled[j] += g_row[j] * (z_row[j] - bias[j]);
         plain[j] += g_row[j];
       }
+      std::copy(g_row, g_row + e.cols, into);
+      return true;
     };
     auto keep = [&](int64_t q, const T* product) {
-      std::memcpy(d_centred + q * ci, product, ci * sizeof(T));
+      T* d_row = d_centred + q * ci;
+      std::memcpy(d_row, product, e.rows * sizeof(T));
+      std::fill(d_row + e.rows, d_row + ci, T(0));
     };
     const int64_t start = part * part_rows, stop = std::min(count, start + part_rows);
-    ChunkProducts(start, stop, kChunk, cop, w_t.data(), cip, read, keep);
+    ChunkProducts(start, stop, kChunk, e.cols, w_t.data(), out, read, keep);
   });
   MergeParts(partial, 2 * co, sums);
+}
+
+// centred (N, R, Ci), kernel (Ci, Co) times the scale, bias (Co,), mask (R,): which rows of
+// the tile are real; result z (N, R, Co).
+ffi::Error FoldedConv(ffi::ThreadPool pool, ffi::AnyBuffer centred, ffi::AnyBuffer kernel,
+                      ffi::AnyBuffer bias, ffi::Buffer<ffi::S32> mask,
+                      ffi::Result<ffi::AnyBuffer> z) {
+  const auto d = centred.dimensions(), kd = kernel.dimensions();
+  const ffi::DataType type = centred.element_type();
+  if (d.size() != 3 || kd.size() != 2) {
+    return ffi::Error::InvalidArgument("folded conv: expected (N, R, Ci) and (Ci, Co)");
+  }
+  const int64_t n = d[0], rows = d[1], ci = d[2], co = kd[1];
+  const bool shaped = Shaped(kernel, {ci, co}, type) && Shaped(bias, {co}, type) &&
+                      mask.element_count() == size_t(rows) && Shaped(*z, {n, rows, co}, type);
+  if (!shaped) return ffi::Error::InvalidArgument("folded conv: arguments of other shapes");
+  const int32_t* real = mask.typed_data();
+  if (type == ffi::DataType::F64) {
+    Forward(pool, n, rows, ci, co, centred.typed_data<double>(), kernel.typed_data<double>(),
+            bias.typed_data<double>(), real, z->typed_data<double>());
+  } else if (type == ffi::DataType::F32) {
+    Forward(pool, n, rows, ci, co, centred.typed_data<float>(), kernel.typed_data<float>(),
+            bias.typed_data<float>(), real, z->typed_data<float>());
+  } else {
+    return ffi::Error::InvalidArgument("folded conv: float32 or float64 only");
+  }
+  return ffi::Error::Success();
 }
 
 // g and z (N, R, Co), kernel (Ci, Co) times the scale, bias (Co,), mask (R,): which rows of
@@ -94,4 +155,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WrcorFoldedConvCotangent, FoldedConvCotangent,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WrcorFoldedConv, FoldedConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>());

@@ -1,11 +1,12 @@
-"""The backward of the expand's folded conv, from `folded_cpu.cc`, as an XLA:CPU custom call
+"""The expand's folded conv and its backward, from `folded_cpu.cc`, as XLA:CPU custom calls
 built on first use.
 
-The expand's backward reads its output's cotangent g for the scale's and the bias's sums and
-again for the product that gives the input's; on large images g and the output are the
-widest arrays of a block, and XLA:CPU read them from memory each time. The call sums and
-multiplies each chunk of rows while in cache. Built as `native_calls` says; where it is not,
-`available()` is False and the engine keeps XLA's form."""
+XLA:CPU ran the expand's product over the padded widths and rows, and its backward read the
+output's cotangent g for the scale's and the bias's sums and again for the product that gives
+the input's; on large images g and the output are the widest arrays of a block. The calls
+multiply only the kernel's nonzero block (the engine pads it with zeros) on the real rows,
+and the backward sums and multiplies each chunk of rows while in cache. Built as
+`native_calls` says; where it is not, `available()` is False and the engine keeps XLA's form."""
 
 from __future__ import annotations
 
@@ -18,12 +19,33 @@ import numpy as np
 from wrcor_jax.spaces.mbv2 import native_calls
 
 SOURCE = Path(__file__).with_suffix(".cc")
-TARGET = "wrcor_mbv2_folded_conv_cotangent"
+TARGET = "wrcor_mbv2_folded_conv"
+COTANGENT_TARGET = "wrcor_mbv2_folded_conv_cotangent"
 
 
 def available() -> bool:
-    """Whether the custom call is built and registered for XLA:CPU (once per process)."""
-    return native_calls.register(SOURCE, ((TARGET, "WrcorFoldedConvCotangent"),))
+    """Whether the custom calls are built and registered for XLA:CPU (once per process)."""
+    handlers = ((TARGET, "WrcorFoldedConv"), (COTANGENT_TARGET, "WrcorFoldedConvCotangent"))
+    return native_calls.register(SOURCE, handlers)
+
+
+def _flags(mask: jax.Array, rows: int) -> jax.Array:
+    return jnp.reshape(mask, (rows,)).astype(np.int32)
+
+
+def folded_conv(
+    centred: jax.Array, kernel: jax.Array, bias: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """centred @ kernel + bias on the real rows `mask` ((R, 1) or (R,)) of (N, R, Ci) rows
+    `centred` (0 on the others), 0 on the other rows: (N, R, Co). Its inputs are taken as
+    constants: the engine differentiates `folded_conv_saved`, which takes this output."""
+    if not available():
+        raise RuntimeError("the native folded conv is not available on this machine")
+    n, r, _ = centred.shape
+    dtype = centred.dtype
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, r, kernel.shape[-1]), dtype))
+    operands = (centred, kernel.astype(dtype), bias.astype(dtype))
+    return call(*jax.lax.stop_gradient(operands), _flags(mask, r))
 
 
 def folded_conv_cotangent(
@@ -39,5 +61,5 @@ def folded_conv_cotangent(
         jax.ShapeDtypeStruct((n, r, kernel.shape[0]), g.dtype),
         jax.ShapeDtypeStruct((2, g.shape[-1]), g.dtype),
     )
-    flags = jnp.reshape(mask, (r,)).astype(np.int32)
-    return tuple(jax.ffi.ffi_call(TARGET, outputs)(g, z, kernel.astype(g.dtype), bias, flags))
+    call = jax.ffi.ffi_call(COTANGENT_TARGET, outputs)
+    return tuple(call(g, z, kernel.astype(g.dtype), bias, _flags(mask, r)))

@@ -94,22 +94,28 @@ void Gram(ffi::ThreadPool& pool, const RealRows<T>& real, const T* mean, T* gram
 template <typename T>
 void Cotangent(ffi::ThreadPool& pool, const RealRows<T>& real, const T* mean, const T* h,
                T* dx, T* sums) {
-  const int64_t c = real.c, cp = Padded<T>(c), count = real.Count();
+  const int64_t c = real.c, count = real.Count();
   const int64_t part_rows = PartRows(count, kChunk), parts = (count + part_rows - 1) / part_rows;
-  const std::vector<T> padded_h = PaddedMatrix(h, c, c, cp, cp, false);
+  // h's padded channels (the kernel's zero rows) are 0: the product skips them
+  const Extent e = NonzeroExtent(h, c, c);
+  const int64_t out = Padded<T>(e.cols);
+  const std::vector<T> padded_h = PaddedMatrix(h, c, e.rows, e.cols, e.rows, out, false);
   std::vector<std::vector<double>> partial(parts, std::vector<double>(c));
   ParallelFor(pool, parts, [&](int64_t part) {
     double* sum = partial[part].data();
     auto centred = [&](int64_t q, T* into) {
       const T* row = real.x + real.Offset(q);
-      for (int64_t j = 0; j < c; ++j) into[j] = row[j] - mean[j];
-      for (int64_t j = 0; j < c; ++j) sum[j] += into[j];
+      for (int64_t j = 0; j < c; ++j) sum[j] += row[j] - mean[j];
+      for (int64_t j = 0; j < e.rows; ++j) into[j] = row[j] - mean[j];
+      return true;
     };
     auto keep = [&](int64_t q, const T* product) {
-      std::memcpy(dx + real.Offset(q), product, c * sizeof(T));
+      T* d_row = dx + real.Offset(q);
+      std::memcpy(d_row, product, e.cols * sizeof(T));
+      std::fill(d_row + e.cols, d_row + c, T(0));
     };
     const int64_t start = part * part_rows, stop = std::min(count, start + part_rows);
-    ChunkProducts(start, stop, kChunk, cp, padded_h.data(), cp, centred, keep);
+    ChunkProducts(start, stop, kChunk, e.rows, padded_h.data(), out, centred, keep);
   });
   for (int64_t image = 0; image < real.n; ++image) {  // the padded rows' cotangent: 0
     T* first = dx + (image * real.rows + real.live) * c;

@@ -87,29 +87,62 @@ void Product(const T* a, int64_t rows, int64_t inner, const T* b, int64_t cols, 
 
 
 // Rows [q0, q1) in chunks of `chunk` rows (a multiple of kRows): fill(q, into) writes row
-// q's operand (`in` wide; what it leaves unwritten stays 0), each chunk is multiplied by b
-// (in, out) while in cache, and use(q, product) reads row q's product back.
+// q's operand (`in` wide; each call the same entries: what it leaves unwritten stays 0) and
+// says whether its product is needed; the needed rows of each chunk are multiplied by b
+// (in, out) while in cache, and use(q, product) reads row q's product back, zeros for the
+// rows not needed (padding rows, rows a mask drops), which are not multiplied.
 template <typename T, typename Fill, typename Use>
 void ChunkProducts(int64_t q0, int64_t q1, int64_t chunk, int64_t in, const T* b, int64_t out,
                    Fill fill, Use use) {
   std::vector<T> a(chunk * in, T(0)), product(chunk * out);
+  const std::vector<T> zeros(out, T(0));
+  std::vector<int64_t> needed(chunk);
   for (int64_t q = q0; q < q1; q += chunk) {
-    const int64_t count = std::min(chunk, q1 - q), used = (count + kRows - 1) / kRows * kRows;
-    for (int64_t k = 0; k < count; ++k) fill(q + k, a.data() + k * in);
-    std::fill(a.begin() + count * in, a.begin() + used * in, T(0));
+    const int64_t count = std::min(chunk, q1 - q);
+    int64_t live = 0;
+    for (int64_t k = 0; k < count; ++k) {
+      if (fill(q + k, a.data() + live * in)) {
+        needed[live++] = q + k;
+      } else {
+        use(q + k, zeros.data());
+      }
+    }
+    const int64_t used = (live + kRows - 1) / kRows * kRows;
+    std::fill(a.begin() + live * in, a.begin() + used * in, T(0));
     Product(a.data(), used, in, b, out, product.data());
-    for (int64_t k = 0; k < count; ++k) use(q + k, product.data() + k * out);
+    for (int64_t k = 0; k < live; ++k) use(needed[k], product.data() + k * out);
   }
 }
 
-// m (r, c) into a zeroed (rp, cp) copy, or (cp, rp) transposed.
+// The leading block of an (r, c) matrix outside which it is 0. The engine pads its kernels
+// with zero rows and columns to the bucket widths: a product need not run over them.
+struct Extent {
+  int64_t rows, cols;
+};
+
 template <typename T>
-std::vector<T> PaddedMatrix(const T* m, int64_t r, int64_t c, int64_t rp, int64_t cp,
-                            bool transposed) {
+Extent NonzeroExtent(const T* m, int64_t r, int64_t c) {
+  Extent extent{0, 0};
+  for (int64_t i = 0; i < r; ++i) {
+    for (int64_t j = 0; j < c; ++j) {
+      if (m[i * c + j] != T(0)) {
+        extent.rows = i + 1;
+        extent.cols = std::max(extent.cols, j + 1);
+      }
+    }
+  }
+  return extent;
+}
+
+// The leading (r, c) block of m (row length `stride`) into a zeroed (rp, cp) copy, or
+// (cp, rp) transposed.
+template <typename T>
+std::vector<T> PaddedMatrix(const T* m, int64_t stride, int64_t r, int64_t c, int64_t rp,
+                            int64_t cp, bool transposed) {
   std::vector<T> out(rp * cp, T(0));
   for (int64_t i = 0; i < r; ++i) {
     for (int64_t j = 0; j < c; ++j) {
-      (transposed ? out[j * rp + i] : out[i * cp + j]) = m[i * c + j];
+      (transposed ? out[j * rp + i] : out[i * cp + j]) = m[i * stride + j];
     }
   }
   return out;
