@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "native_cpu.h"
@@ -32,26 +33,39 @@ struct RealRows {
   int64_t Offset(int64_t q) const { return ((q / live) * rows + q % live) * c; }
 };
 
-// Rows [q0, q0 + count) centred into a (kChunk, cp) buffer, its padding 0.
+// Rows [q0, q0 + count) centred into a (kChunk, cp) buffer, its padding 0. Returns the
+// channels up to the chunk's last nonzero one: the engine's padded channels are 0 in x and
+// in the mean, and the product need not run over them.
 template <typename T>
-void Centre(const RealRows<T>& real, const T* mean, int64_t q0, int64_t count, int64_t cp,
-            T* a) {
+int64_t Centre(const RealRows<T>& real, const T* mean, int64_t q0, int64_t count, int64_t cp,
+               T* a) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  std::vector<Bits> nonzero(real.c, 0);  // each channel's values' bits, or-ed over the rows
   std::fill(a, a + kChunk * cp, T(0));
   for (int64_t k = 0; k < count; ++k) {
     const T* row = real.x + real.Offset(q0 + k);
     T* out = a + k * cp;
-    for (int64_t j = 0; j < real.c; ++j) out[j] = row[j] - mean[j];
+    for (int64_t j = 0; j < real.c; ++j) {
+      out[j] = row[j] - mean[j];
+      Bits bits;
+      std::memcpy(&bits, out + j, sizeof(T));
+      nonzero[j] |= bits;
+    }
   }
+  int64_t live = real.c;
+  while (live > 0 && nonzero[live - 1] == 0) --live;
+  return live;
 }
 
-// upper += a^T a over a chunk a (kChunk, cp): the blocks on and right of the diagonal.
+// upper += a^T a over the first `count` rows of a chunk a (kChunk, cp), 0 past its first
+// `live` channels: the blocks on and right of the diagonal.
 template <typename T>
-void ChunkGram(const T* a, int64_t cp, double* upper) {
+void ChunkGram(const T* a, int64_t count, int64_t cp, int64_t live, double* upper) {
   constexpr int64_t lanes = kLanes<T>, block = kVectors * lanes;
-  for (int64_t i0 = 0; i0 < cp; i0 += kRows) {
-    for (int64_t j0 = i0 / block * block; j0 < cp; j0 += block) {
+  for (int64_t i0 = 0; i0 < live; i0 += kRows) {
+    for (int64_t j0 = i0 / block * block; j0 < live; j0 += block) {
       Vec<T> acc[kRows][kVectors] = {};
-      for (int64_t k = 0; k < kChunk; ++k) {
+      for (int64_t k = 0; k < count; ++k) {
         const T* row = a + k * cp;
         Vec<T> b[kVectors];
         for (int64_t v = 0; v < kVectors; ++v) b[v] = Load(row + j0 + v * lanes);
@@ -78,8 +92,9 @@ void Gram(ffi::ThreadPool& pool, const RealRows<T>& real, const T* mean, T* gram
     std::vector<T> a(kChunk * cp);
     const int64_t end = std::min(count, (part + 1) * part_rows);
     for (int64_t q = part * part_rows; q < end; q += kChunk) {
-      Centre(real, mean, q, std::min(kChunk, end - q), cp, a.data());
-      ChunkGram(a.data(), cp, upper[part].data());
+      const int64_t count = std::min(kChunk, end - q);
+      const int64_t live = Centre(real, mean, q, count, cp, a.data());
+      ChunkGram(a.data(), count, cp, live, upper[part].data());
     }
   });
   for (int64_t i = 0; i < c; ++i) {
