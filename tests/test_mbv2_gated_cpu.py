@@ -23,6 +23,7 @@ CASES = [  # images, rows, wide channels, output channels, real rows per image, 
     (1, 1000, 48, 24, 1000, None),  # one image in several parts, a part-filled last chunk
     (2, 16, 1536, 256, 16, None),
     (3, 128, 256, 64, 100, (152, 40)),  # the engine's zero-padded kernel: its block only
+    (2, 64, 64, 32, 64, (0, 0)),  # a kernel of zeros: zeros
 ]
 
 

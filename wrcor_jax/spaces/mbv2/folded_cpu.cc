@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "native_cpu.h"
@@ -77,7 +76,7 @@ void Cotangent(ffi::ThreadPool& pool, int64_t n, int64_t rows, int64_t ci, int64
     };
     auto keep = [&](int64_t q, const T* product) {
       T* d_row = d_centred + q * ci;
-      std::memcpy(d_row, product, e.rows * sizeof(T));
+      std::copy(product, product + e.rows, d_row);
       std::fill(d_row + e.rows, d_row + ci, T(0));
     };
     const int64_t start = part * part_rows, stop = std::min(count, start + part_rows);

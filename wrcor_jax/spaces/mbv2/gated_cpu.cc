@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "native_cpu.h"
@@ -65,7 +64,7 @@ void Forward(ffi::ThreadPool& pool, const Layout& l, const T* h, const T* gate, 
     };
     auto keep = [&](int64_t row, const T* product) {
       T* y_row = y + row * l.co;
-      std::memcpy(y_row, product, e.cols * sizeof(T));
+      std::copy(product, product + e.cols, y_row);
       std::fill(y_row + e.cols, y_row + l.co, T(0));
       for (int64_t j = 0; j < e.cols; ++j) sum[j] += product[j];
     };

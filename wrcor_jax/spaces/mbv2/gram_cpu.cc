@@ -126,7 +126,7 @@ void Cotangent(ffi::ThreadPool& pool, const RealRows<T>& real, const T* mean, co
     };
     auto keep = [&](int64_t q, const T* product) {
       T* d_row = dx + real.Offset(q);
-      std::memcpy(d_row, product, e.cols * sizeof(T));
+      std::copy(product, product + e.cols, d_row);
       std::fill(d_row + e.cols, d_row + c, T(0));
     };
     const int64_t start = part * part_rows, stop = std::min(count, start + part_rows);
