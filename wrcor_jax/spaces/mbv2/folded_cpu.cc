@@ -27,13 +27,11 @@ void Forward(ffi::ThreadPool& pool, int64_t n, int64_t rows, int64_t ci, int64_t
              const T* centred, const T* kernel, const T* bias, const int32_t* mask, T* z) {
   const int64_t count = n * rows;
   const int64_t part_rows = PartRows(count, kChunk), parts = (count + part_rows - 1) / part_rows;
-  const Extent e = NonzeroExtent(kernel, ci, co);
-  const int64_t out = Padded<T>(e.cols);
-  const std::vector<T> w = PaddedMatrix(kernel, co, e.rows, e.cols, e.rows, out, false);
+  const Operand<T> w = NonzeroOperand(kernel, ci, co, false);
   ParallelFor(pool, parts, [&](int64_t part) {
     auto read = [&](int64_t q, T* into) {
       if (!mask[q % rows]) return false;
-      std::copy(centred + q * ci, centred + q * ci + e.rows, into);
+      std::copy(centred + q * ci, centred + q * ci + w.inner, into);
       return true;
     };
     auto keep = [&](int64_t q, const T* product) {
@@ -42,11 +40,11 @@ void Forward(ffi::ThreadPool& pool, int64_t n, int64_t rows, int64_t ci, int64_t
         std::fill(z_row, z_row + co, T(0));
         return;
       }
-      for (int64_t j = 0; j < e.cols; ++j) z_row[j] = product[j] + bias[j];
-      std::copy(bias + e.cols, bias + co, z_row + e.cols);
+      for (int64_t j = 0; j < w.live; ++j) z_row[j] = product[j] + bias[j];
+      std::copy(bias + w.live, bias + co, z_row + w.live);
     };
     const int64_t start = part * part_rows, stop = std::min(count, start + part_rows);
-    ChunkProducts(start, stop, kChunk, e.rows, w.data(), out, read, keep);
+    ChunkProducts(start, stop, kChunk, w, read, keep);
   });
 }
 
@@ -56,9 +54,7 @@ void Cotangent(ffi::ThreadPool& pool, int64_t n, int64_t rows, int64_t ci, int64
                T* d_centred, T* sums) {
   const int64_t count = n * rows;
   const int64_t part_rows = PartRows(count, kChunk), parts = (count + part_rows - 1) / part_rows;
-  const Extent e = NonzeroExtent(kernel, ci, co);
-  const int64_t out = Padded<T>(e.rows);
-  const std::vector<T> w_t = PaddedMatrix(kernel, co, e.rows, e.cols, out, e.cols, true);
+  const Operand<T> w_t = NonzeroOperand(kernel, ci, co, true);
   std::vector<std::vector<double>> partial(parts, std::vector<double>(2 * co));
   ParallelFor(pool, parts, [&](int64_t part) {
     double* scaled = partial[part].data();
@@ -71,16 +67,14 @@ void Cotangent(ffi::ThreadPool& pool, int64_t n, int64_t rows, int64_t ci, int64
         scaled[j] += g_row[j] * (z_row[j] - bias[j]);
         plain[j] += g_row[j];
       }
-      std::copy(g_row, g_row + e.cols, into);
+      std::copy(g_row, g_row + w_t.inner, into);
       return true;
     };
     auto keep = [&](int64_t q, const T* product) {
-      T* d_row = d_centred + q * ci;
-      std::copy(product, product + e.rows, d_row);
-      std::fill(d_row + e.rows, d_row + ci, T(0));
+      w_t.Keep(product, d_centred + q * ci, ci);
     };
     const int64_t start = part * part_rows, stop = std::min(count, start + part_rows);
-    ChunkProducts(start, stop, kChunk, e.cols, w_t.data(), out, read, keep);
+    ChunkProducts(start, stop, kChunk, w_t, read, keep);
   });
   MergeParts(partial, 2 * co, sums);
 }

@@ -46,9 +46,7 @@ Layout MakeLayout(int64_t n, int64_t rows, int64_t cw, int64_t co) {
 template <typename T>
 void Forward(ffi::ThreadPool& pool, const Layout& l, const T* h, const T* gate, const T* kernel,
              T* y, T* sums) {
-  const Extent e = NonzeroExtent(kernel, l.cw, l.co);
-  const int64_t out = Padded<T>(e.cols);
-  const std::vector<T> w = PaddedMatrix(kernel, l.co, e.rows, e.cols, e.rows, out, false);
+  const Operand<T> w = NonzeroOperand(kernel, l.cw, l.co, false);
   std::vector<std::vector<double>> partial(l.Parts(), std::vector<double>(l.co));
   ParallelFor(pool, l.Parts(), [&](int64_t part) {
     const T* g = gate + l.Image(part) * l.cw;
@@ -56,19 +54,17 @@ void Forward(ffi::ThreadPool& pool, const Layout& l, const T* h, const T* gate, 
     auto gated = [&](int64_t row, T* into) {
       const T* x = h + row * l.cw;
       bool nonzero = false;
-      for (int64_t i = 0; i < e.rows; ++i) {
+      for (int64_t i = 0; i < w.inner; ++i) {
         into[i] = std::max(x[i], T(0)) * g[i];
         nonzero |= into[i] != T(0);
       }
       return nonzero;
     };
     auto keep = [&](int64_t row, const T* product) {
-      T* y_row = y + row * l.co;
-      std::copy(product, product + e.cols, y_row);
-      std::fill(y_row + e.cols, y_row + l.co, T(0));
-      for (int64_t j = 0; j < e.cols; ++j) sum[j] += product[j];
+      w.Keep(product, y + row * l.co, l.co);
+      for (int64_t j = 0; j < w.live; ++j) sum[j] += product[j];
     };
-    ChunkProducts(l.Start(part), l.Stop(part), kChunk, e.rows, w.data(), out, gated, keep);
+    ChunkProducts(l.Start(part), l.Stop(part), kChunk, w, gated, keep);
   });
   MergeParts(partial, l.co, sums);
 }
@@ -76,29 +72,26 @@ void Forward(ffi::ThreadPool& pool, const Layout& l, const T* h, const T* gate, 
 template <typename T>
 void Backward(ffi::ThreadPool& pool, const Layout& l, const T* h, const T* gate,
               const T* kernel, const T* g, const T* d_sums, T* d_h, T* d_gate) {
-  const Extent e = NonzeroExtent(kernel, l.cw, l.co);
-  const int64_t out = Padded<T>(e.rows);
-  const std::vector<T> w_t = PaddedMatrix(kernel, l.co, e.rows, e.cols, out, e.cols, true);
+  const Operand<T> w_t = NonzeroOperand(kernel, l.cw, l.co, true);
   std::vector<std::vector<double>> partial(l.Parts(), std::vector<double>(l.cw));
   ParallelFor(pool, l.Parts(), [&](int64_t part) {
     const T* gi = gate + l.Image(part) * l.cw;
     double* sum = partial[part].data();
     auto cotangent = [&](int64_t row, T* into) {
       const T* g_row = g + row * l.co;
-      for (int64_t j = 0; j < e.cols; ++j) into[j] = g_row[j] + d_sums[j];
+      for (int64_t j = 0; j < w_t.inner; ++j) into[j] = g_row[j] + d_sums[j];
       return true;
     };
     auto spread = [&](int64_t row, const T* d) {
       const T* x = h + row * l.cw;
       T* dx = d_h + row * l.cw;
-      for (int64_t i = 0; i < e.rows; ++i) {
+      for (int64_t i = 0; i < w_t.live; ++i) {
         dx[i] = x[i] > T(0) ? d[i] * gi[i] : T(0);
         sum[i] += d[i] * std::max(x[i], T(0));
       }
-      std::fill(dx + e.rows, dx + l.cw, T(0));
+      std::fill(dx + w_t.live, dx + l.cw, T(0));
     };
-    ChunkProducts(l.Start(part), l.Stop(part), kChunk, e.cols, w_t.data(), out, cotangent,
-                  spread);
+    ChunkProducts(l.Start(part), l.Stop(part), kChunk, w_t, cotangent, spread);
   });
   for (int64_t image = 0; image < l.n; ++image) {
     for (int64_t i = 0; i < l.cw; ++i) {

@@ -112,25 +112,21 @@ void Cotangent(ffi::ThreadPool& pool, const RealRows<T>& real, const T* mean, co
   const int64_t c = real.c, count = real.Count();
   const int64_t part_rows = PartRows(count, kChunk), parts = (count + part_rows - 1) / part_rows;
   // h's padded channels (the kernel's zero rows) are 0: the product skips them
-  const Extent e = NonzeroExtent(h, c, c);
-  const int64_t out = Padded<T>(e.cols);
-  const std::vector<T> padded_h = PaddedMatrix(h, c, e.rows, e.cols, e.rows, out, false);
+  const Operand<T> nonzero_h = NonzeroOperand(h, c, c, false);
   std::vector<std::vector<double>> partial(parts, std::vector<double>(c));
   ParallelFor(pool, parts, [&](int64_t part) {
     double* sum = partial[part].data();
     auto centred = [&](int64_t q, T* into) {
       const T* row = real.x + real.Offset(q);
       for (int64_t j = 0; j < c; ++j) sum[j] += row[j] - mean[j];
-      for (int64_t j = 0; j < e.rows; ++j) into[j] = row[j] - mean[j];
+      for (int64_t j = 0; j < nonzero_h.inner; ++j) into[j] = row[j] - mean[j];
       return true;
     };
     auto keep = [&](int64_t q, const T* product) {
-      T* d_row = dx + real.Offset(q);
-      std::copy(product, product + e.cols, d_row);
-      std::fill(d_row + e.cols, d_row + c, T(0));
+      nonzero_h.Keep(product, dx + real.Offset(q), c);
     };
     const int64_t start = part * part_rows, stop = std::min(count, start + part_rows);
-    ChunkProducts(start, stop, kChunk, e.rows, padded_h.data(), out, centred, keep);
+    ChunkProducts(start, stop, kChunk, nonzero_h, centred, keep);
   });
   for (int64_t image = 0; image < real.n; ++image) {  // the padded rows' cotangent: 0
     T* first = dx + (image * real.rows + real.live) * c;

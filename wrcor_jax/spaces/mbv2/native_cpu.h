@@ -86,34 +86,6 @@ void Product(const T* a, int64_t rows, int64_t inner, const T* b, int64_t cols, 
 }
 
 
-// Rows [q0, q1) in chunks of `chunk` rows (a multiple of kRows): fill(q, into) writes row
-// q's operand (`in` wide; each call the same entries: what it leaves unwritten stays 0) and
-// says whether its product is needed; the needed rows of each chunk are multiplied by b
-// (in, out) while in cache, and use(q, product) reads row q's product back, zeros for the
-// rows not needed (padding rows, rows a mask drops), which are not multiplied.
-template <typename T, typename Fill, typename Use>
-void ChunkProducts(int64_t q0, int64_t q1, int64_t chunk, int64_t in, const T* b, int64_t out,
-                   Fill fill, Use use) {
-  std::vector<T> a(chunk * in, T(0)), product(chunk * out);
-  const std::vector<T> zeros(out, T(0));
-  std::vector<int64_t> needed(chunk);
-  for (int64_t q = q0; q < q1; q += chunk) {
-    const int64_t count = std::min(chunk, q1 - q);
-    int64_t live = 0;
-    for (int64_t k = 0; k < count; ++k) {
-      if (fill(q + k, a.data() + live * in)) {
-        needed[live++] = q + k;
-      } else {
-        use(q + k, zeros.data());
-      }
-    }
-    const int64_t used = (live + kRows - 1) / kRows * kRows;
-    std::fill(a.begin() + live * in, a.begin() + used * in, T(0));
-    Product(a.data(), used, in, b, out, product.data());
-    for (int64_t k = 0; k < live; ++k) use(needed[k], product.data() + k * out);
-  }
-}
-
 // The leading block of an (r, c) matrix outside which it is 0. The engine pads its kernels
 // with zero rows and columns to the bucket widths: a product need not run over them.
 struct Extent {
@@ -134,18 +106,64 @@ Extent NonzeroExtent(const T* m, int64_t r, int64_t c) {
   return extent;
 }
 
-// The leading (r, c) block of m (row length `stride`) into a zeroed (rp, cp) copy, or
-// (cp, rp) transposed.
+// The right operand of a product by an (r, c) matrix, or by its transpose: its nonzero
+// block, `inner` rows of `cols` columns (whole register blocks), of which the first `live`
+// give the product's results; the padded result's others are 0.
 template <typename T>
-std::vector<T> PaddedMatrix(const T* m, int64_t stride, int64_t r, int64_t c, int64_t rp,
-                            int64_t cp, bool transposed) {
-  std::vector<T> out(rp * cp, T(0));
-  for (int64_t i = 0; i < r; ++i) {
-    for (int64_t j = 0; j < c; ++j) {
-      (transposed ? out[j * rp + i] : out[i * cp + j]) = m[i * stride + j];
+struct Operand {
+  int64_t inner, live, cols;
+  std::vector<T> values;
+
+  // A row of the product into a result row `width` wide.
+  void Keep(const T* product, T* into, int64_t width) const {
+    std::copy(product, product + live, into);
+    std::fill(into + live, into + width, T(0));
+  }
+};
+
+template <typename T>
+Operand<T> NonzeroOperand(const T* m, int64_t r, int64_t c, bool transposed) {
+  const Extent e = NonzeroExtent(m, r, c);
+  Operand<T> b;
+  b.inner = transposed ? e.cols : e.rows;
+  b.live = transposed ? e.rows : e.cols;
+  b.cols = Padded<T>(b.live);
+  b.values.assign(b.inner * b.cols, T(0));
+  for (int64_t i = 0; i < e.rows; ++i) {
+    for (int64_t j = 0; j < e.cols; ++j) {
+      (transposed ? b.values[j * b.cols + i] : b.values[i * b.cols + j]) = m[i * c + j];
     }
   }
-  return out;
+  return b;
+}
+
+// Rows [q0, q1) in chunks of `chunk` rows (a multiple of kRows): fill(q, into) writes row
+// q's operand (b.inner wide; each call the same entries: what it leaves unwritten stays 0)
+// and says whether its product is needed; the needed rows of each chunk are multiplied by
+// b while in cache, and use(q, product) reads row q's product back (b.cols wide), zeros for
+// the rows not needed (padding rows, rows a mask drops), which are not multiplied.
+template <typename T, typename Fill, typename Use>
+void ChunkProducts(int64_t q0, int64_t q1, int64_t chunk, const Operand<T>& b, Fill fill,
+                   Use use) {
+  const int64_t in = b.inner, out = b.cols;
+  std::vector<T> a(chunk * in, T(0)), product(chunk * out);
+  const std::vector<T> zeros(out, T(0));
+  std::vector<int64_t> needed(chunk);
+  for (int64_t q = q0; q < q1; q += chunk) {
+    const int64_t count = std::min(chunk, q1 - q);
+    int64_t live = 0;
+    for (int64_t k = 0; k < count; ++k) {
+      if (fill(q + k, a.data() + live * in)) {
+        needed[live++] = q + k;
+      } else {
+        use(q + k, zeros.data());
+      }
+    }
+    const int64_t used = (live + kRows - 1) / kRows * kRows;
+    std::fill(a.begin() + live * in, a.begin() + used * in, T(0));
+    Product(a.data(), used, in, b.values.data(), out, product.data());
+    for (int64_t k = 0; k < live; ++k) use(needed[k], product.data() + k * out);
+  }
 }
 
 constexpr int64_t kParts = 16;  // about how many parts rows are summed in, for the threads
