@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -302,3 +303,13 @@ def test_the_allocators_settings_leave_stored_programs_keyed_as_they_were(monkey
     assert context() == plain
     monkeypatch.setenv("WRCOR_JAX_NATIVE", "0")
     assert context() != plain
+
+
+def test_stored_programs_are_keyed_by_this_processs_devices(monkeypatch) -> None:
+    """A program runs on the devices it was compiled for: in a `jax.distributed` job that
+    shares a store, process 1's program must not be read back by process 0."""
+    context = compilation._fixed_context.__wrapped__
+    own = context()
+    other = [SimpleNamespace(id=device.id + 1) for device in jax.local_devices()]
+    monkeypatch.setattr(jax, "local_devices", lambda: other)
+    assert context() != own

@@ -22,9 +22,11 @@ import pytest
 
 from tests.conftest import SAMPLE, SMALL_BATCH, require
 from tests.multihost import LIMIT_S, Job, free_port
+from wrcor_jax import distributed
 from wrcor_jax.cli import main
 from wrcor_jax.distributed import part_path, share
 from wrcor_jax.results import ResultsFile
+from wrcor_jax.scoring import ScoreConfig
 from wrcor_jax.spaces import get_space
 
 PROXIES = "wrcor,act_cor,vote(wrcor,act_cor)"
@@ -274,3 +276,74 @@ def test_mbv2_batch_spreads_over_4_local_devices(tmp_path, job):
         assert ("composed engine on 4 device(s)" in err) == (devices == 4), err
         rows[devices] = [float(v) for v in _rows(out)[1][0][1:]]
     assert rows[4] == pytest.approx(rows[1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_mbv2_processes_each_score_on_the_native_calls(tmp_path, job):
+    """MobileNetV2 in a 2-process job: each process scores its share on its own device, with
+    the native CPU calls (other processes' devices do not switch them off), as one process
+    scores alone."""
+    archs = [
+        "SuperConvK3BNRELU(3,8,2,1)SuperResIDWE2K3(8,16,2,8,1)"
+        "SuperResIDWE4K5(16,24,2,16,2)SuperConvK1BNRELU(24,32,1,1)@32",
+        "SuperConvK3BNRELU(3,16,2,1)SuperResIDWE6K7(16,24,2,8,1)"
+        "SuperResIDWE1K3(24,24,1,16,1)SuperConvK1BNRELU(24,48,1,1)@48",
+    ]
+    (tmp_path / "archs.txt").write_text("\n".join(archs) + "\n")
+    mbv2 = ["--space", "mbv2", "--batch-size", "8", "--proxies", "wrcor,synflow"]
+    code, one = job.finish(job.start([*_score_args(tmp_path, tmp_path / "one.csv"), *mbv2], "one"))
+    assert code == 0, one
+    port = free_port()
+    args = [*_score_args(tmp_path, tmp_path / "two.csv"), *mbv2]
+    procs = [job.launch(args, port, rank) for rank in (0, 1)]
+    outcomes = [job.finish(proc) for proc in procs]
+    for code, err in [(0, one), *outcomes]:
+        assert code == 0, err
+        assert "composed engine, native CPU calls" in err, err
+    assert _rows(tmp_path / "two.csv") == _rows(tmp_path / "one.csv")
+
+
+class _RecordingClient:
+    """The coordination client's publishing calls, recorded."""
+
+    def __init__(self):
+        self.published = {}
+
+    def key_value_set(self, key: str, value: str, allow_overwrite: bool) -> None:
+        self.published[key] = value
+
+    def key_value_set_bytes(self, key: str, value: bytes, allow_overwrite: bool) -> None:
+        self.published[key] = value.decode()
+
+
+def _fail(*_, **__):
+    """Scoring that fails as no input check foresees."""
+    raise RuntimeError("INVALID_ARGUMENT: a device's failure\nits details")
+
+
+class _Broken:
+    """A fitness that fails so."""
+
+    proxies, identity, space = ("wrcor",), "broken", get_space("nb201")
+    score = staticmethod(_fail)
+
+
+@pytest.mark.parametrize("rank, key", [(0, distributed._OUTCOME_KEY), (1, "wrcor_jax/part/1")])
+def test_an_unforeseen_failure_is_published_so_no_process_waits_for_it(
+    tmp_path, monkeypatch, rank, key
+):
+    """Any exception, not only bad input, reaches the other processes (a runtime error in
+    process 0 once left process 1 waiting a day for the merge), as its first line."""
+    client = _RecordingClient()
+    monkeypatch.setattr(distributed, "_client", lambda: client)
+    monkeypatch.setattr(distributed, "_leave", lambda *_: None)
+    monkeypatch.setattr(distributed, "score_archs", _fail)
+    config = ScoreConfig(proxies=("wrcor",), batch_size=SMALL_BATCH)
+    cluster, space = distributed.Cluster(rank, 2), get_space("nb201")
+    archs = space.draw(2, 0)  # one for each process
+    with pytest.raises(RuntimeError, match="a device's failure"):
+        distributed.score_share(archs, config, tmp_path / "r.csv", cluster)
+    assert client.published == {key: "error: INVALID_ARGUMENT: a device's failure"}
+    with pytest.raises(RuntimeError):
+        distributed.SharedFitness(_Broken(), cluster).score([space.read(a) for a in archs])
+    assert list(client.published.values())[-1] == "error: INVALID_ARGUMENT: a device's failure"

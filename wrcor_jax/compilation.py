@@ -141,7 +141,10 @@ def register_switch(switch: Callable[[], object]) -> None:
 @functools.cache
 def _fixed_context() -> str:
     """What decides a compiled program besides its trace and stays fixed in a process: this
-    library's code, JAX's and XLA's versions, the devices, the CPU and the flags."""
+    library's code, JAX's and XLA's versions, the devices, the CPU and the flags. The devices
+    include this process's own by id: a stored program runs on the devices it was compiled
+    for, and in a `jax.distributed` job sharing a store another process's device is not
+    addressable here ("Expected args to execute_sharded_on_local_devices to have 1 shards")."""
     package = Path(__file__).parent
     code = hashlib.sha256()
     for source in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".cc", ".h")):
@@ -164,6 +167,7 @@ def _fixed_context() -> str:
             device.device_kind,
             jax.device_count(),
             jax.process_count(),
+            [d.id for d in jax.local_devices()],
             cpu_model(),
             flags,
         )

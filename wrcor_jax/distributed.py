@@ -245,6 +245,12 @@ def _client():
     return distributed.global_state.client
 
 
+def _failure(exc: Exception) -> str:
+    """What a failed process publishes: its error's first line, which the others raise."""
+    lines = str(exc).splitlines()
+    return _ERROR + (lines[0] if lines else type(exc).__name__)
+
+
 def _blocking_get(get, key: str, wait_s: float, what: str):
     try:
         return get(key, int(wait_s * 1000))
@@ -290,11 +296,11 @@ def score_share(
             own = Part.read(part, ["arch", *config.proxies])
             if rank == 0:
                 outcome = _lead(client, own, texts, config, out, size, votes, wait_s)
-        except (ValueError, OSError) as exc:
+        except Exception as exc:  # any failure: the others would wait for this one's part
             if rank == 0:
-                client.key_value_set(_OUTCOME_KEY, f"{_ERROR}{exc}", True)
+                client.key_value_set(_OUTCOME_KEY, _failure(exc), True)
             else:
-                client.key_value_set_bytes(_PART_KEY.format(rank), f"{_ERROR}{exc}".encode(), True)
+                client.key_value_set_bytes(_PART_KEY.format(rank), _failure(exc).encode(), True)
             raise
         if rank == 0:
             client.key_value_set(_OUTCOME_KEY, outcome, True)
@@ -411,8 +417,8 @@ class SharedFitness:
         mine = share(texts, rank, size)
         try:
             rows = self.fitness.score([by_text[text] for text in mine]) if mine else []
-        except (ValueError, OSError) as exc:
-            self._client.key_value_set_bytes(key.format(rank), f"{_ERROR}{exc}".encode(), True)
+        except Exception as exc:  # any failure: the others would wait for this share
+            self._client.key_value_set_bytes(key.format(rank), _failure(exc).encode(), True)
             raise
         self._client.key_value_set_bytes(key.format(rank), json.dumps(rows).encode(), True)
         table = dict(zip(mine, rows, strict=True))

@@ -313,6 +313,19 @@ def _devices_used(config: ScoreConfig, engine: str) -> int:
     return jax.local_device_count() if engine in ("chunked", "vmap") else 1
 
 
+def _engine_label(config: ScoreConfig, engine: str) -> str:
+    """The engine as the progress and summary lines say it: with the devices the work spreads
+    over and, for MobileNetV2's pieces, whether its native CPU calls serve (they need a C++
+    compiler and one local device)."""
+    devices = _devices_used(config, engine)
+    label = f"{engine} engine on {devices} device(s)" if devices > 1 else f"{engine} engine"
+    if config.space == "mbv2" and engine == "composed":
+        from wrcor_jax.spaces.mbv2.engine import native_cpu
+
+        label += ", native CPU calls" if native_cpu() else ""
+    return label
+
+
 class OutOfMemory(MemoryError):
     """The device ran out of memory while scoring: which architectures, and what to try (a
     MemoryError, so that the command line reports it in one line without importing this)."""
@@ -368,9 +381,8 @@ def score_archs(
     scorer = space.scorer(dataclasses.replace(config, engine=engine)) if todo else None
     if todo:
         write_meta(out, batch_meta(config) | dict(meta or {}))
-    if engine:  # said in the progress line, with the devices the work spreads over
-        devices = _devices_used(config, engine)
-        engine += f" engine on {devices} device(s)" if devices > 1 else " engine"
+    if engine:
+        engine = _engine_label(config, engine)
     bar = tqdm(total=len(todo), desc=engine, unit="arch", file=sys.stderr, disable=not progress)
     step = scorer.archs_per_call if scorer else config.chunk_size
     for begin in range(0, len(todo), step):

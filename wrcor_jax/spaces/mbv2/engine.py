@@ -320,11 +320,12 @@ first conv and the project's gated product, as C++ custom calls on CPU."""
 
 def native_cpu() -> bool:
     """Whether the pieces trace the native custom calls of `NATIVE_CALLS` (else XLA's own
-    forms): on CPU where they are built and the process sees one device (the calls have no
-    sharding rule: a batch split over devices would be gathered). A switch of the stored
-    programs' keys, which also registers the calls' targets before a stored program runs
-    them."""
-    on_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    forms): on CPU where they are built and the process has one local device (the calls have
+    no sharding rule: a batch split over local devices would be gathered). Other processes'
+    devices do not count: a `jax.distributed` job's processes each score their own
+    architectures on their own device. A switch of the stored programs' keys, which also
+    registers the calls' targets before a stored program runs them."""
+    on_cpu = jax.default_backend() == "cpu" and jax.local_device_count() == 1
     return on_cpu and all(module.available() for module in NATIVE_CALLS)
 
 
