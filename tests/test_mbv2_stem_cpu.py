@@ -48,3 +48,10 @@ def test_native_stem_conv_equals_xla_conv(n, side, ci, k, co, stride, dtype):
         want_d = jax.grad(loss(conv2d), (0, 1))(x, kernel)
         for got_part, want_part in zip(got_d, want_d, strict=True):
             np.testing.assert_array_equal(got_part, want_part)  # the same XLA backward
+
+
+def test_native_calls_refuse_other_types_with_their_name():
+    """`ForFloatType` (native_cpu.h) serves float32 and float64 and names the call otherwise."""
+    images, kernel = jnp.ones((1, 5, 5, 3), jnp.bfloat16), jnp.ones((3, 3, 3, 8), jnp.bfloat16)
+    with pytest.raises(Exception, match="stem conv: float32 or float64 only"):
+        jax.block_until_ready(stem_cpu.stem_conv(images, kernel, 1))

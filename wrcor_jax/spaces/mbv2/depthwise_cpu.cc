@@ -464,16 +464,11 @@ ffi::Error Depthwise(ffi::ThreadPool pool, ffi::AnyBuffer kernel, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("depthwise: expected a (k, k, 1, C) kernel");
   }
   const int64_t side_in = side.typed_data()[0];
-  switch (kernel.element_type()) {
-    case ffi::DataType::F32:
-      return Typed(pool, kernel.element_type(), kernel.typed_data<float>(), kd[0], side_in,
-                   inputs, masks, results, stride, transposed, statistics);
-    case ffi::DataType::F64:
-      return Typed(pool, kernel.element_type(), kernel.typed_data<double>(), kd[0], side_in,
-                   inputs, masks, results, stride, transposed, statistics);
-    default:
-      return ffi::Error::InvalidArgument("depthwise: float32 or float64 only");
-  }
+  const ffi::DataType type = kernel.element_type();
+  return ForFloatType(type, "depthwise", [&](auto zero) {
+    return Typed(pool, type, kernel.typed_data<decltype(zero)>(), kd[0], side_in, inputs, masks,
+                 results, stride, transposed, statistics);
+  });
 }
 
 // kernel (k, k, 1, C), read for its shape; the remaining arguments: `sources` tiles of the
@@ -491,16 +486,11 @@ ffi::Error DepthwiseKernel(ffi::ThreadPool pool, ffi::AnyBuffer kernel,
     return ffi::Error::InvalidArgument("depthwise kernel: expected a (k, k, 1, C) kernel");
   }
   const int64_t side_in = side.typed_data()[0];
-  switch (kernel.element_type()) {
-    case ffi::DataType::F32:
-      return TypedKernel<float>(pool, kernel.element_type(), kd[0], side_in, inputs, cotangents,
-                                *dk, stride);
-    case ffi::DataType::F64:
-      return TypedKernel<double>(pool, kernel.element_type(), kd[0], side_in, inputs, cotangents,
-                                 *dk, stride);
-    default:
-      return ffi::Error::InvalidArgument("depthwise kernel: float32 or float64 only");
-  }
+  const ffi::DataType type = kernel.element_type();
+  return ForFloatType(type, "depthwise kernel", [&](auto zero) {
+    return TypedKernel<decltype(zero)>(pool, type, kd[0], side_in, inputs, cotangents, *dk,
+                                       stride);
+  });
 }
 
 }  // namespace

@@ -94,16 +94,11 @@ ffi::Error FoldedConv(ffi::ThreadPool pool, ffi::AnyBuffer centred, ffi::AnyBuff
                       mask.element_count() == size_t(rows) && Shaped(*z, {n, rows, co}, type);
   if (!shaped) return ffi::Error::InvalidArgument("folded conv: arguments of other shapes");
   const int32_t* real = mask.typed_data();
-  if (type == ffi::DataType::F64) {
-    Forward(pool, n, rows, ci, co, centred.typed_data<double>(), kernel.typed_data<double>(),
-            bias.typed_data<double>(), real, z->typed_data<double>());
-  } else if (type == ffi::DataType::F32) {
-    Forward(pool, n, rows, ci, co, centred.typed_data<float>(), kernel.typed_data<float>(),
-            bias.typed_data<float>(), real, z->typed_data<float>());
-  } else {
-    return ffi::Error::InvalidArgument("folded conv: float32 or float64 only");
-  }
-  return ffi::Error::Success();
+  return ForFloatType(type, "folded conv", [&](auto zero) {
+    using T = decltype(zero);
+    Forward(pool, n, rows, ci, co, centred.typed_data<T>(), kernel.typed_data<T>(),
+            bias.typed_data<T>(), real, z->typed_data<T>());
+  });
 }
 
 // g and z (N, R, Co), kernel (Ci, Co) times the scale, bias (Co,), mask (R,): which rows of
@@ -123,18 +118,11 @@ ffi::Error FoldedConvCotangent(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyB
                       Shaped(*d_centred, {n, rows, ci}, type) && Shaped(*sums, {2, co}, type);
   if (!shaped) return ffi::Error::InvalidArgument("folded conv: arguments of other shapes");
   const int32_t* real = mask.typed_data();
-  if (type == ffi::DataType::F64) {
-    Cotangent(pool, n, rows, ci, co, g.typed_data<double>(), z.typed_data<double>(),
-              kernel.typed_data<double>(), bias.typed_data<double>(), real,
-              d_centred->typed_data<double>(), sums->typed_data<double>());
-  } else if (type == ffi::DataType::F32) {
-    Cotangent(pool, n, rows, ci, co, g.typed_data<float>(), z.typed_data<float>(),
-              kernel.typed_data<float>(), bias.typed_data<float>(), real,
-              d_centred->typed_data<float>(), sums->typed_data<float>());
-  } else {
-    return ffi::Error::InvalidArgument("folded conv: float32 or float64 only");
-  }
-  return ffi::Error::Success();
+  return ForFloatType(type, "folded conv", [&](auto zero) {
+    using T = decltype(zero);
+    Cotangent(pool, n, rows, ci, co, g.typed_data<T>(), z.typed_data<T>(), kernel.typed_data<T>(),
+              bias.typed_data<T>(), real, d_centred->typed_data<T>(), sums->typed_data<T>());
+  });
 }
 
 }  // namespace

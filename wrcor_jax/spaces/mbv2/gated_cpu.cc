@@ -112,9 +112,6 @@ ffi::Error Check(ffi::AnyBuffer h, ffi::AnyBuffer gate, ffi::AnyBuffer kernel, L
       !Shaped(kernel, {d[2], kd[1]}, type)) {
     return ffi::Error::InvalidArgument("gated product: expected (N, R, Cw), (N, Cw), (Cw, Co)");
   }
-  if (type != ffi::DataType::F64 && type != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument("gated product: float32 or float64 only");
-  }
   l = MakeLayout(d[0], d[1], d[2], kd[1]);
   return ffi::Error::Success();
 }
@@ -128,14 +125,11 @@ ffi::Error GatedProduct(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::AnyBuffer g
   if (!Shaped(*y, {l.n, l.rows, l.co}, type) || !Shaped(*sums, {l.co}, type)) {
     return ffi::Error::InvalidArgument("gated product: expected (N, R, Co) and (Co,) results");
   }
-  if (type == ffi::DataType::F64) {
-    Forward(pool, l, h.typed_data<double>(), gate.typed_data<double>(),
-            kernel.typed_data<double>(), y->typed_data<double>(), sums->typed_data<double>());
-  } else {
-    Forward(pool, l, h.typed_data<float>(), gate.typed_data<float>(),
-            kernel.typed_data<float>(), y->typed_data<float>(), sums->typed_data<float>());
-  }
-  return ffi::Error::Success();
+  return ForFloatType(type, "gated product", [&](auto zero) {
+    using T = decltype(zero);
+    Forward(pool, l, h.typed_data<T>(), gate.typed_data<T>(), kernel.typed_data<T>(),
+            y->typed_data<T>(), sums->typed_data<T>());
+  });
 }
 
 // g (N, R, Co) and d_sums (Co,): the cotangents of y and of its sums.
@@ -150,16 +144,12 @@ ffi::Error GatedProductBackward(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::Any
                       Shaped(*d_h, {l.n, l.rows, l.cw}, type) &&
                       Shaped(*d_gate, {l.n, l.cw}, type);
   if (!shaped) return ffi::Error::InvalidArgument("gated product: cotangents of other shapes");
-  if (type == ffi::DataType::F64) {
-    Backward(pool, l, h.typed_data<double>(), gate.typed_data<double>(),
-             kernel.typed_data<double>(), g.typed_data<double>(), d_sums.typed_data<double>(),
-             d_h->typed_data<double>(), d_gate->typed_data<double>());
-  } else {
-    Backward(pool, l, h.typed_data<float>(), gate.typed_data<float>(),
-             kernel.typed_data<float>(), g.typed_data<float>(), d_sums.typed_data<float>(),
-             d_h->typed_data<float>(), d_gate->typed_data<float>());
-  }
-  return ffi::Error::Success();
+  return ForFloatType(type, "gated product", [&](auto zero) {
+    using T = decltype(zero);
+    Backward(pool, l, h.typed_data<T>(), gate.typed_data<T>(), kernel.typed_data<T>(),
+             g.typed_data<T>(), d_sums.typed_data<T>(), d_h->typed_data<T>(),
+             d_gate->typed_data<T>());
+  });
 }
 
 }  // namespace

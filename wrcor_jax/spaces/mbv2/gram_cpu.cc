@@ -185,14 +185,9 @@ ffi::Error TypedCotangent(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffe
 
 ffi::Error CentredGram(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer mean,
                        ffi::Buffer<ffi::S32> where, ffi::Result<ffi::AnyBuffer> gram) {
-  switch (x.element_type()) {
-    case ffi::DataType::F32:
-      return TypedGram<float>(pool, x, mean, where, *gram);
-    case ffi::DataType::F64:
-      return TypedGram<double>(pool, x, mean, where, *gram);
-    default:
-      return ffi::Error::InvalidArgument("centred gram: float32 or float64 only");
-  }
+  return ForFloatType(x.element_type(), "centred gram", [&](auto zero) {
+    return TypedGram<decltype(zero)>(pool, x, mean, where, *gram);
+  });
 }
 
 // h: the cotangent of the gram plus its transpose; results: x's cotangent and the sum of
@@ -201,14 +196,9 @@ ffi::Error CentredGramCotangent(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
                                 ffi::Buffer<ffi::S32> where, ffi::AnyBuffer h,
                                 ffi::Result<ffi::AnyBuffer> dx,
                                 ffi::Result<ffi::AnyBuffer> sums) {
-  switch (x.element_type()) {
-    case ffi::DataType::F32:
-      return TypedCotangent<float>(pool, x, mean, where, h, *dx, *sums);
-    case ffi::DataType::F64:
-      return TypedCotangent<double>(pool, x, mean, where, h, *dx, *sums);
-    default:
-      return ffi::Error::InvalidArgument("centred gram: float32 or float64 only");
-  }
+  return ForFloatType(x.element_type(), "centred gram", [&](auto zero) {
+    return TypedCotangent<decltype(zero)>(pool, x, mean, where, h, *dx, *sums);
+  });
 }
 
 }  // namespace

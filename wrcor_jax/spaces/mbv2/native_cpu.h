@@ -11,6 +11,8 @@
 #include <initializer_list>
 #include <memory>
 #include <mutex>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -189,6 +191,23 @@ void MergeParts(const std::vector<std::vector<double>>& parts, int64_t size, T* 
 bool Shaped(ffi::AnyBuffer b, std::initializer_list<int64_t> dims, ffi::DataType type) {
   const auto d = b.dimensions();
   return b.element_type() == type && std::equal(d.begin(), d.end(), dims.begin(), dims.end());
+}
+
+// run(T{}) with T the C++ type of `type`, float or double (run returns nothing or an
+// ffi::Error); for other types, an error that names the call `what`.
+template <typename Run>
+ffi::Error ForFloatType(ffi::DataType type, const char* what, Run&& run) {
+  auto call = [&](auto zero) -> ffi::Error {
+    if constexpr (std::is_void_v<decltype(run(zero))>) {
+      run(zero);
+      return ffi::Error::Success();
+    } else {
+      return run(zero);
+    }
+  };
+  if (type == ffi::DataType::F32) return call(float{});
+  if (type == ffi::DataType::F64) return call(double{});
+  return ffi::Error::InvalidArgument(std::string(what) + ": float32 or float64 only");
 }
 
 // Runs fn(0..count-1) on the caller and XLA's intra-op threads, pulling indices from one

@@ -96,18 +96,10 @@ ffi::Error StemConv(ffi::ThreadPool pool, ffi::AnyBuffer images, ffi::AnyBuffer 
     return ffi::Error::InvalidArgument("stem conv: the result's shape is not the conv's");
   }
   const Shape s{d[0], d[1], d[2], d[3], k, kd[3], stride, h_out, w_out};
-  switch (images.element_type()) {
-    case ffi::DataType::F32:
-      Run(pool, s, images.typed_data<float>(), kernel.typed_data<float>(),
-          out->typed_data<float>());
-      return ffi::Error::Success();
-    case ffi::DataType::F64:
-      Run(pool, s, images.typed_data<double>(), kernel.typed_data<double>(),
-          out->typed_data<double>());
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("stem conv: float32 or float64 only");
-  }
+  return ForFloatType(images.element_type(), "stem conv", [&](auto zero) {
+    using T = decltype(zero);
+    Run(pool, s, images.typed_data<T>(), kernel.typed_data<T>(), out->typed_data<T>());
+  });
 }
 
 }  // namespace
