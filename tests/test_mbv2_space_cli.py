@@ -73,10 +73,12 @@ def test_check_ranges(capsys):
     assert "outside the mbv2 search space" in capsys.readouterr().err
 
 
-def test_score_sample_under_a_flops_limit(tmp_path):
+def test_score_sample_under_a_flops_limit(tmp_path, capsys):
     out = tmp_path / "scores.csv"
     command = ["score", "--space", "mbv2", "--sample", "6", "--flops-limit", "400M"]
     assert main([*command, "--proxies", "params,flops", "--quiet", "--out", str(out)]) == 0
+    summary = capsys.readouterr().err
+    assert "composed engine, " in summary and "native CPU calls" not in summary  # counts only
     with out.open(newline="") as f:
         rows = list(csv.DictReader(f))
     space = get_space("mbv2")

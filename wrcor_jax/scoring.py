@@ -313,17 +313,12 @@ def _devices_used(config: ScoreConfig, engine: str) -> int:
     return jax.local_device_count() if engine in ("chunked", "vmap") else 1
 
 
-def _engine_label(config: ScoreConfig, engine: str) -> str:
+def _engine_label(config: ScoreConfig, engine: str, scorer: object) -> str:
     """The engine as the progress and summary lines say it: with the devices the work spreads
-    over and, for MobileNetV2's pieces, whether its native CPU calls serve (they need a C++
-    compiler and one local device)."""
+    over and whether the scorer runs native CPU calls (MobileNetV2's pieces)."""
     devices = _devices_used(config, engine)
     label = f"{engine} engine on {devices} device(s)" if devices > 1 else f"{engine} engine"
-    if config.space == "mbv2" and engine == "composed":
-        from wrcor_jax.spaces.mbv2.engine import native_cpu
-
-        label += ", native CPU calls" if native_cpu() else ""
-    return label
+    return label + (", native CPU calls" if getattr(scorer, "native_calls", False) else "")
 
 
 class OutOfMemory(MemoryError):
@@ -382,7 +377,7 @@ def score_archs(
     if todo:
         write_meta(out, batch_meta(config) | dict(meta or {}))
     if engine:
-        engine = _engine_label(config, engine)
+        engine = _engine_label(config, engine, scorer)
     bar = tqdm(total=len(todo), desc=engine, unit="arch", file=sys.stderr, disable=not progress)
     step = scorer.archs_per_call if scorer else config.chunk_size
     for begin in range(0, len(todo), step):

@@ -24,7 +24,7 @@ from wrcor_jax.spaces.mbv2 import sampling
 from wrcor_jax.spaces.mbv2.arch import MBV2Arch, format_arch, parse
 from wrcor_jax.spaces.mbv2.capture import site_sums
 from wrcor_jax.spaces.mbv2.cost import describe
-from wrcor_jax.spaces.mbv2.engine import BLOCK_KINDS, SE_KINDS, MBV2Engine
+from wrcor_jax.spaces.mbv2.engine import BLOCK_KINDS, SE_KINDS, MBV2Engine, native_cpu
 from wrcor_jax.spaces.mbv2.measures import MEASUREMENTS, MBV2Measurer, zen_inputs, zen_params
 from wrcor_jax.spaces.mbv2.network import init_params
 
@@ -130,6 +130,12 @@ class MBV2Scorer:
     def runs_network(self) -> bool:
         """Whether a proxy of its configuration reads the network (not only counts it)."""
         return any(name not in COUNTED for name in self.config.proxies)
+
+    @property
+    def native_calls(self) -> bool:
+        """Whether the engine's pieces run on its native CPU calls (said in the summary line:
+        they need a C++ compiler and one local device)."""
+        return self.runs_network and self.engine is not None and native_cpu()
 
     def measure(self, arch: MBV2Arch, params: dict, names: Sequence[str]) -> dict:
         """What the proxies `names` read, each taken once: `site_sums` and ENGINE_MEASURED
