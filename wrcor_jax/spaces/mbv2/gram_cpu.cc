@@ -61,25 +61,26 @@ int64_t Centre(const RealRows<T>& real, const T* mean, int64_t q0, int64_t count
 // `live` channels: the blocks on and right of the diagonal.
 template <typename T>
 void ChunkGram(const T* a, int64_t count, int64_t cp, int64_t live, double* upper) {
-  constexpr int64_t lanes = kLanes<T>, block = kVectors * lanes;
+  constexpr int64_t lanes = kLanes<T>;
   for (int64_t i0 = 0; i0 < live; i0 += kRows) {
-    for (int64_t j0 = i0 / block * block; j0 < live; j0 += block) {
-      Vec<T> acc[kRows][kVectors] = {};
+    ColumnBlocks<T>(i0 / lanes * lanes, Padded<T>(live), [&](auto vectors, int64_t j0) {
+      constexpr int64_t V = decltype(vectors)::value, width = V * lanes;
+      Vec<T> acc[kRows][V] = {};
       for (int64_t k = 0; k < count; ++k) {
         const T* row = a + k * cp;
-        Vec<T> b[kVectors];
-        for (int64_t v = 0; v < kVectors; ++v) b[v] = Load(row + j0 + v * lanes);
+        Vec<T> b[V];
+        for (int64_t v = 0; v < V; ++v) b[v] = Load(row + j0 + v * lanes);
         for (int64_t i = 0; i < kRows; ++i) {
-          for (int64_t v = 0; v < kVectors; ++v) acc[i][v] += row[i0 + i] * b[v];
+          for (int64_t v = 0; v < V; ++v) acc[i][v] += row[i0 + i] * b[v];
         }
       }
       for (int64_t i = 0; i < kRows; ++i) {
-        T sums[block];
-        for (int64_t v = 0; v < kVectors; ++v) Store(acc[i][v], sums + v * lanes);
+        T sums[width];
+        for (int64_t v = 0; v < V; ++v) Store(acc[i][v], sums + v * lanes);
         double* into = upper + (i0 + i) * cp + j0;
-        for (int64_t l = 0; l < block; ++l) into[l] += sums[l];
+        for (int64_t l = 0; l < width; ++l) into[l] += sums[l];
       }
-    }
+    });
   }
 }
 

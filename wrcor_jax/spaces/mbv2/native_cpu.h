@@ -57,36 +57,46 @@ void Store(Vec<T> v, T* to) {
   std::memcpy(to, &v, sizeof(v));
 }
 
-// Columns padded to whole register blocks.
+// Columns padded to whole vectors.
 template <typename T>
 int64_t Padded(int64_t c) {
-  constexpr int64_t block = kVectors * kLanes<T>;
-  return (c + block - 1) / block * block;
+  return (c + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
+}
+
+// block(V, j0) for the column blocks [j0, j0 + V vectors) that tile columns [from, to) (both
+// whole vectors): kVectors vectors wide, the last one narrower where the columns end, so
+// that no block multiplies more than a vector of padding (V is a std::integral_constant).
+template <typename T, typename Block>
+void ColumnBlocks(int64_t from, int64_t to, Block&& block) {
+  constexpr int64_t wide = kVectors * kLanes<T>;
+  int64_t j0 = from;
+  for (; j0 + wide <= to; j0 += wide) block(std::integral_constant<int64_t, kVectors>{}, j0);
+  if (j0 < to) block(std::integral_constant<int64_t, 1>{}, j0);
 }
 
 // out (rows, cols) = a (rows, inner) b (inner, cols), all row-major: `rows` a multiple of
-// kRows, `cols` of kVectors vectors. Each block of the result is summed in registers.
+// kRows, `cols` of the vector. Each block of the result is summed in registers.
 template <typename T>
 void Product(const T* a, int64_t rows, int64_t inner, const T* b, int64_t cols, T* out) {
-  constexpr int64_t lanes = kLanes<T>, block = kVectors * lanes;
+  constexpr int64_t lanes = kLanes<T>;
   for (int64_t k0 = 0; k0 < rows; k0 += kRows) {
-    for (int64_t j0 = 0; j0 < cols; j0 += block) {
-      Vec<T> acc[kRows][kVectors] = {};
+    ColumnBlocks<T>(0, cols, [&](auto vectors, int64_t j0) {
+      constexpr int64_t V = decltype(vectors)::value;
+      Vec<T> acc[kRows][V] = {};
       for (int64_t i = 0; i < inner; ++i) {
-        Vec<T> w[kVectors];
-        for (int64_t v = 0; v < kVectors; ++v) w[v] = Load(b + i * cols + j0 + v * lanes);
+        Vec<T> w[V];
+        for (int64_t v = 0; v < V; ++v) w[v] = Load(b + i * cols + j0 + v * lanes);
         for (int64_t k = 0; k < kRows; ++k) {
-          for (int64_t v = 0; v < kVectors; ++v) acc[k][v] += a[(k0 + k) * inner + i] * w[v];
+          for (int64_t v = 0; v < V; ++v) acc[k][v] += a[(k0 + k) * inner + i] * w[v];
         }
       }
       for (int64_t k = 0; k < kRows; ++k) {
         T* into = out + (k0 + k) * cols + j0;
-        for (int64_t v = 0; v < kVectors; ++v) Store(acc[k][v], into + v * lanes);
+        for (int64_t v = 0; v < V; ++v) Store(acc[k][v], into + v * lanes);
       }
-    }
+    });
   }
 }
-
 
 // The leading block of an (r, c) matrix outside which it is 0. The engine pads its kernels
 // with zero rows and columns to the bucket widths: a product need not run over them.
