@@ -29,7 +29,8 @@ import numpy as np
 from wrcor_jax.spaces import get_space
 from wrcor_jax.spaces.mbv2 import sampling
 from wrcor_jax.spaces.mbv2.arch import MBV2Arch, ResBlock
-from wrcor_jax.spaces.mbv2.engine import (
+from wrcor_jax.spaces.mbv2.network import se_channels
+from wrcor_jax.spaces.mbv2.padding import (
     FINE_CHANNELS,
     FINE_ROWS,
     MIN_CHANNELS,
@@ -38,14 +39,13 @@ from wrcor_jax.spaces.mbv2.engine import (
     WIDE_STEP,
     bucket,
 )
-from wrcor_jax.spaces.mbv2.network import se_channels
 
 Key = tuple
 
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-    """The engine's padding and tiling rules (`engine.bucket`, `engine.tile_rows`) with their
+    """The engine's padding and tiling rules (`padding.bucket`, `padding.tile_rows`) with their
     parameters, the engine's by default, so that other choices can be replayed before the
     engine takes them."""
 
@@ -60,7 +60,7 @@ class Buckets:
         return bucket(channels, self.min_channels, self.fine_channels)
 
     def expanded(self, channels: int, rows: int) -> int:
-        """A sub-block's expanded width on inputs of `rows` padded rows (`engine.wide_bucket`;
+        """A sub-block's expanded width on inputs of `rows` padded rows (`padding.wide_bucket`;
         `wide_step` 0: a bucket everywhere)."""
         bucketed = self.channels(channels)
         if self.wide_step and rows >= self.whole_from:
@@ -71,7 +71,7 @@ class Buckets:
         return bucket(pixels, 1, self.fine_rows)
 
     def tile(self, pixels: int) -> int:
-        """Rows per image of the tiles the 1x1 pieces run over (`engine.tile_rows`)."""
+        """Rows per image of the tiles the 1x1 pieces run over (`padding.tile_rows`)."""
         rows = self.rows(pixels)
         return rows if rows <= self.tile_rows or rows >= self.whole_from else self.tile_rows
 

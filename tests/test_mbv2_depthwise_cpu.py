@@ -12,13 +12,8 @@ import numpy as np
 import pytest
 
 from wrcor_jax.spaces.mbv2 import depthwise_cpu
-from wrcor_jax.spaces.mbv2.engine import (
-    MAX_KERNEL,
-    _taps_branches,
-    depthwise_strided_rows,
-    row_moments,
-    rows_bucket,
-)
+from wrcor_jax.spaces.mbv2.padding import MAX_KERNEL, rows_bucket
+from wrcor_jax.spaces.mbv2.rows import _taps_branches, depthwise_strided_rows, row_moments
 
 if os.environ.get("WRCOR_JAX_NATIVE") == "0" or not (os.environ.get("CXX") or shutil.which("g++")):
     pytest.skip("native depthwise conv: switched off or no compiler", allow_module_level=True)

@@ -22,24 +22,27 @@ from wrcor_jax.data import load_batch
 from wrcor_jax.proxies import PROXIES
 from wrcor_jax.proxies.wrcor import mbv2_act_cor, mbv2_wrcor, mbv2_wrcor_allrelu
 from wrcor_jax.responses import KINDS
-from wrcor_jax.spaces.mbv2 import engine
+from wrcor_jax.spaces.mbv2 import rows as padded_rows
 from wrcor_jax.spaces.mbv2.arch import parse
 from wrcor_jax.spaces.mbv2.capture import site_sums
-from wrcor_jax.spaces.mbv2.engine import (
+from wrcor_jax.spaces.mbv2.engine import MBV2Engine
+from wrcor_jax.spaces.mbv2.measures import MBV2Measurer, zen_inputs, zen_params
+from wrcor_jax.spaces.mbv2.network import depthwise_conv2d, init_params
+from wrcor_jax.spaces.mbv2.padding import (
     MAX_KERNEL,
-    SE_KINDS,
-    MBV2Engine,
     channel_bucket,
-    depthwise_strided_transposed,
-    folded_conv,
-    gram_matrix,
     input_rows,
     pad_params,
     rows_bucket,
     wide_bucket,
 )
-from wrcor_jax.spaces.mbv2.measures import MBV2Measurer, zen_inputs, zen_params
-from wrcor_jax.spaces.mbv2.network import depthwise_conv2d, init_params
+from wrcor_jax.spaces.mbv2.pieces import SE_KINDS
+from wrcor_jax.spaces.mbv2.rows import (
+    depthwise_strided_transposed,
+    folded_conv,
+    gram_matrix,
+    native_cpu,
+)
 
 SAMPLE = Path(__file__).parents[1].parent / "shared" / "data" / "cifar10_sample.npz"
 NUM_CLASSES = 10
@@ -211,11 +214,10 @@ def test_folded_conv_backward_from_its_output_equals_autodiff(native, monkeypatc
     product of the input with the cotangent: the same gradients as autodiff of the conv,
     padded rows and a padded channel (zero kernel column, zero scale) included (the input's
     cotangent on its real rows: the caller masks the others, which the native call leaves 0),
-    in XLA's form and in the native call (which serves large images only: made to here)."""
-    if native and not engine.native_cpu():
+    in XLA's form and in the native call."""
+    if native and not native_cpu():
         pytest.skip("the native calls are not built here")
-    monkeypatch.setattr(engine, "native_cpu", lambda: native)
-    monkeypatch.setattr(engine, "WHOLE_FROM", 1)
+    monkeypatch.setattr(padded_rows, "native_cpu", lambda: native)
     rng = np.random.default_rng(0)
     mask = (np.arange(8) < 6)[:, None]
     centred = rng.standard_normal((3, 8, 5)).astype(np.float32) * mask
@@ -255,9 +257,9 @@ def test_depthwise_kernel_cotangent_equals_the_grouped_convs(
     padded output rows' cotangent is ignored); and its program keeps one tap's copy at a
     time, not one per tap (49 at k = 7 asked 41 GB of a search architecture's first block
     at batch 64)."""
-    if native and not engine.native_cpu():
+    if native and not native_cpu():
         pytest.skip("the native calls are not built here")
-    monkeypatch.setattr(engine, "native_cpu", lambda: native)
+    monkeypatch.setattr(padded_rows, "native_cpu", lambda: native)
     rng = np.random.default_rng(kernel + stride)
     x = rng.standard_normal((2, side, side, 4))
     small = rng.standard_normal((kernel, kernel, 1, 4))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from wrcor_jax.spaces.mbv2 import gated_cpu
-from wrcor_jax.spaces.mbv2.engine import gated_matmul
+from wrcor_jax.spaces.mbv2.rows import gated_matmul
 
 if os.environ.get("WRCOR_JAX_NATIVE") == "0" or not (os.environ.get("CXX") or shutil.which("g++")):
     pytest.skip("native gated product: switched off or no compiler", allow_module_level=True)

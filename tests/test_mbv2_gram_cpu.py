@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from wrcor_jax.spaces.mbv2 import gram_cpu
-from wrcor_jax.spaces.mbv2.engine import _tile_mask, gram_matrix
+from wrcor_jax.spaces.mbv2.rows import gram_matrix, tile_mask
 
 if os.environ.get("WRCOR_JAX_NATIVE") == "0" or not (os.environ.get("CXX") or shutil.which("g++")):
     pytest.skip("native centred gram: switched off or no compiler", allow_module_level=True)
@@ -39,7 +39,7 @@ def _case(n: int, r: int, c: int, rows: int, tile: int, real: int, dtype) -> tup
 
 def _xla(x, mean, rows, tile):
     """The engine's XLA form: the centred, masked tile's product."""
-    centred = (x - mean) * _tile_mask(x.shape[1], tile, rows)
+    centred = (x - mean) * tile_mask(x.shape[1], tile, rows)
     return gram_matrix(centred.reshape(-1, x.shape[-1]))
 
 

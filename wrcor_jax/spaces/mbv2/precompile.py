@@ -31,8 +31,8 @@ import numpy as np
 
 from wrcor_jax.compilation import CompileCounter, RetainedJit
 from wrcor_jax.spaces.mbv2.arch import MBV2Arch
-from wrcor_jax.spaces.mbv2.engine import PIECES
 from wrcor_jax.spaces.mbv2.network import init_params
+from wrcor_jax.spaces.mbv2.pieces import PIECES
 from wrcor_jax.spaces.mbv2.space import MBV2Scorer
 
 

@@ -24,9 +24,11 @@ from wrcor_jax.spaces.mbv2 import sampling
 from wrcor_jax.spaces.mbv2.arch import MBV2Arch, format_arch, parse
 from wrcor_jax.spaces.mbv2.capture import site_sums
 from wrcor_jax.spaces.mbv2.cost import describe
-from wrcor_jax.spaces.mbv2.engine import BLOCK_KINDS, SE_KINDS, MBV2Engine, native_cpu
+from wrcor_jax.spaces.mbv2.engine import MBV2Engine
 from wrcor_jax.spaces.mbv2.measures import MEASUREMENTS, MBV2Measurer, zen_inputs, zen_params
 from wrcor_jax.spaces.mbv2.network import init_params
+from wrcor_jax.spaces.mbv2.pieces import BLOCK_KINDS, SE_KINDS
+from wrcor_jax.spaces.mbv2.rows import native_cpu
 
 if TYPE_CHECKING:
     from wrcor_jax.scoring import ScoreConfig
