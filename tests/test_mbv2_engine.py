@@ -236,6 +236,38 @@ def test_folded_conv_backward_from_its_output_equals_autodiff(native, monkeypatc
         np.testing.assert_allclose(h, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
 
 
+def test_batch_norm_backward_sums_natively_as_xla_does():
+    """The depthwise conv's BatchNorm backward (`batch_norm_saved`) with its scale's and
+    bias's sums from the native call and from XLA's: the same cotangents, on two tiles, the
+    second ending in padding rows (where g is not 0), and a padded channel (zero scale)."""
+    if not native_cpu():
+        pytest.skip("the native calls are not built here")
+    rng = np.random.default_rng(3)
+    rows, scale = 12, rng.uniform(0.5, 2, 6).astype(np.float32)
+    scale[-1] = 0
+    w = {"scale": scale, "bias": rng.standard_normal(6).astype(np.float32)}
+    w = {**jax.tree.map(jnp.asarray, w), "kernel": jnp.zeros((MAX_KERNEL, MAX_KERNEL, 1, 6))}
+    tile = functools.partial(rng.standard_normal, (3, 8, 6), np.float32)
+    z, g = (tile(), tile()), (tile(), tile())
+    z = (z[0], z[1] * (jnp.arange(8) < 4)[:, None])  # 12 real rows: 4 in the second tile
+
+    def backward(native: bool) -> tuple:
+        def transposed(x, kernel, geometry, d_y):
+            return d_y, jnp.zeros_like(kernel)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(padded_rows, "native_cpu", lambda: native)
+            geometry, rstd = jnp.zeros(2, jnp.int32), jnp.full(6, 0.7, jnp.float32)
+            norm = padded_rows.batch_norm_saved
+            run = lambda w: norm(transposed, z, w, geometry, rows, z, rstd)  # noqa: E731
+            return jax.vjp(run, w)[1](g)[0]
+
+    want, have = backward(False), backward(True)
+    for key in ("scale", "bias"):
+        np.testing.assert_allclose(have[key], want[key], rtol=1e-5, atol=1e-6)
+    assert float(have["scale"][-1]) == 0.0
+
+
 def test_gram_matrix_backward_equals_autodiff():
     """The centred product's backward as one product, flat (g + g^T), against autodiff of
     flat^T flat (two products), for a cotangent that is not symmetric."""

@@ -78,3 +78,21 @@ def test_native_folded_conv_cotangent_equals_xla(n, r, ci, co, real, widths, dty
         with jax.enable_x64(True):
             want = _xla(*(jnp.asarray(a, np.float64) for a in (g, z, kernel, bias)), mask)
         _assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "r", "ci", "co", "real", "widths"), CASES)
+def test_native_cotangent_sums_are_the_cotangent_calls_sums(n, r, ci, co, real, widths, dtype):
+    """The sums alone (the depthwise conv's BatchNorm reads them) read only the real rows:
+    g and z are not 0 on the others here."""
+    del ci, widths
+    rng = np.random.default_rng(n + r + co)
+    with jax.enable_x64(dtype == np.float64):
+        g, z = (jnp.asarray(rng.normal(size=(n, r, co)).astype(dtype)) for _ in range(2))
+        bias = jnp.asarray(rng.normal(size=co).astype(dtype))
+        mask = (jnp.arange(r) < real)[:, None]
+        got = folded_cpu.cotangent_sums(g, z, bias, mask)
+        with jax.enable_x64(True):
+            wide = (jnp.asarray(a, np.float64) for a in (g, z, jnp.zeros((1, co)), bias))
+            _, want = _xla(*wide, mask)
+        _assert_close((got,), (want,), dtype)

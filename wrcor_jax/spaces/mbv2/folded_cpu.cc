@@ -48,6 +48,34 @@ void Forward(ffi::ThreadPool& pool, int64_t n, int64_t rows, int64_t ci, int64_t
   });
 }
 
+// Row q's terms of the sums over the real rows: scaled += g (z - bias), plain += g.
+template <typename T>
+void AddSums(const T* g_row, const T* z_row, const T* bias, int64_t co, double* scaled,
+             double* plain) {
+  for (int64_t j = 0; j < co; ++j) {
+    scaled[j] += g_row[j] * (z_row[j] - bias[j]);
+    plain[j] += g_row[j];
+  }
+}
+
+// The sums alone, for a BatchNorm whose conv's backward is another call's (the depthwise
+// conv's): XLA:CPU read g three times for them, at a third of this VM's copy rate.
+template <typename T>
+void Sums(ffi::ThreadPool& pool, int64_t n, int64_t rows, int64_t co, const T* g, const T* z,
+          const T* bias, const int32_t* mask, T* sums) {
+  const int64_t count = n * rows;
+  const int64_t part_rows = PartRows(count, kChunk), parts = (count + part_rows - 1) / part_rows;
+  std::vector<std::vector<double>> partial(parts, std::vector<double>(2 * co));
+  ParallelFor(pool, parts, [&](int64_t part) {
+    double* scaled = partial[part].data();
+    const int64_t start = part * part_rows, stop = std::min(count, start + part_rows);
+    for (int64_t q = start; q < stop; ++q) {
+      if (mask[q % rows]) AddSums(g + q * co, z + q * co, bias, co, scaled, scaled + co);
+    }
+  });
+  MergeParts(partial, 2 * co, sums);
+}
+
 template <typename T>
 void Cotangent(ffi::ThreadPool& pool, int64_t n, int64_t rows, int64_t ci, int64_t co,
                const T* g, const T* z, const T* kernel, const T* bias, const int32_t* mask,
@@ -61,13 +89,8 @@ void Cotangent(ffi::ThreadPool& pool, int64_t n, int64_t rows, int64_t ci, int64
     double* plain = scaled + co;
     auto read = [&](int64_t q, T* into) {
       if (!mask[q % rows]) return false;
-      const T* g_row = g + q * co;
-      const T* z_row = z + q * co;
-      for (int64_t j = 0; j < co; ++j) {
-        scaled[j] += g_row[j] * (z_row[j] - bias[j]);
-        plain[j] += g_row[j];
-      }
-      std::copy(g_row, g_row + w_t.inner, into);
+      AddSums(g + q * co, z + q * co, bias, co, scaled, plain);
+      std::copy(g + q * co, g + q * co + w_t.inner, into);
       return true;
     };
     auto keep = [&](int64_t q, const T* product) {
@@ -125,6 +148,25 @@ ffi::Error FoldedConvCotangent(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyB
   });
 }
 
+// g and z (N, R, Co), bias (Co,), mask (R,): which rows of the tile are real; result sums
+// (2, Co), as FoldedConvCotangent's.
+ffi::Error CotangentSums(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer z,
+                         ffi::AnyBuffer bias, ffi::Buffer<ffi::S32> mask,
+                         ffi::Result<ffi::AnyBuffer> sums) {
+  const auto d = g.dimensions();
+  const ffi::DataType type = g.element_type();
+  if (d.size() != 3) return ffi::Error::InvalidArgument("cotangent sums: expected (N, R, Co)");
+  const int64_t n = d[0], rows = d[1], co = d[2];
+  const bool shaped = Shaped(z, {n, rows, co}, type) && Shaped(bias, {co}, type) &&
+                      mask.element_count() == size_t(rows) && Shaped(*sums, {2, co}, type);
+  if (!shaped) return ffi::Error::InvalidArgument("cotangent sums: arguments of other shapes");
+  return ForFloatType(type, "cotangent sums", [&](auto zero) {
+    using T = decltype(zero);
+    Sums(pool, n, rows, co, g.typed_data<T>(), z.typed_data<T>(), bias.typed_data<T>(),
+         mask.typed_data(), sums->typed_data<T>());
+  });
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WrcorFoldedConvCotangent, FoldedConvCotangent,
@@ -139,6 +181,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WrcorFoldedConvCotangent, FoldedConvCotangent,
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WrcorFoldedConv, FoldedConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WrcorCotangentSums, CotangentSums,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()

@@ -21,11 +21,16 @@ from wrcor_jax.spaces.mbv2 import native_calls
 SOURCE = Path(__file__).with_suffix(".cc")
 TARGET = "wrcor_mbv2_folded_conv"
 COTANGENT_TARGET = "wrcor_mbv2_folded_conv_cotangent"
+SUMS_TARGET = "wrcor_mbv2_cotangent_sums"
 
 
 def available() -> bool:
     """Whether the custom calls are built and registered for XLA:CPU (once per process)."""
-    handlers = ((TARGET, "WrcorFoldedConv"), (COTANGENT_TARGET, "WrcorFoldedConvCotangent"))
+    handlers = (
+        (TARGET, "WrcorFoldedConv"),
+        (COTANGENT_TARGET, "WrcorFoldedConvCotangent"),
+        (SUMS_TARGET, "WrcorCotangentSums"),
+    )
     return native_calls.register(SOURCE, handlers)
 
 
@@ -63,3 +68,13 @@ def folded_conv_cotangent(
     )
     call = jax.ffi.ffi_call(COTANGENT_TARGET, outputs)
     return tuple(call(g, z, kernel.astype(g.dtype), bias, _flags(mask, r)))
+
+
+def cotangent_sums(g: jax.Array, z: jax.Array, bias: jax.Array, mask: jax.Array) -> jax.Array:
+    """`folded_conv_cotangent`'s sums alone, (2, Co): over the real rows `mask` ((R, 1) or
+    (R,)) of (N, R, Co) rows, g (z - bias) and g, in double. The BatchNorm after the
+    depthwise conv reads them for its backward."""
+    if not available():
+        raise RuntimeError("the native cotangent sums are not available on this machine")
+    call = jax.ffi.ffi_call(SUMS_TARGET, jax.ShapeDtypeStruct((2, g.shape[-1]), g.dtype))
+    return call(g, z, bias.astype(g.dtype), _flags(mask, g.shape[1]))

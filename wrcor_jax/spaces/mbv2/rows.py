@@ -389,6 +389,24 @@ def _batch_norm_saved_fwd(transposed: Callable, x, w, geometry, rows, z, rstd) -
     return z, (x, w, geometry, rows, z, rstd)
 
 
+def _scale_bias_cotangents(g: tuple, z: tuple, normed: list, masks: list, w: dict) -> tuple:
+    """BatchNorm's scale and bias cotangents over the real rows of the tiles, sum g y and
+    sum g (`normed`: y, 0 where not real). On CPU one read of g and z (`folded_cpu`'s sums,
+    g (z - bias) over the scale): XLA's two sums read g three times, at a third of this
+    VM's copy rate (docs/mbv2_engine.md)."""
+    if native_cpu():
+        sums = [
+            folded_cpu.cotangent_sums(g_t, z_t, w["bias"], m)
+            for g_t, z_t, m in zip(g, z, masks, strict=True)
+        ]
+        scaled, d_bias = sum(sums)
+        live = w["scale"] != 0
+        return jnp.where(live, scaled / jnp.where(live, w["scale"], 1.0), 0.0), d_bias
+    g = [jnp.where(m, g_t, 0.0) for m, g_t in zip(masks, g, strict=True)]
+    d_scale = sum((g_t * y).sum(axis=(0, 1)) for g_t, y in zip(g, normed, strict=True))
+    return d_scale, sum(g_t.sum(axis=(0, 1)) for g_t in g)
+
+
 def _batch_norm_saved_bwd(transposed: Callable, residuals: tuple, g: tuple) -> tuple:
     x, w, geometry, rows, z, rstd = residuals
     n = z[0].shape[0] * rows
@@ -399,9 +417,8 @@ def _batch_norm_saved_bwd(transposed: Callable, residuals: tuple, g: tuple) -> t
         jnp.where(m & live, (z_t - w["bias"]) / jnp.where(live, scale, 1.0), 0.0)
         for m, z_t in zip(masks, z, strict=True)
     ]
+    d_scale, d_bias = _scale_bias_cotangents(g, z, normed, masks, w)
     g = [jnp.where(m, g_t, 0.0) for m, g_t in zip(masks, g, strict=True)]
-    d_bias = sum(g_t.sum(axis=(0, 1)) for g_t in g)
-    d_scale = sum((g_t * y).sum(axis=(0, 1)) for g_t, y in zip(g, normed, strict=True))
     d_y = tuple(
         jnp.where(m, scale * rstd * (g_t - d_bias / n - y * (d_scale / n)), 0.0)
         for m, g_t, y in zip(masks, g, normed, strict=True)
