@@ -5,12 +5,13 @@
 // and for the output's cotangent g:
 //   d_centred = g (W scale)^T        (N, R, Ci), 0 on the other rows
 //   sums      = [sum g (z - bias), sum g]   over the real rows                     (2, Co)
-// (the scale's gradient is the first over the scale, the bias's the second). XLA:CPU ran the
-// products over the padded widths and rows, and read the wide g once for the sums and again
-// for the product; here each chunk of rows is summed and multiplied while in cache, over
-// the real rows and the kernel's nonzero block only (the engine pads it with zeros to the
-// bucket widths). The sums are added in double per part of the rows and merged in order, so
-// the results do not depend on the threads.
+// (the scale's gradient is the first over the scale, the bias's the second). The sums also
+// come alone, for the BatchNorm after the depthwise conv (whose backward is another call).
+// XLA:CPU ran the products over the padded widths and rows, and read the wide g once for
+// the sums and again for the product; here each chunk of rows is summed and multiplied
+// while in cache, over the real rows and the kernel's nonzero block only (the engine pads
+// it with zeros to the bucket widths). The sums are added in double per part of the rows
+// and merged in order, so the results do not depend on the threads.
 
 #include <algorithm>
 #include <cstdint>

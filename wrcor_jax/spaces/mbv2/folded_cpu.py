@@ -5,8 +5,9 @@ XLA:CPU ran the expand's product over the padded widths and rows, and its backwa
 output's cotangent g for the scale's and the bias's sums and again for the product that gives
 the input's; on large images g and the output are the widest arrays of a block. The calls
 multiply only the kernel's nonzero block (the engine pads it with zeros) on the real rows,
-and the backward sums and multiplies each chunk of rows while in cache. Built as
-`native_calls` says; where it is not, `available()` is False and the engine keeps XLA's form."""
+and the backward sums and multiplies each chunk of rows while in cache. The same sums alone
+serve the depthwise conv's BatchNorm backward. Built as `native_calls` says; where it is not,
+`available()` is False and the engine keeps XLA's form."""
 
 from __future__ import annotations
 
