@@ -27,7 +27,7 @@ from wrcor_jax.spaces.mbv2.arch import parse
 from wrcor_jax.spaces.mbv2.capture import site_sums
 from wrcor_jax.spaces.mbv2.engine import MBV2Engine
 from wrcor_jax.spaces.mbv2.measures import MBV2Measurer, zen_inputs, zen_params
-from wrcor_jax.spaces.mbv2.network import depthwise_conv2d, init_params
+from wrcor_jax.spaces.mbv2.network import BN_EPS, depthwise_conv2d, init_params
 from wrcor_jax.spaces.mbv2.padding import (
     MAX_KERNEL,
     channel_bucket,
@@ -266,6 +266,33 @@ def test_batch_norm_backward_sums_natively_as_xla_does():
     for key in ("scale", "bias"):
         np.testing.assert_allclose(have[key], want[key], rtol=1e-5, atol=1e-6)
     assert float(have["scale"][-1]) == 0.0
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_normalized_tile_backward_equals_autodiff(native, monkeypatch):
+    """The 1x1 tiles' BatchNorm backward, written out with two sums (on CPU the native
+    call's), against autodiff of its forward: every input's cotangent, on a tile whose last
+    rows are padding (where g is not 0) with a zero-scale channel."""
+    if native and not native_cpu():
+        pytest.skip("the native calls are not built here")
+    monkeypatch.setattr(padded_rows, "native_cpu", lambda: native)
+    rng = np.random.default_rng(4)
+    weights = jnp.asarray((np.arange(8) < 5)[:, None], jnp.float32)
+    y = jnp.asarray(rng.standard_normal((3, 8, 6)), jnp.float32) * weights
+    total, squares = y.sum(axis=(0, 1)), jnp.asarray(rng.uniform(5, 9, 6), jnp.float32)
+    scale = jnp.asarray(np.r_[rng.uniform(0.5, 2, 5), 0.0], jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(6), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((3, 8, 6)), jnp.float32)
+    args = (y, total, squares, scale, bias)
+
+    def plain(y, total, squares, scale, bias):
+        rstd = jax.lax.rsqrt(squares / 15 + BN_EPS)
+        return ((y - total / 15) * rstd * scale + bias) * weights
+
+    want = jax.vjp(plain, *args)[1](g)
+    have = jax.vjp(lambda *a: padded_rows.normalized_tile(*a, weights, 15), *args)[1](g)
+    for w, h in zip(want, have, strict=True):
+        np.testing.assert_allclose(h, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
 
 
 def test_gram_matrix_backward_equals_autodiff():

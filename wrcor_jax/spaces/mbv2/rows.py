@@ -548,7 +548,8 @@ def normalized_tile(y, total, squares, scale, bias, weights, n) -> jax.Array:
     the mean `squares` over all `n` real rows, on the rows `weights` (1s and 0s) keeps. Its
     backward is written out: autodiff's wrote the centred tile and the masked cotangent out
     full size before summing their product (a 128-wide tile of 64 x 128 rows: 3.0 ms),
-    where XLA:CPU's YNNPACK sum fuses a product with a broadcast difference."""
+    where XLA:CPU's YNNPACK sum fuses a product with a broadcast difference. It needs two
+    sums, of g and of g (y - mean); on CPU `folded_cpu`'s call reads g and y once for both."""
     rstd = jax.lax.rsqrt(squares / n + BN_EPS)
     return ((y - total / n) * rstd * scale + bias) * weights
 
@@ -561,16 +562,19 @@ def _normalized_tile_fwd(y, total, squares, scale, bias, weights, n) -> tuple:
 def _normalized_tile_bwd(residuals: tuple, g: jax.Array) -> tuple:
     y, total, squares, scale, weights, n = residuals
     rstd = jax.lax.rsqrt(squares / n + BN_EPS)
-    # a barrier, so that the sums read y - mean inside the product, not written out first
-    mean = jax.lax.optimization_barrier(total / n)
+    mean = total / n
+    if native_cpu():  # one read of g and y (`folded_cpu`'s sums, the mean as the bias)
+        centred_sum, plain_sum = folded_cpu.cotangent_sums(g, y, mean, weights)
+    else:
+        # a barrier, so that the sum reads y - mean inside the product, not written out first
+        mean = jax.lax.optimization_barrier(mean)
+        centred_sum = (g * (y - mean) * weights).sum(axis=(0, 1))
+        plain_sum = (g * weights).sum(axis=(0, 1))
+    # the statistics' gradients are these sums of d_y = g rstd scale (0 on the padded rows)
+    d_total = -plain_sum * (rstd * scale) / n
+    d_squares = -centred_sum * (rstd * scale) * jnp.square(rstd) / (2 * n)
     d_y = g * (rstd * scale) * weights
-    # the statistics' gradients sum d_y, 0 on the padded rows: summed with the weights'
-    # broadcast, that was written out full size too
-    d_total = -d_y.sum(axis=(0, 1)) / n
-    d_squares = -(d_y * (y - mean)).sum(axis=(0, 1)) * jnp.square(rstd) / (2 * n)
-    d_scale = (g * (y - mean) * weights).sum(axis=(0, 1)) * rstd
-    d_bias = (g * weights).sum(axis=(0, 1))
-    return d_y, d_total, d_squares, d_scale, d_bias, None, None
+    return d_y, d_total, d_squares, centred_sum * rstd, plain_sum, None, None
 
 
 normalized_tile.defvjp(_normalized_tile_fwd, _normalized_tile_bwd)
