@@ -6,7 +6,8 @@
 //   d_centred = g (W scale)^T        (N, R, Ci), 0 on the other rows
 //   sums      = [sum g (z - bias), sum g]   over the real rows                     (2, Co)
 // (the scale's gradient is the first over the scale, the bias's the second). The sums also
-// come alone, for the BatchNorm after the depthwise conv (whose backward is another call).
+// come alone, for the BatchNorms whose conv's backward is another call (after the
+// depthwise conv, on the 1x1 tiles).
 // XLA:CPU ran the products over the padded widths and rows, and read the wide g once for
 // the sums and again for the product; here each chunk of rows is summed and multiplied
 // while in cache, over the real rows and the kernel's nonzero block only (the engine pads

@@ -6,8 +6,9 @@ output's cotangent g for the scale's and the bias's sums and again for the produ
 the input's; on large images g and the output are the widest arrays of a block. The calls
 multiply only the kernel's nonzero block (the engine pads it with zeros) on the real rows,
 and the backward sums and multiplies each chunk of rows while in cache. The same sums alone
-serve the depthwise conv's BatchNorm backward. Built as `native_calls` says; where it is not,
-`available()` is False and the engine keeps XLA's form."""
+serve the BatchNorm backwards of the depthwise conv and of the 1x1 tiles. Built as
+`native_calls` says; where it is not, `available()` is False and the engine keeps XLA's
+form."""
 
 from __future__ import annotations
 
@@ -73,8 +74,8 @@ def folded_conv_cotangent(
 
 def cotangent_sums(g: jax.Array, z: jax.Array, bias: jax.Array, mask: jax.Array) -> jax.Array:
     """`folded_conv_cotangent`'s sums alone, (2, Co): over the real rows `mask` ((R, 1) or
-    (R,)) of (N, R, Co) rows, g (z - bias) and g, in double. The BatchNorm after the
-    depthwise conv reads them for its backward."""
+    (R,)) of (N, R, Co) rows, g (z - bias) and g, in double. The BatchNorms after the
+    depthwise conv and on the 1x1 tiles read them for their backwards."""
     if not available():
         raise RuntimeError("the native cotangent sums are not available on this machine")
     call = jax.ffi.ffi_call(SUMS_TARGET, jax.ShapeDtypeStruct((2, g.shape[-1]), g.dtype))

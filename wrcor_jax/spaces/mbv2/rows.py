@@ -392,7 +392,7 @@ def _batch_norm_saved_fwd(transposed: Callable, x, w, geometry, rows, z, rstd) -
 def _scale_bias_cotangents(g: tuple, z: tuple, normed: list, masks: list, w: dict) -> tuple:
     """BatchNorm's scale and bias cotangents over the real rows of the tiles, sum g y and
     sum g (`normed`: y, 0 where not real). On CPU one read of g and z (`folded_cpu`'s sums,
-    g (z - bias) over the scale): XLA's two sums read g three times, at a third of this
+    g (z - bias) over the scale): XLA's two sums read g three times, at under half this
     VM's copy rate (docs/mbv2_engine.md)."""
     if native_cpu():
         sums = [
