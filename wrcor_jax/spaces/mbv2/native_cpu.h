@@ -75,7 +75,7 @@ void ColumnBlocks(int64_t from, int64_t to, Block&& block) {
 }
 
 // out (rows, cols) = a (rows, inner) b (inner, cols), all row-major: `rows` a multiple of
-// kRows, `cols` of the vector. Each block of the result is summed in registers.
+// kRows, `cols` of the vector's lanes. Each block of the result is summed in registers.
 template <typename T>
 void Product(const T* a, int64_t rows, int64_t inner, const T* b, int64_t cols, T* out) {
   constexpr int64_t lanes = kLanes<T>;
