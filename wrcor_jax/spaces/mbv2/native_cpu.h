@@ -1,5 +1,5 @@
-// What the engine's XLA:CPU custom calls share: GCC vectors of 64 bytes, a product summed in
-// registers, and a parallel loop on XLA's intra-op threads.
+// What the engine's XLA:CPU custom calls share: GCC vectors of one register, a product summed
+// in registers, and a parallel loop on XLA's intra-op threads.
 
 #pragma once
 
@@ -7,7 +7,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
-#include <cstring>
 #include <initializer_list>
 #include <memory>
 #include <mutex>
@@ -21,9 +20,21 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// 64 bytes of channels, loaded unaligned (GCC ignores vector_size on a template alias).
-typedef float FloatVec __attribute__((vector_size(64), aligned(alignof(float))));
-typedef double DoubleVec __attribute__((vector_size(64), aligned(alignof(double))));
+// One register of channels: 64 bytes with AVX-512, 32 with AVX, else 16 (SSE, NEON). A GCC
+// vector wider than the CPU's registers is split into parts that pass through the stack:
+// on an AVX2 CPU the products ran ~30x slower with 64 bytes. Loaded unaligned, and through
+// pointers of any type (GCC ignores vector_size on a template alias).
+#if defined(__AVX512F__)
+#define WRCOR_VECTOR_BYTES 64
+#elif defined(__AVX__)
+#define WRCOR_VECTOR_BYTES 32
+#else
+#define WRCOR_VECTOR_BYTES 16
+#endif
+typedef float FloatVec
+    __attribute__((vector_size(WRCOR_VECTOR_BYTES), aligned(alignof(float)), may_alias));
+typedef double DoubleVec
+    __attribute__((vector_size(WRCOR_VECTOR_BYTES), aligned(alignof(double)), may_alias));
 template <typename T>
 struct VecOf;
 template <>
@@ -40,21 +51,21 @@ using Vec = typename VecOf<T>::Type;
 template <typename T>
 constexpr int64_t kLanes = sizeof(Vec<T>) / sizeof(T);
 
-constexpr int64_t kRows = 8;     // rows of a product's result held in registers at once
-constexpr int64_t kVectors = 2;  // and vectors of its columns
+// Rows of a product's result held in registers at once, and vectors of its columns: 16 of
+// AVX-512's 32 registers, else 8 of 16 (with 16 of AVX2's 16, the accumulators spill).
+constexpr int64_t kRows = 8;
+constexpr int64_t kVectors = WRCOR_VECTOR_BYTES == 64 ? 2 : 1;
 
-// A vector of T from `from` (unaligned) and back: by value, so that the accumulators'
-// addresses are never taken and they stay in registers.
+// A vector of T from `from` (unaligned) and back. A direct load, not a memcpy: GCC kept
+// memcpy'd vectors, and the accumulators they were added to, on the stack.
 template <typename T>
 Vec<T> Load(const T* from) {
-  Vec<T> v;
-  std::memcpy(&v, from, sizeof(v));
-  return v;
+  return *reinterpret_cast<const Vec<T>*>(from);
 }
 
 template <typename T>
 void Store(Vec<T> v, T* to) {
-  std::memcpy(to, &v, sizeof(v));
+  *reinterpret_cast<Vec<T>*>(to) = v;
 }
 
 // Columns padded to whole vectors.

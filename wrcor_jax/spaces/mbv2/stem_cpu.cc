@@ -43,15 +43,11 @@ void Pixel(const Shape& s, const T* img, const T* packed, int64_t image, int64_t
       const T* pixel = img + ((image * s.h + iy) * s.w + ix) * s.ci;
       const T* taps = packed + (dy * s.k + dx) * s.ci * cp + c0;
       for (int64_t i = 0; i < s.ci; ++i) {
-        for (int64_t v = 0; v < V; ++v) {
-          Vec<T> weights;
-          std::memcpy(&weights, taps + i * cp + v * lanes, sizeof(weights));
-          acc[v] += pixel[i] * weights;
-        }
+        for (int64_t v = 0; v < V; ++v) acc[v] += pixel[i] * Load(taps + i * cp + v * lanes);
       }
     }
   }
-  for (int64_t v = 0; v < V; ++v) std::memcpy(out + v * lanes, &acc[v], sizeof(acc[v]));
+  for (int64_t v = 0; v < V; ++v) Store(acc[v], out + v * lanes);
 }
 
 template <typename T>
