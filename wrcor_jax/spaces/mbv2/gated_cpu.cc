@@ -53,12 +53,13 @@ void Forward(ffi::ThreadPool& pool, const Layout& l, const T* h, const T* gate, 
     double* sum = partial[part].data();
     auto gated = [&](int64_t row, T* into) {
       const T* x = h + row * l.cw;
-      bool nonzero = false;
+      int nonzero = 0;  // not a bool, nor read back from `into`: so that GCC vectorizes
       for (int64_t i = 0; i < w.inner; ++i) {
-        into[i] = std::max(x[i], T(0)) * g[i];
-        nonzero |= into[i] != T(0);
+        const T v = std::max(x[i], T(0)) * g[i];
+        into[i] = v;
+        nonzero |= v != T(0);
       }
-      return nonzero;
+      return nonzero != 0;
     };
     auto keep = [&](int64_t row, const T* product) {
       w.Keep(product, y + row * l.co, l.co);
