@@ -110,20 +110,20 @@ void Block(const Geometry& g, const T* const* plane, const T* kernel, const T* k
     if (plane[dy] == nullptr) continue;
     const T* base = plane[dy] + step * x0 * c + c0;
     for (int64_t dx = 0; dx < k; ++dx) {
-      const Vec<T> w = *reinterpret_cast<const Vec<T>*>(kernel + (dy * k + dx) * c + c0);
+      const Vec<T> w = Load(kernel + (dy * k + dx) * c + c0);
       const T* s = base + dx * c;
       for (int64_t i = 0; i < P; ++i) {
-        acc[i] += w * *reinterpret_cast<const Vec<T>*>(s + i * step * c);
+        acc[i] += w * Load(s + i * step * c);
       }
     }
   }
   for (int64_t i = 0; i < P; ++i) {
     Vec<T> v = acc[i];
     if (g.transposed) {
-      const Vec<T> keep = *reinterpret_cast<const Vec<T>*>(keep_row + (x0 + i) * c + c0);
+      const Vec<T> keep = Load(keep_row + (x0 + i) * c + c0);
       v = keep > T(0) ? v : Vec<T>{};
     }
-    *reinterpret_cast<Vec<T>*>(out_row + (x0 + i) * c + c0) = v;
+    Store(v, out_row + (x0 + i) * c + c0);
   }
 }
 
@@ -227,8 +227,7 @@ void KernelRow(const Geometry& g, const T* const* plane, const T* g_row, double*
         }
         Vec<T> acc = {};
         for (int64_t x = 0; x < width; ++x) {
-          acc += *reinterpret_cast<const Vec<T>*>(g_row + x * c + c0) *
-                 *reinterpret_cast<const Vec<T>*>(s + x * step * c);
+          acc += Load(g_row + x * c + c0) * Load(s + x * step * c);
         }
         for (int64_t i = 0; i < lanes; ++i) into[i] += acc[i];
       }
