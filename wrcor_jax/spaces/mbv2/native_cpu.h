@@ -85,30 +85,6 @@ void ColumnBlocks(int64_t from, int64_t to, Block&& block) {
   if (j0 < to) block(std::integral_constant<int64_t, 1>{}, j0);
 }
 
-// out (rows, cols) = a (rows, inner) b (inner, cols), all row-major: `rows` a multiple of
-// kRows, `cols` of the vector's lanes. Each block of the result is summed in registers.
-template <typename T>
-void Product(const T* a, int64_t rows, int64_t inner, const T* b, int64_t cols, T* out) {
-  constexpr int64_t lanes = kLanes<T>;
-  for (int64_t k0 = 0; k0 < rows; k0 += kRows) {
-    ColumnBlocks<T>(0, cols, [&](auto vectors, int64_t j0) {
-      constexpr int64_t V = decltype(vectors)::value;
-      Vec<T> acc[kRows][V] = {};
-      for (int64_t i = 0; i < inner; ++i) {
-        Vec<T> w[V];
-        for (int64_t v = 0; v < V; ++v) w[v] = Load(b + i * cols + j0 + v * lanes);
-        for (int64_t k = 0; k < kRows; ++k) {
-          for (int64_t v = 0; v < V; ++v) acc[k][v] += a[(k0 + k) * inner + i] * w[v];
-        }
-      }
-      for (int64_t k = 0; k < kRows; ++k) {
-        T* into = out + (k0 + k) * cols + j0;
-        for (int64_t v = 0; v < V; ++v) Store(acc[k][v], into + v * lanes);
-      }
-    });
-  }
-}
-
 // The leading block of an (r, c) matrix outside which it is 0. The engine pads its kernels
 // with zero rows and columns to the bucket widths: a product need not run over them.
 struct Extent {
@@ -131,11 +107,15 @@ Extent NonzeroExtent(const T* m, int64_t r, int64_t c) {
 
 // The right operand of a product by an (r, c) matrix, or by its transpose: its nonzero
 // block, `inner` rows of `cols` columns (whole register blocks), of which the first `live`
-// give the product's results; the padded result's others are 0.
+// give the product's results; the padded result's others are 0. Stored as the product
+// reads it: each column block of `ColumnBlocks` (`width` columns from j0) apart, its
+// `inner` rows one after another at Panel(j0), so that the product reads b in order.
 template <typename T>
 struct Operand {
   int64_t inner, live, cols;
   std::vector<T> values;
+
+  const T* Panel(int64_t j0) const { return values.data() + inner * j0; }
 
   // A row of the product into a result row `width` wide.
   void Keep(const T* product, T* into, int64_t width) const {
@@ -152,12 +132,45 @@ Operand<T> NonzeroOperand(const T* m, int64_t r, int64_t c, bool transposed) {
   b.live = transposed ? e.rows : e.cols;
   b.cols = Padded<T>(b.live);
   b.values.assign(b.inner * b.cols, T(0));
-  for (int64_t i = 0; i < e.rows; ++i) {
-    for (int64_t j = 0; j < e.cols; ++j) {
-      (transposed ? b.values[j * b.cols + i] : b.values[i * b.cols + j]) = m[i * c + j];
+  // b's entry (i, j): m's (i, j), or its (j, i) when transposed; 0 past the nonzero block
+  auto entry = [&](int64_t i, int64_t j) {
+    const int64_t row = transposed ? j : i, col = transposed ? i : j;
+    return row < e.rows && col < e.cols ? m[row * c + col] : T(0);
+  };
+  ColumnBlocks<T>(0, b.cols, [&](auto vectors, int64_t j0) {
+    const int64_t width = decltype(vectors)::value * kLanes<T>;
+    T* panel = b.values.data() + b.inner * j0;
+    for (int64_t i = 0; i < b.inner; ++i) {
+      for (int64_t j = 0; j < width; ++j) panel[i * width + j] = entry(i, j0 + j);
     }
-  }
+  });
   return b;
+}
+
+// out (rows, b.cols) = a (rows, b.inner) b, row-major: `rows` a multiple of kRows. Each
+// block of the result is summed in registers.
+template <typename T>
+void Product(const T* a, int64_t rows, const Operand<T>& b, T* out) {
+  constexpr int64_t lanes = kLanes<T>;
+  const int64_t inner = b.inner, cols = b.cols;
+  for (int64_t k0 = 0; k0 < rows; k0 += kRows) {
+    ColumnBlocks<T>(0, cols, [&](auto vectors, int64_t j0) {
+      constexpr int64_t V = decltype(vectors)::value, width = V * lanes;
+      const T* panel = b.Panel(j0);
+      Vec<T> acc[kRows][V] = {};
+      for (int64_t i = 0; i < inner; ++i) {
+        Vec<T> w[V];
+        for (int64_t v = 0; v < V; ++v) w[v] = Load(panel + i * width + v * lanes);
+        for (int64_t k = 0; k < kRows; ++k) {
+          for (int64_t v = 0; v < V; ++v) acc[k][v] += a[(k0 + k) * inner + i] * w[v];
+        }
+      }
+      for (int64_t k = 0; k < kRows; ++k) {
+        T* into = out + (k0 + k) * cols + j0;
+        for (int64_t v = 0; v < V; ++v) Store(acc[k][v], into + v * lanes);
+      }
+    });
+  }
 }
 
 // Rows [q0, q1) in chunks of `chunk` rows (a multiple of kRows): fill(q, into) writes row
@@ -184,7 +197,7 @@ void ChunkProducts(int64_t q0, int64_t q1, int64_t chunk, const Operand<T>& b, F
     }
     const int64_t used = (live + kRows - 1) / kRows * kRows;
     std::fill(a.begin() + live * in, a.begin() + used * in, T(0));
-    Product(a.data(), used, in, b.values.data(), out, product.data());
+    Product(a.data(), used, b, product.data());
     for (int64_t k = 0; k < live; ++k) use(needed[k], product.data() + k * out);
   }
 }
